@@ -1,0 +1,256 @@
+"""What the LSTM and GRU kernels share: the recurrent matmul tile, launch schemes, precision choice.
+
+Launch schemes (both run the same per-step tile functions; they differ only in how time is looped):
+
+* ``sequential`` - one launch per layer and direction. Grid ``(batch tiles, 1)``: a program owns
+  a tile of batch rows and walks every timestep and every hidden tile itself, so programs never
+  wait for each other. Runs under ``TRITON_INTERPRET=1`` and is the only scheme for LSTM with
+  ``proj_size`` (its projection needs a second pass over the whole step).
+* ``stepwise`` - one launch per timestep. Grid ``(batch tiles, hidden tiles)``: every tile of a
+  step runs in parallel, the launch boundary orders the steps.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on CPU tensors (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def runs_triton(tensor: torch.Tensor) -> bool:
+    """Whether the Triton kernels handle this tensor (CUDA, or CPU under the interpreter)."""
+    return tensor.is_cuda or (tensor.device.type == "cpu" and interpreting())
+
+
+def empty(*shape, dtype, device) -> torch.Tensor:
+    """Allocation for every buffer a kernel fills; tests patch it to poison unwritten memory."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Recurrent state and matmul accumulators: fp64 for fp64 inputs, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def kernel_options(dtype: torch.dtype, batch: int, hidden: int, reduction: int) -> dict:
+    """Constexpr arguments shared by every kernel of a layer.
+
+    ``tl.dot`` needs each block dimension >= 16 and a power of two; masks cover the remainder.
+    fp32 follows ``torch.backends.cudnn.allow_tf32`` as cuDNN does. The interpreter's bf16/fp16
+    ``tl.dot`` is wrong (triton-lang/triton#11584), so there the operands are upcast to fp32,
+    which gives the same exact products as tensor cores with fp32 accumulation.
+    """
+    # The interpreter pays per operation, not per element: larger tiles make it faster.
+    largest = 64 if interpreting() else 32
+    half = dtype in (torch.float16, torch.bfloat16)
+    tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreting()
+    return dict(
+        BLOCK_B=_block(batch, largest),
+        BLOCK_H=_block(hidden, largest),
+        BLOCK_K=_block(reduction, 2 * largest),
+        ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
+        DOT_PRECISION="tf32" if tf32 else "ieee",
+        DOT_UPCAST=half and interpreting(),
+    )
+
+
+def _block(size: int, largest: int) -> int:
+    return max(16, min(largest, triton.next_power_of_2(size)))
+
+
+def choose_scheme(has_projection: bool) -> str:
+    """``stepwise`` on a GPU, ``sequential`` under the interpreter or with a projection.
+
+    ``FUSED_RNN_SCHEME`` overrides the choice (tests use it to run both schemes on CPU).
+    """
+    forced = os.environ.get("FUSED_RNN_SCHEME")
+    if forced is not None:
+        if forced not in ("sequential", "stepwise"):
+            raise ValueError(f"FUSED_RNN_SCHEME must be 'sequential' or 'stepwise', got {forced!r}")
+        return "sequential" if has_projection else forced
+    return "sequential" if has_projection or interpreting() else "stepwise"
+
+
+def launch(kernel, scheme: str, num_steps: int, batch: int, hidden: int, args: tuple, options: dict):
+    """Run ``kernel`` over ``num_steps`` timesteps with the given scheme.
+
+    Every kernel takes ``(*args, step_begin, step_end, **options)`` and processes the steps
+    ``step_begin <= step < step_end``, each program handling the hidden tiles
+    ``program_id(1), program_id(1) + num_programs(1), ...``.
+    """
+    batch_tiles = triton.cdiv(batch, options["BLOCK_B"])
+    if scheme == "sequential":
+        kernel[(batch_tiles, 1)](*args, 0, num_steps, **options)
+        return
+    grid = (batch_tiles, triton.cdiv(hidden, options["BLOCK_H"]))
+    for step in range(num_steps):
+        kernel[grid](*args, step, step + 1, **options)
+
+
+@triton.jit
+def time_index(step, T, reverse):
+    """Timestep processed at ``step``: ``step`` going forward, ``T - 1 - step`` in reverse."""
+    return step + reverse * (T - 1 - 2 * step)
+
+
+@triton.jit
+def tanh(x):
+    # triton.language has no tanh; this form is exact at the limits (+-1) and needs one exp.
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def matmul_tile(
+    x_ptr,
+    rows,
+    row_mask,
+    x_row_stride,
+    w_ptr,
+    w_n_stride,
+    w_k_stride,
+    cols,
+    col_mask,
+    K,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
+    """``out[b, n] = sum_k x[rows[b], k] * w[cols[n], k]`` for one (BLOCK_B, BLOCK_N) tile.
+
+    ``x`` is row-major with ``x_row_stride`` elements per row (``rows`` are int64, so offsets
+    past 2**31 are safe); ``w`` is addressed as ``w_ptr + n * w_n_stride + k * w_k_stride``, which
+    serves both ``W`` (forward) and ``W^T`` (backward) without a transposed copy.
+    """
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC_DTYPE)
+    for k_start in range(0, K, BLOCK_K):
+        ks = k_start + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        x = tl.load(
+            x_ptr + rows[:, None] * x_row_stride + ks[None, :],
+            mask=row_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + ks[:, None] * w_k_stride + cols[None, :] * w_n_stride,
+            mask=k_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )
+        if DOT_UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def load_tile(ptr, rows, row_stride, cols, mask):
+    """``ptr[rows, cols]`` of a row-major matrix with ``row_stride`` elements per row; 0 where masked."""
+    return tl.load(ptr + rows[:, None] * row_stride + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def store_tile(ptr, rows, row_stride, cols, mask, value):
+    """``ptr[rows, cols] = value``, cast to the buffer's dtype."""
+    tl.store(ptr + rows[:, None] * row_stride + cols[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def recurrent_gate(
+    h_ptr,
+    h_rows,
+    row_mask,
+    w_hh_ptr,
+    gate,
+    units,
+    unit_mask,
+    H,
+    K,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
+    """``h_prev @ W_hh[gate]^T`` for one (batch, unit) tile: the recurrent part of one gate.
+
+    ``W_hh`` is ``(num_gates * H, K)`` with the gates stacked along rows, as PyTorch stores it;
+    ``h_prev`` has ``K`` features (``proj_size`` or ``H``).
+    """
+    return matmul_tile(
+        h_ptr, h_rows, row_mask, K, w_hh_ptr + gate * H * K, K, 1, units, unit_mask, K,
+        BLOCK_B, BLOCK_H, BLOCK_K, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST,
+    )
+
+
+@triton.jit
+def hidden_grad_tile(
+    grad_h_ptr,
+    grad_h_carry_ptr,
+    dgates_h_ptr,
+    w_hh_ptr,
+    t,
+    t_before,
+    step,
+    batch_rows,
+    row_mask,
+    cols,
+    col_mask,
+    B,
+    K,
+    NUM_GATES_H: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
+    """Total gradient reaching the hidden state written at timestep ``t``, for one tile.
+
+    ``dh_t = grad_h[t] + carry + dgates_h[t_before] @ W_hh`` where ``t_before`` is the step the
+    backward pass handled just before (the one that read ``h_t`` in the forward pass), and the
+    carry holds what reaches ``h_t`` other than through ``W_hh`` (GRU's ``z * dh``, or all of
+    ``dh`` across a step past a sequence's end). ``NUM_GATES_H = num_gates * H`` is the
+    reduction length; ``W_hh^T`` is read through strides.
+    """
+    mask = row_mask[:, None] & col_mask[None, :]
+    dh = load_tile(grad_h_ptr, t * B + batch_rows, K, cols, mask).to(ACC_DTYPE)
+    dh += load_tile(grad_h_carry_ptr, batch_rows, K, cols, mask)
+    if step > 0:
+        dh += matmul_tile(
+            dgates_h_ptr, t_before * B + batch_rows, row_mask, NUM_GATES_H, w_hh_ptr, 1, K,
+            cols, col_mask, NUM_GATES_H,
+            BLOCK_B, BLOCK_N, BLOCK_K, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST,
+        )
+    return dh
+
+
+def states_after(states: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """The ``(T, B, F)`` states written by each step, from a ``(T + 1, B, F)`` state buffer.
+
+    The buffer holds the initial state in slot 0 (forward) or slot T (reverse); step ``t`` reads
+    slot ``t + reverse`` and writes slot ``t + 1 - reverse``, so the buffer is also the output.
+    """
+    return states[:-1] if reverse else states[1:]
+
+
+def states_before(states: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """The ``(T, B, F)`` states each step read: ``h_{t-1}`` in the order of ``t``."""
+    return states[1:] if reverse else states[:-1]
+
+
+def initial_slot(num_steps: int, reverse: bool) -> int:
+    return num_steps if reverse else 0
+
+
+def final_slot(num_steps: int, reverse: bool) -> int:
+    return 0 if reverse else num_steps
