@@ -17,9 +17,13 @@ import triton
 import triton.language as tl
 
 
+# Triton decides when a kernel is decorated whether it will be interpreted, so read it once too.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    """True when Triton runs kernels on CPU tensors (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton runs kernels on CPU tensors (``TRITON_INTERPRET=1`` at import time)."""
+    return _INTERPRETING
 
 
 def runs_triton(tensor: torch.Tensor) -> bool:
@@ -49,10 +53,12 @@ def kernel_options(dtype: torch.dtype, batch: int, hidden: int, reduction: int) 
     largest = 64 if interpreting() else 32
     half = dtype in (torch.float16, torch.bfloat16)
     tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreting()
+    # fp64 reduces a (BLOCK_B, BLOCK_K, BLOCK_H) product in registers instead of using tl.dot.
+    block_k = 8 if dtype == torch.float64 and not interpreting() else _block(reduction, 2 * largest)
     return dict(
         BLOCK_B=_block(batch, largest),
         BLOCK_H=_block(hidden, largest),
-        BLOCK_K=_block(reduction, 2 * largest),
+        BLOCK_K=block_k,
         ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
         DOT_PRECISION="tf32" if tf32 else "ieee",
         DOT_UPCAST=half and interpreting(),
@@ -143,10 +149,14 @@ def matmul_tile(
             mask=k_mask[:, None] & col_mask[None, :],
             other=0.0,
         )
-        if DOT_UPCAST:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        if ACC_DTYPE == tl.float64:
+            # tl.dot has no fp64 path on every GPU (triton-lang/triton#5483): multiply and reduce.
+            acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
+        else:
+            if DOT_UPCAST:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
     return acc
 
 
