@@ -23,10 +23,11 @@ from .launch import (
     kernel_options,
     launch,
     load_tile,
+    program_tiles,
     recurrent_gate,
+    step_rows,
     store_tile,
     tanh,
-    time_index,
 )
 
 
@@ -70,15 +71,9 @@ def gru_forward_kernel(
     reads slot ``t + reverse`` and writes ``t + 1 - reverse``. Writes ``gates = (r, z, n,
     h W_hn^T + b_hn) (T, B, 4H)`` when saving for backward.
     """
-    batch_rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
-    row_mask = batch_rows < B
-    tile_start = tl.program_id(1) * BLOCK_H
-    tile_stride = tl.num_programs(1) * BLOCK_H
+    batch_rows, row_mask, tile_start, tile_stride = program_tiles(B, BLOCK_B, BLOCK_H)
     for step in range(step_begin, step_end):
-        t = time_index(step, T, reverse)
-        x_rows = t * B + batch_rows
-        prev_rows = (t + reverse) * B + batch_rows
-        out_rows = (t + 1 - reverse) * B + batch_rows
+        t, x_rows, prev_rows, out_rows = step_rows(step, T, B, reverse, 0, batch_rows)
         for h_start in range(tile_start, H, tile_stride):
             units = h_start + tl.arange(0, BLOCK_H)
             unit_mask = units < H
@@ -132,15 +127,10 @@ def gru_backward_kernel(
     ``h W_hh^T + b_hh``; its n part carries the extra factor r). ``dh_carry (B, H)`` comes in
     as zeros and leaves as the part of dL/dh_0 not passing through ``W_hh``.
     """
-    batch_rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
-    row_mask = batch_rows < B
-    tile_start = tl.program_id(1) * BLOCK_H
-    tile_stride = tl.num_programs(1) * BLOCK_H
+    batch_rows, row_mask, tile_start, tile_stride = program_tiles(B, BLOCK_B, BLOCK_H)
     for step in range(step_begin, step_end):
-        t = time_index(step, T, 1 - reverse)
+        t, x_rows, prev_rows, _ = step_rows(step, T, B, reverse, 1, batch_rows)
         t_before = t + 1 - 2 * reverse
-        x_rows = t * B + batch_rows
-        prev_rows = (t + reverse) * B + batch_rows
         for h_start in range(tile_start, H, tile_stride):
             units = h_start + tl.arange(0, BLOCK_H)
             unit_mask = units < H

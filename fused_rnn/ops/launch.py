@@ -99,9 +99,26 @@ def launch(kernel, scheme: str, num_steps: int, batch: int, hidden: int, args: t
 
 
 @triton.jit
-def time_index(step, T, reverse):
-    """Timestep processed at ``step``: ``step`` going forward, ``T - 1 - step`` in reverse."""
-    return step + reverse * (T - 1 - 2 * step)
+def program_tiles(B, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """This program's batch rows (int64, so row offsets past 2**31 are safe), their mask, and
+    the first hidden-tile offset and stride: program ``(b, j)`` of a ``(., n)`` grid takes the
+    tiles ``j, j + n, ...``."""
+    batch_rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    return batch_rows, batch_rows < B, tl.program_id(1) * BLOCK_H, tl.num_programs(1) * BLOCK_H
+
+
+@triton.jit
+def step_rows(step, T, B, reverse, backward, batch_rows):
+    """Timestep ``t`` handled at ``step`` and the buffer rows it touches.
+
+    The forward walks time forwards (backwards when ``reverse``), the backward the other way.
+    Returns ``t``, the rows of this program's batch in the ``(T, B, .)`` buffers at ``t``, and in
+    the ``(T+1, B, .)`` state buffers the rows of the state read (slot ``t + reverse``) and
+    written (slot ``t + 1 - reverse``).
+    """
+    walks_back = reverse ^ backward
+    t = step + walks_back * (T - 1 - 2 * step)
+    return t, t * B + batch_rows, (t + reverse) * B + batch_rows, (t + 1 - reverse) * B + batch_rows
 
 
 @triton.jit

@@ -22,11 +22,12 @@ from .launch import (
     kernel_options,
     launch,
     load_tile,
+    program_tiles,
     matmul_tile,
     recurrent_gate,
+    step_rows,
     store_tile,
     tanh,
-    time_index,
 )
 
 
@@ -133,16 +134,10 @@ def lstm_forward_kernel(
     Writes ``h_raw = o * tanh(c) (T, B, H)`` [proj] and ``gates = (i, f, g, o) (T, B, 4H)``
     [when saving for backward].
     """
-    batch_rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
-    row_mask = batch_rows < B
+    batch_rows, row_mask, tile_start, tile_stride = program_tiles(B, BLOCK_B, BLOCK_H)
     active = row_mask
-    tile_start = tl.program_id(1) * BLOCK_H
-    tile_stride = tl.num_programs(1) * BLOCK_H
     for step in range(step_begin, step_end):
-        t = time_index(step, T, reverse)
-        x_rows = t * B + batch_rows
-        prev_rows = (t + reverse) * B + batch_rows
-        out_rows = (t + 1 - reverse) * B + batch_rows
+        t, x_rows, prev_rows, out_rows = step_rows(step, T, B, reverse, 0, batch_rows)
         if HAS_LENGTHS:
             active = row_mask & (t < tl.load(lengths_ptr + batch_rows, mask=row_mask, other=0))
         for h_start in range(tile_start, H, tile_stride):
@@ -225,20 +220,15 @@ def lstm_backward_kernel(
     Reads ``grad_h (T, B, P)`` (gradient of the output sequence, final-state gradient folded in),
     the saved ``gates (T, B, 4H)`` and ``c (T+1, B, H)``, ``W_hh``, ``W_hr`` [proj], ``lengths``.
     Writes ``dgates (T, B, 4H)`` (= gradient of ``gates_x``) and ``grad_h_proj (T, B, P)`` [proj]:
-    the gradient reaching the projection's output, for the W_hr gradient. The carries ``dh_carry (B, P)`` and ``dc_carry (B, H)`` come in as
-    zeros and dL/dc_T and leave as the parts of dL/dh_0 and dL/dc_0 not passing through W_hh.
+    the gradient reaching the projection's output, for the W_hr gradient. The carries
+    ``dh_carry (B, P)`` and ``dc_carry (B, H)`` come in as zeros and dL/dc_T and leave as the
+    parts of dL/dh_0 and dL/dc_0 not passing through W_hh.
     """
-    batch_rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
-    row_mask = batch_rows < B
+    batch_rows, row_mask, tile_start, tile_stride = program_tiles(B, BLOCK_B, BLOCK_H)
     active = row_mask
-    tile_start = tl.program_id(1) * BLOCK_H
-    tile_stride = tl.num_programs(1) * BLOCK_H
     for step in range(step_begin, step_end):
-        t = time_index(step, T, 1 - reverse)
+        t, x_rows, prev_rows, out_rows = step_rows(step, T, B, reverse, 1, batch_rows)
         t_before = t + 1 - 2 * reverse
-        x_rows = t * B + batch_rows
-        prev_rows = (t + reverse) * B + batch_rows
-        out_rows = (t + 1 - reverse) * B + batch_rows
         if HAS_LENGTHS:
             active = row_mask & (t < tl.load(lengths_ptr + batch_rows, mask=row_mask, other=0))
         if HAS_PROJ:
