@@ -155,15 +155,37 @@ def _check_lengths(lengths, num_steps: int, batch: int) -> torch.Tensor:
     return lengths
 
 
-def _run(
-    cell, layer_fn, input, hx, state_features, params, has_biases, num_layers, dropout, train,
-    bidirectional, batch_first, lengths,
-):
-    """Shared multi-layer, bidirectional driver.
+def _check_weights(cell, params, num_gates, has_biases, num_layers, num_directions, input_size):
+    """Check every weight's shape against the first ``W_hh``; returns ``(hidden_size, P)``."""
+    groups = num_layers * num_directions
+    per_group = len(params) // groups
+    base = 4 if has_biases else 2  # W_ih, W_hh[, b_ih, b_hh]; LSTM may add W_hr
+    has_proj = cell == "LSTM" and per_group == base + 1
+    if len(params) != groups * per_group or per_group != base + has_proj:
+        raise ValueError(
+            f"{cell}: expected the weights of {num_layers} layer(s) x {num_directions} direction(s)"
+            f"{' with biases' if has_biases else ''}, got {len(params)} tensors"
+        )
+    hidden, features = params[1].shape[0] // num_gates, params[1].shape[1]
+    for group in range(groups):
+        layer_input = input_size if group < num_directions else num_directions * features
+        expected = [(num_gates * hidden, layer_input), (num_gates * hidden, features)]
+        if has_biases:
+            expected += [(num_gates * hidden,)] * 2
+        if has_proj:
+            expected.append((features, hidden))
+        for index, shape in enumerate(expected):
+            weight = params[group * per_group + index]
+            if tuple(weight.shape) != shape:
+                raise RuntimeError(
+                    f"{cell}: weight {group * per_group + index} (layer {group // num_directions}, "
+                    f"direction {group % num_directions}) has shape {list(weight.shape)}, expected {list(shape)}"
+                )
+    return hidden, features
 
-    ``hx`` is a tuple of ``(L * D, B, F)`` states, or ``None`` for zeros with the features
-    ``state_features``.
-    """
+
+def _run(cell, input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, lengths):
+    """Shared multi-layer, bidirectional driver; ``hx`` is a tuple of ``(L * D, B, .)`` states or None."""
     if not isinstance(input, torch.Tensor) or input.dim() != 3:
         got = f"{input.dim()}-D tensor" if isinstance(input, torch.Tensor) else type(input).__name__
         raise ValueError(f"{cell}: expected a 3-D input tensor, got {got}")
@@ -175,21 +197,17 @@ def _run(
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
     num_directions = 2 if bidirectional else 1
     groups = num_layers * num_directions
-    if hx is None:
-        hx = tuple(torch.zeros(groups, batch, f, dtype=x.dtype, device=x.device) for f in state_features)
-    if len(params) % groups != 0 or len(params) // groups not in (2, 3, 4, 5):
-        raise ValueError(
-            f"{cell}: expected the weights of {num_layers} layer(s) x {num_directions} direction(s), "
-            f"got {len(params)} tensors"
-        )
     for param in params:
         _check_same("parameter", param, x)
-    for state in hx:
+    num_gates, layer_fn = (4, _lstm_layer) if cell == "LSTM" else (3, _gru_layer)
+    hidden, features = _check_weights(cell, params, num_gates, has_biases, num_layers, num_directions, x.shape[2])
+    state_shapes = [(groups, batch, features), (groups, batch, hidden)][: 2 if cell == "LSTM" else 1]
+    if hx is None:
+        hx = tuple(torch.zeros(shape, dtype=x.dtype, device=x.device) for shape in state_shapes)
+    for state, shape in zip(hx, state_shapes):
         _check_same("hidden", state, x)
-        if state.dim() != 3 or state.shape[0] != groups or state.shape[1] != batch:
-            raise RuntimeError(
-                f"Expected hidden state of shape ({groups}, {batch}, *), got {list(state.shape)}"
-            )
+        if tuple(state.shape) != shape:
+            raise RuntimeError(f"Expected hidden size {shape}, got {list(state.shape)}")
     if lengths is not None:
         lengths = _check_lengths(lengths, num_steps, batch).to(device=x.device, dtype=torch.int64)
 
@@ -229,10 +247,9 @@ def lstm(
     """
     if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
         raise TypeError(f"LSTM: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
-    w_hh = params[1]
     output, (h_n, c_n) = _run(
-        "LSTM", _lstm_layer, input, None if hx is None else tuple(hx), (w_hh.shape[1], w_hh.shape[0] // 4),
-        params, has_biases, num_layers, dropout, train, bidirectional, batch_first, lengths,
+        "LSTM", input, None if hx is None else tuple(hx), params, has_biases, num_layers, dropout,
+        train, bidirectional, batch_first, lengths,
     )
     return output, (h_n, c_n)
 
@@ -250,7 +267,7 @@ def gru(
     if hx is not None and not isinstance(hx, torch.Tensor):
         raise TypeError(f"GRU: hx must be a tensor h_0, got {type(hx).__name__}")
     output, (h_n,) = _run(
-        "GRU", _gru_layer, input, None if hx is None else (hx,), (params[1].shape[1],),
-        params, has_biases, num_layers, dropout, train, bidirectional, batch_first, lengths,
+        "GRU", input, None if hx is None else (hx,), params, has_biases, num_layers, dropout,
+        train, bidirectional, batch_first, lengths,
     )
     return output, h_n
