@@ -145,7 +145,10 @@ def _check_lengths(lengths, num_steps: int, batch: int) -> torch.Tensor:
         raise ValueError(f"lengths must be a 1-D tensor of {batch} entries, got shape {list(lengths.shape)}")
     if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
         raise ValueError(f"lengths must be an integer tensor, got {lengths.dtype}")
-    if batch > 0:
+    # Reading the values needs them on the host: skipped where that is impossible (inside
+    # torch.compile or CUDA graph capture); out-of-range values cannot make the kernels misbehave.
+    capturing = lengths.is_cuda and torch.cuda.is_current_stream_capturing()
+    if batch > 0 and not torch.compiler.is_compiling() and not capturing:
         shortest, longest = int(lengths.min()), int(lengths.max())
         if shortest < 1 or longest > num_steps:
             raise ValueError(

@@ -10,9 +10,12 @@ timesteps). Per step and per tile of hidden units, in PyTorch's gate order r, z,
 Shapes: ``T`` steps, ``B`` batch, ``H`` hidden units.
 """
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from .launch import (
     accumulator_dtype,
@@ -165,41 +168,74 @@ def gru_backward_kernel(
         tl.debug_barrier()
 
 
-def gru_forward(gates_x, w_hh, b_hh, h0, lengths, reverse: bool, save_for_backward: bool):
-    """Run the GRU recurrence over ``gates_x (T, B, 3H)``.
-
-    Returns ``(h, gates)``: the state buffer ``h (T+1, B, H)`` (see ``states_after``) and the
-    ``(T, B, 4H)`` activations saved for the backward (``None`` when not needed).
-    """
+def _forward_outputs(gates_x, save_for_backward: bool):
     T, B, three_h = gates_x.shape
     H = three_h // 3
     dtype, device = gates_x.dtype, gates_x.device
-    h = empty(T + 1, B, H, dtype=dtype, device=device)
+    return (
+        empty(T + 1, B, H, dtype=dtype, device=device),
+        empty(T, B, 4 * H, dtype=dtype, device=device) if save_for_backward else empty(0, dtype=dtype, device=device),
+    )
+
+
+@torch.library.custom_op("fused_rnn::gru_forward", mutates_args=())
+def gru_forward(
+    gates_x: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, lengths: Optional[Tensor],
+    reverse: bool, save_for_backward: bool,
+) -> tuple[Tensor, Tensor]:
+    """Run the GRU recurrence over ``gates_x (T, B, 3H)``.
+
+    Returns ``(h, gates)``: the state buffer ``h (T+1, B, H)`` (see ``states_after``) and the
+    ``(T, B, 4H)`` activations saved for the backward (empty when not needed).
+    """
+    h, gates = _forward_outputs(gates_x, save_for_backward)
+    T, B, H = h.shape[0] - 1, h.shape[1], h.shape[2]
     h[initial_slot(T, reverse)] = h0
-    gates = empty(T, B, 4 * H, dtype=dtype, device=device) if save_for_backward else None
     launch(
         gru_forward_kernel, choose_scheme(False), T, B, H,
-        (gates_x.contiguous(), w_hh.contiguous(), b_hh, lengths, h, gates, T, B, H, int(reverse)),
-        kernel_options(dtype, B, H, H),
+        (gates_x.contiguous(), w_hh.contiguous(), None if b_hh is None else b_hh.contiguous(), lengths,
+         h, gates if save_for_backward else None, T, B, H, int(reverse)),
+        kernel_options(gates_x.dtype, B, H, H),
     )
     return h, gates
 
 
-def gru_backward(grad_h, w_hh, lengths, reverse: bool, gates, h):
+@gru_forward.register_fake
+def _(gates_x, w_hh, b_hh, h0, lengths, reverse, save_for_backward):
+    return _forward_outputs(gates_x, save_for_backward)
+
+
+def _backward_outputs(grad_h):
+    T, B, H = grad_h.shape
+    dtype, device = grad_h.dtype, grad_h.device
+    return (
+        empty(T, B, 3 * H, dtype=dtype, device=device),
+        empty(T, B, 3 * H, dtype=dtype, device=device),
+    )
+
+
+@torch.library.custom_op("fused_rnn::gru_backward", mutates_args=())
+def gru_backward(
+    grad_h: Tensor, w_hh: Tensor, lengths: Optional[Tensor], reverse: bool, gates: Tensor, h: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
     """BPTT through the GRU recurrence.
 
     ``grad_h (T, B, H)`` is the gradient of the output sequence with dL/dh_n folded into its last
     step. Returns ``(dgates_x, dgates_h, dh_carry)``, see ``gru_backward_kernel``.
     """
+    dgates_x, dgates_h = _backward_outputs(grad_h)
     T, B, H = grad_h.shape
-    dtype, device = grad_h.dtype, grad_h.device
-    dgates_x = empty(T, B, 3 * H, dtype=dtype, device=device)
-    dgates_h = empty(T, B, 3 * H, dtype=dtype, device=device)
-    dh_carry = torch.zeros(B, H, dtype=accumulator_dtype(dtype), device=device)
+    dh_carry = torch.zeros(B, H, dtype=accumulator_dtype(grad_h.dtype), device=grad_h.device)
     launch(
         gru_backward_kernel, choose_scheme(False), T, B, H,
         (grad_h.contiguous(), w_hh.contiguous(), lengths, gates, h, dgates_x, dgates_h, dh_carry,
          T, B, H, int(reverse)),
-        kernel_options(dtype, B, H, H),
+        kernel_options(grad_h.dtype, B, H, H),
     )
     return dgates_x, dgates_h, dh_carry
+
+
+@gru_backward.register_fake
+def _(grad_h, w_hh, lengths, reverse, gates, h):
+    B, H = grad_h.shape[1], grad_h.shape[2]
+    return (*_backward_outputs(grad_h), grad_h.new_empty(B, H, dtype=accumulator_dtype(grad_h.dtype)))

@@ -9,9 +9,12 @@ all timesteps); these kernels do only the sequential part. Per step and per tile
 Shapes: ``T`` steps, ``B`` batch, ``H`` hidden units, ``P`` features of h (``proj_size`` or ``H``).
 """
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from .launch import (
     accumulator_dtype,
@@ -273,52 +276,94 @@ def lstm_backward_kernel(
         tl.debug_barrier()
 
 
-def lstm_forward(gates_x, w_hh, w_hr, h0, c0, lengths, reverse: bool, save_for_backward: bool):
+def _forward_outputs(gates_x, w_hh, has_proj: bool, save_for_backward: bool):
+    T, B, four_h = gates_x.shape
+    H, P = four_h // 4, w_hh.shape[1]
+    dtype, device = gates_x.dtype, gates_x.device
+    return (
+        empty(T + 1, B, P, dtype=dtype, device=device),
+        empty(T + 1, B, H, dtype=accumulator_dtype(dtype), device=device),
+        empty(T, B, H, dtype=dtype, device=device) if has_proj else empty(0, dtype=dtype, device=device),
+        empty(T, B, 4 * H, dtype=dtype, device=device) if save_for_backward else empty(0, dtype=dtype, device=device),
+    )
+
+
+@torch.library.custom_op("fused_rnn::lstm_forward", mutates_args=())
+def lstm_forward(
+    gates_x: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: Tensor,
+    lengths: Optional[Tensor], reverse: bool, save_for_backward: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Run the LSTM recurrence over ``gates_x (T, B, 4H)``.
 
     Returns ``(h, c, h_raw, gates)``: the state buffers ``h (T+1, B, P)`` and ``c (T+1, B, H)``
     (see ``states_after``), and - for the backward - ``h_raw (T, B, H)`` [proj] and
-    ``gates (T, B, 4H)``, each ``None`` when not needed.
+    ``gates (T, B, 4H)``; each of the last two is empty when not needed.
     """
-    T, B, four_h = gates_x.shape
-    H, P = four_h // 4, w_hh.shape[1]
-    dtype, device = gates_x.dtype, gates_x.device
-    h = empty(T + 1, B, P, dtype=dtype, device=device)
-    c = empty(T + 1, B, H, dtype=accumulator_dtype(dtype), device=device)
+    has_proj = w_hr is not None
+    h, c, h_raw, gates = _forward_outputs(gates_x, w_hh, has_proj, save_for_backward)
+    T, B, P = gates_x.shape[0], gates_x.shape[1], w_hh.shape[1]
+    H = c.shape[2]
     h[initial_slot(T, reverse)] = h0
     c[initial_slot(T, reverse)] = c0
-    h_raw = empty(T, B, H, dtype=dtype, device=device) if w_hr is not None else None
-    gates = empty(T, B, 4 * H, dtype=dtype, device=device) if save_for_backward else None
     launch(
-        lstm_forward_kernel, choose_scheme(w_hr is not None), T, B, H,
-        (gates_x.contiguous(), w_hh.contiguous(), None if w_hr is None else w_hr.contiguous(),
-         lengths, h, c, h_raw, gates, T, B, H, P, int(reverse)),
-        kernel_options(dtype, B, H, max(H, P)),
+        lstm_forward_kernel, choose_scheme(has_proj), T, B, H,
+        (gates_x.contiguous(), w_hh.contiguous(), w_hr.contiguous() if has_proj else None, lengths,
+         h, c, h_raw if has_proj else None, gates if save_for_backward else None,
+         T, B, H, P, int(reverse)),
+        kernel_options(gates_x.dtype, B, H, max(H, P)),
     )
     return h, c, h_raw, gates
 
 
-def lstm_backward(grad_h, grad_c_n, w_hh, w_hr, lengths, reverse: bool, gates, c):
+@lstm_forward.register_fake
+def _(gates_x, w_hh, w_hr, h0, c0, lengths, reverse, save_for_backward):
+    return _forward_outputs(gates_x, w_hh, w_hr is not None, save_for_backward)
+
+
+def _backward_outputs(grad_h, gates, has_proj: bool):
+    T, B, P = grad_h.shape
+    H = gates.shape[2] // 4
+    dtype, device = grad_h.dtype, grad_h.device
+    return (
+        empty(T, B, 4 * H, dtype=dtype, device=device),
+        empty(T, B, P, dtype=dtype, device=device) if has_proj else empty(0, dtype=dtype, device=device),
+    )
+
+
+@torch.library.custom_op("fused_rnn::lstm_backward", mutates_args=())
+def lstm_backward(
+    grad_h: Tensor, grad_c_n: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], lengths: Optional[Tensor],
+    reverse: bool, gates: Tensor, c: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """BPTT through the LSTM recurrence.
 
     ``grad_h (T, B, P)`` is the gradient of the output sequence (with dL/dh_n folded into its last
     step), ``grad_c_n (B, H)`` that of the final cell state. Returns ``(dgates, grad_h_proj,
-    dh_carry, dc0)``: ``dgates (T, B, 4H)``, ``grad_h_proj (T, B, P)`` [proj, else ``None``],
+    dh_carry, dc0)``: ``dgates (T, B, 4H)``, ``grad_h_proj (T, B, P)`` [proj, else empty],
     and the parts of dL/dh_0 and dL/dc_0 that do not pass through ``W_hh``.
     """
+    has_proj = w_hr is not None
+    dgates, grad_h_proj = _backward_outputs(grad_h, gates, has_proj)
     T, B, P = grad_h.shape
     H = gates.shape[2] // 4
-    dtype, device = grad_h.dtype, grad_h.device
-    acc = accumulator_dtype(dtype)
-    dgates = empty(T, B, 4 * H, dtype=dtype, device=device)
-    grad_h_proj = empty(T, B, P, dtype=dtype, device=device) if w_hr is not None else None
-    dh_carry = torch.zeros(B, P, dtype=acc, device=device)
+    acc = accumulator_dtype(grad_h.dtype)
+    dh_carry = torch.zeros(B, P, dtype=acc, device=grad_h.device)
     dc_carry = grad_c_n.to(dtype=acc, memory_format=torch.contiguous_format, copy=True)
     launch(
-        lstm_backward_kernel, choose_scheme(w_hr is not None), T, B, H,
-        (grad_h.contiguous(), w_hh.contiguous(), None if w_hr is None else w_hr.contiguous(),
-         lengths, gates, c, dgates, grad_h_proj, dh_carry, dc_carry, T, B, H, P, int(reverse)),
-        kernel_options(dtype, B, H, max(H, P)),
+        lstm_backward_kernel, choose_scheme(has_proj), T, B, H,
+        (grad_h.contiguous(), w_hh.contiguous(), w_hr.contiguous() if has_proj else None, lengths,
+         gates, c, dgates, grad_h_proj if has_proj else None, dh_carry, dc_carry, T, B, H, P, int(reverse)),
+        kernel_options(grad_h.dtype, B, H, max(H, P)),
     )
     return dgates, grad_h_proj, dh_carry, dc_carry
 
+
+@lstm_backward.register_fake
+def _(grad_h, grad_c_n, w_hh, w_hr, lengths, reverse, gates, c):
+    B, P = grad_h.shape[1], grad_h.shape[2]
+    acc = accumulator_dtype(grad_h.dtype)
+    return (
+        *_backward_outputs(grad_h, gates, w_hr is not None),
+        grad_h.new_empty(B, P, dtype=acc),
+        grad_c_n.new_empty(grad_c_n.shape, dtype=acc),
+    )
