@@ -198,6 +198,12 @@ def _run(cell, input, hx, params, has_biases, num_layers, dropout, train, bidire
     num_steps, batch = x.shape[0], x.shape[1]
     if num_steps == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    if torch.is_autocast_enabled(x.device.type):
+        # As cuDNN's RNN under autocast: input, weights and states all run in the autocast dtype;
+        # the casts are differentiable, so gradients reach the parameters in their own dtype.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, params = x.to(dtype), [param.to(dtype) for param in params]
+        hx = None if hx is None else tuple(state.to(dtype) for state in hx)
     num_directions = 2 if bidirectional else 1
     groups = num_layers * num_directions
     for param in params:
