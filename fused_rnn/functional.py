@@ -13,7 +13,6 @@ CPU tensors take the PyTorch reference recurrence (``fused_rnn.reference``).
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from . import reference
 from .ops.gru import gru_backward, gru_forward
@@ -27,12 +26,24 @@ def _first_step(num_steps: int, reverse: bool) -> int:
     return num_steps - 1 if reverse else 0
 
 
+def _refuse_double_backward() -> None:
+    # The hand-written backward is not itself differentiable. Raising (as cuDNN's RNN does) beats
+    # the silently partial second derivative that autograd would build around it.
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "fused_rnn: double backward (create_graph=True through an LSTM/GRU layer) is not supported"
+        )
+
+
 class LSTMRecurrence(torch.autograd.Function):
-    """``(gates_x, W_hh, W_hr, h0, c0, lengths, reverse) -> (h_seq (T, B, P), c_n (B, H))``."""
+    """``(gates_x, W_hh, W_hr, h0, c0, lengths, reverse, grad_enabled) -> (h_seq (T, B, P), c_n (B, H))``.
+
+    ``grad_enabled`` is ``torch.is_grad_enabled()`` at the call: nothing is saved without it.
+    """
 
     @staticmethod
-    def forward(ctx, gates_x, w_hh, w_hr, h0, c0, lengths, reverse):
-        save = any(ctx.needs_input_grad)
+    def forward(ctx, gates_x, w_hh, w_hr, h0, c0, lengths, reverse, grad_enabled):
+        save = grad_enabled and any(ctx.needs_input_grad)
         h, c, h_raw, gates = lstm_forward(gates_x, w_hh, w_hr, h0, c0, lengths, reverse, save)
         ctx.reverse = reverse
         if save:
@@ -41,8 +52,8 @@ class LSTMRecurrence(torch.autograd.Function):
         return states_after(h, reverse), c[final_slot(num_steps, reverse)].to(gates_x.dtype, copy=True)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_h_seq, grad_c_n):
+        _refuse_double_backward()
         w_hh, w_hr, lengths, h, c, h_raw, gates = ctx.saved_tensors
         reverse = ctx.reverse
         T, B, P = h.shape[0] - 1, h.shape[1], h.shape[2]
@@ -64,15 +75,15 @@ class LSTMRecurrence(torch.autograd.Function):
             grad_h0 = (dh_carry + dgates[_first_step(T, reverse)] @ w_hh).to(h.dtype)
         if need_c0:
             grad_c0 = dc0.to(h.dtype)
-        return dgates, grad_w_hh, grad_w_hr, grad_h0, grad_c0, None, None
+        return dgates, grad_w_hh, grad_w_hr, grad_h0, grad_c0, None, None, None
 
 
 class GRURecurrence(torch.autograd.Function):
-    """``(gates_x, W_hh, b_hh, h0, lengths, reverse) -> h_seq (T, B, H)``."""
+    """``(gates_x, W_hh, b_hh, h0, lengths, reverse, grad_enabled) -> h_seq (T, B, H)``."""
 
     @staticmethod
-    def forward(ctx, gates_x, w_hh, b_hh, h0, lengths, reverse):
-        save = any(ctx.needs_input_grad)
+    def forward(ctx, gates_x, w_hh, b_hh, h0, lengths, reverse, grad_enabled):
+        save = grad_enabled and any(ctx.needs_input_grad)
         h, gates = gru_forward(gates_x, w_hh, b_hh, h0, lengths, reverse, save)
         ctx.reverse = reverse
         if save:
@@ -80,8 +91,8 @@ class GRURecurrence(torch.autograd.Function):
         return states_after(h, reverse)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_h_seq):
+        _refuse_double_backward()
         w_hh, lengths, h, gates = ctx.saved_tensors
         reverse = ctx.reverse
         T, B, H = h.shape[0] - 1, h.shape[1], h.shape[2]
@@ -94,20 +105,20 @@ class GRURecurrence(torch.autograd.Function):
             grad_b_hh = dgates_h.sum(dim=(0, 1), dtype=accumulator_dtype(h.dtype)).to(h.dtype)
         if need_h0:
             grad_h0 = (dh_carry + dgates_h[_first_step(T, reverse)] @ w_hh).to(h.dtype)
-        return dgates_x, grad_w_hh, grad_b_hh, grad_h0, None, None
+        return dgates_x, grad_w_hh, grad_b_hh, grad_h0, None, None, None
 
 
 def lstm_recurrence(gates_x, w_hh, w_hr, h0, c0, lengths=None, reverse=False):
     """One LSTM layer's recurrence over ``gates_x (T, B, 4H)``; see ``reference.lstm_recurrence``."""
     if runs_triton(gates_x) and gates_x.shape[1] > 0:
-        return LSTMRecurrence.apply(gates_x, w_hh, w_hr, h0, c0, lengths, reverse)
+        return LSTMRecurrence.apply(gates_x, w_hh, w_hr, h0, c0, lengths, reverse, torch.is_grad_enabled())
     return reference.lstm_recurrence(gates_x, w_hh, w_hr, h0, c0, lengths, reverse)
 
 
 def gru_recurrence(gates_x, w_hh, b_hh, h0, lengths=None, reverse=False):
     """One GRU layer's recurrence over ``gates_x (T, B, 3H)``; see ``reference.gru_recurrence``."""
     if runs_triton(gates_x) and gates_x.shape[1] > 0:
-        return GRURecurrence.apply(gates_x, w_hh, b_hh, h0, lengths, reverse)
+        return GRURecurrence.apply(gates_x, w_hh, b_hh, h0, lengths, reverse, torch.is_grad_enabled())
     return reference.gru_recurrence(gates_x, w_hh, b_hh, h0, lengths, reverse)
 
 

@@ -118,7 +118,9 @@ def step_rows(step, T, B, reverse, backward, batch_rows):
     """
     walks_back = reverse ^ backward
     t = step + walks_back * (T - 1 - 2 * step)
-    return t, t * B + batch_rows, (t + reverse) * B + batch_rows, (t + 1 - reverse) * B + batch_rows
+    # Row indices go past 2**31 only when T * B does, but then the int32 product would wrap.
+    t_rows = tl.cast(t, tl.int64) * B + batch_rows
+    return t, t_rows, t_rows + reverse * B, t_rows + (1 - reverse) * B
 
 
 @triton.jit
