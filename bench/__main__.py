@@ -1,0 +1,101 @@
+"""``python -m bench``: time fused_rnn.LSTM / GRU against torch.nn.LSTM / GRU (cuDNN).
+
+On a GPU it runs the default grid (or ``--headline``, or the subset the flags choose), prints a
+table and writes ``bench/results/<gpu>-<date>.json`` and ``.png`` (or into ``--out``). Without a
+GPU, or with ``--smoke``, it checks a tiny configuration on the CPU in Triton's interpreter and
+writes files only into an explicit ``--out``.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+CPU_NOTE = (
+    "NOTE: these times were taken on the CPU with the Triton kernels running in Triton's interpreter. "
+    "They say nothing about the speed of fused_rnn: a CUDA GPU is needed for that."
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line; an axis flag left out keeps the preset's values (see ``bench.suite.PRESETS``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--cell", nargs="+", choices=("lstm", "gru"), help="cells (default: both)")
+    parser.add_argument("--batch", nargs="+", type=int, help="batch sizes (default grid: 1 16 64 256)")
+    parser.add_argument("--hidden", nargs="+", type=int, help="hidden sizes (default grid: 256 768 1024)")
+    parser.add_argument("--seq", nargs="+", type=int, help="sequence lengths T (default grid: 512)")
+    parser.add_argument("--input", nargs="+", type=int, help="input sizes (default: equal to the hidden size)")
+    parser.add_argument("--layers", nargs="+", type=int, help="numbers of layers (default: 1)")
+    parser.add_argument("--bidirectional", action="store_true", help="bidirectional modules only")
+    parser.add_argument("--dtype", nargs="+", choices=("float32", "float16", "bfloat16"),
+                        help="dtypes (default: all three; float32 runs in TF32, as cuDNN does)")
+    parser.add_argument("--mode", nargs="+", choices=("forward", "forward_backward"),
+                        help="forward under no_grad, and/or forward + backward (default: both)")
+    parser.add_argument("--headline", action="store_true",
+                        help="the headline preset instead of the grid: LSTM B=16 T=1024 H=768, fp16 and bf16")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny CPU check in Triton's interpreter (automatic without CUDA); times are meaningless")
+    parser.add_argument("--out", help="directory for the JSON and PNG (default on a GPU: bench/results; "
+                                      "a CPU run writes files only when --out is given)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def axis_overrides(args: argparse.Namespace) -> dict:
+    """The ``Axes`` fields that the flags set; ``None`` for a flag left out."""
+    return dict(
+        cells=args.cell, batches=args.batch, hiddens=args.hidden, seqs=args.seq, inputs=args.input,
+        layers=args.layers, bidirectional=(True,) if args.bidirectional else None,
+        dtypes=args.dtype, modes=args.mode,
+    )
+
+
+def results_tag(preset: str, subset: bool):
+    """Suffix of the results file name: none for the full grid, else the preset, plus "-subset" when
+    flags narrowed it, so that no partial run overwrites the grid's ``<gpu>-<date>.json``."""
+    if preset == "grid" and not subset:
+        return None
+    return f"{preset}-subset" if subset else preset
+
+
+def main(argv=None) -> int:
+    """Run the suite; the exit status is 1 when some config disagrees with torch."""
+    args = parse_args(argv)
+    smoke = args.smoke or not torch.cuda.is_available()
+    if smoke:
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("--smoke needs TRITON_INTERPRET=1 before triton is imported; run `python -m bench --smoke`")
+        # Triton reads this when fused_rnn's kernels are defined, i.e. on import below.
+        os.environ["TRITON_INTERPRET"] = "1"
+    from bench import suite
+
+    if smoke and not args.smoke:
+        print("No CUDA device: running the CPU smoke configuration in Triton's interpreter.")
+    preset = "smoke" if smoke else "headline" if args.headline else "grid"
+    overrides = axis_overrides(args)
+    configs = suite.select_configs(preset, **overrides)
+    device = "cpu" if smoke else "cuda"
+    header = suite.environment(device)
+    print(f"device {header['device']}, torch {header['torch']}, triton {header['triton']}, cuDNN {header['cudnn']}")
+    print(f"fused_rnn launch scheme: {suite.launch_scheme()}; {len(configs)} configs ({preset})")
+
+    rows = suite.run_suite(configs, device, progress=not args.no_progress)
+    print(suite.format_table(rows))
+    print(suite.summary(rows))
+    if smoke:
+        print(CPU_NOTE)
+    if args.out is None and smoke:
+        print("Nothing written: a CPU run writes its JSON and PNG only into an explicit --out DIR.")
+    else:
+        tag = results_tag(preset, subset=any(values is not None for values in overrides.values()))
+        for path in suite.write_results(header, rows, args.out or suite.RESULTS_DIR, tag=tag):
+            if path is not None:
+                print(f"wrote {path}")
+    return 0 if all(row["correct"] for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The benchmark harness (``python -m bench``): config grids, flags, result rows, the JSON and PNG files.
+
+Timings are not checked (on the CPU they measure Triton's interpreter); what is checked is that the
+harness builds the documented configs, verifies agreement with torch, and writes the documented schema.
+"""
+
+import datetime
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import suite
+from bench.__main__ import axis_overrides, main, parse_args, results_tag
+from fused_rnn.ops.launch import interpreting
+
+REPO = Path(__file__).resolve().parents[1]
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+needs_interpreter = pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1 (the CPU smoke mode)")
+
+
+def configs_for(*flags):
+    args = parse_args(list(flags))
+    return suite.select_configs("headline" if args.headline else "grid", **axis_overrides(args))
+
+
+def check_results(path: Path, num_rows: int, on_gpu: bool) -> list:
+    """Assert the documented schema of a results file; returns its rows."""
+    results = json.loads(path.read_text())
+    assert list(results) == list(suite.HEADER_KEYS)
+    assert all(isinstance(results[key], str) for key in ("device", "torch", "triton"))
+    assert isinstance(results["cudnn"], int) if on_gpu else results["cudnn"] is None
+    rows = results["rows"]
+    assert len(rows) == num_rows
+    for row in rows:
+        assert list(row) == [*suite.ROW_KEYS, "correct"]
+        assert row["cell"] in suite.CELLS and row["dtype"] in suite.DTYPES and row["mode"] in suite.MODES
+        for key in ("batch", "seq", "hidden", "input", "layers"):
+            assert type(row[key]) is int and row[key] > 0, key
+        assert type(row["bidirectional"]) is bool
+        assert row["correct"] is True
+        for key in ("ours_ms", "cudnn_ms", "speedup"):
+            assert type(row[key]) is float and row[key] > 0, key
+        assert row["speedup"] == pytest.approx(row["cudnn_ms"] / row["ours_ms"], rel=1e-12)
+        for key in ("ours_peak_mb", "cudnn_peak_mb"):
+            assert (type(row[key]) is float and row[key] >= 0) if on_gpu else row[key] is None, key
+    return rows
+
+
+def check_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_default_grid_is_the_issue_grid_plus_two_layer_bidirectional():
+    configs = configs_for()
+    assert len(configs) == 2 * 4 * 3 * 3 * 2 + 2 * 3 * 2
+    assert len(set(configs)) == len(configs)
+    grid = [c for c in configs if c.layers == 1]
+    assert {(c.cell, c.batch, c.hidden, c.dtype, c.mode) for c in grid} == {
+        (cell, batch, hidden, dtype, mode)
+        for cell in ("lstm", "gru") for batch in (1, 16, 64, 256) for hidden in (256, 768, 1024)
+        for dtype in ("float32", "float16", "bfloat16") for mode in ("forward", "forward_backward")
+    }
+    assert all(c.seq == 512 and c.input == c.hidden and not c.bidirectional for c in grid)
+    deep = [c for c in configs if c.layers != 1]
+    assert len(deep) == 12
+    assert all((c.layers, c.bidirectional, c.batch, c.hidden, c.input, c.seq) == (2, True, 64, 768, 768, 512)
+               for c in deep)
+
+
+def test_headline_preset():
+    configs = configs_for("--headline")
+    assert {(c.dtype, c.mode) for c in configs} == {
+        (dtype, mode) for dtype in ("float16", "bfloat16") for mode in ("forward", "forward_backward")
+    }
+    assert len(configs) == 4
+    assert all((c.cell, c.batch, c.seq, c.hidden, c.input, c.layers, c.bidirectional)
+               == ("lstm", 16, 1024, 768, 768, 1, False) for c in configs)
+
+
+def test_shape_flags_narrow_the_grid_and_drop_the_deep_configs():
+    configs = configs_for("--cell", "gru", "--batch", "16", "64", "--dtype", "float16")
+    assert len(configs) == 2 * 3 * 2
+    assert {c.cell for c in configs} == {"gru"} and {c.dtype for c in configs} == {"float16"}
+    assert {c.batch for c in configs} == {16, 64} and {c.layers for c in configs} == {1}
+
+
+def test_filter_flags_keep_the_deep_configs():
+    configs = configs_for("--dtype", "bfloat16", "--mode", "forward", "--seq", "128")
+    assert len(configs) == 2 * 4 * 3 + 2
+    assert {(c.dtype, c.mode, c.seq) for c in configs} == {("bfloat16", "forward", 128)}
+
+
+def test_input_layers_bidirectional_flags():
+    configs = configs_for("--hidden", "256", "--input", "128", "512", "--layers", "3", "--bidirectional")
+    assert len(configs) == 2 * 4 * 2 * 3 * 2
+    assert {c.input for c in configs} == {128, 512}
+    assert all(c.hidden == 256 and c.layers == 3 and c.bidirectional for c in configs)
+
+
+def test_smoke_preset_follows_flags():
+    assert len(suite.select_configs("smoke")) == 4
+    configs = suite.select_configs("smoke", cells=("lstm",), modes=("forward",))
+    assert [(c.cell, c.batch, c.seq, c.hidden, c.dtype, c.mode) for c in configs] == [
+        ("lstm", 2, 4, 16, "float32", "forward")
+    ]
+
+
+def test_result_file_names():
+    date = datetime.date(2025, 3, 7)
+    assert suite.result_stem("NVIDIA H100 80GB HBM3", date) == "nvidia-h100-80gb-hbm3-2025-03-07"
+    assert suite.result_stem("NVIDIA H100 80GB HBM3", date, "headline") == "nvidia-h100-80gb-hbm3-2025-03-07-headline"
+    assert suite.slug(suite.CPU_DEVICE) == "cpu-triton-interpreter"
+    assert results_tag("grid", subset=False) is None
+    assert results_tag("grid", subset=True) == "grid-subset"
+    assert results_tag("headline", subset=False) == "headline"
+
+
+def test_row_speedup_and_untimed_rows():
+    config = suite.select_configs("smoke")[0]
+    row = suite.make_row(config, ours_ms=2.0, cudnn_ms=3.0, ours_peak_mb=1.5, cudnn_peak_mb=2.5)
+    assert list(row) == [*suite.ROW_KEYS, "correct"]
+    assert row["speedup"] == 1.5 and row["correct"] is True
+    untimed = suite.make_row(config, correct=False)
+    assert untimed["correct"] is False
+    assert all(untimed[key] is None for key in ("ours_ms", "cudnn_ms", "speedup", "ours_peak_mb", "cudnn_peak_mb"))
+
+
+@needs_interpreter
+def test_config_that_disagrees_is_marked_and_not_timed(monkeypatch):
+    monkeypatch.setitem(suite.TOLERANCE, "float32", -1.0)  # nothing can agree within a negative tolerance
+    config = suite.select_configs("smoke", cells=("gru",), modes=("forward",))[0]
+    row, warning = suite.run_config(config, "cpu")
+    assert row["correct"] is False and row["ours_ms"] is None and row["speedup"] is None
+    assert "not timed" in warning
+
+
+@needs_interpreter
+def test_smoke_run_writes_the_documented_json_and_png(tmp_path, capsys):
+    assert main(["--smoke", "--out", str(tmp_path), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "say nothing about the speed" in printed
+    (json_path,), (png_path,) = list(tmp_path.glob("*.json")), list(tmp_path.glob("*.png"))
+    assert json_path.stem == png_path.stem
+    assert json_path.stem.startswith("cpu-triton-interpreter-")
+    rows = check_results(json_path, num_rows=4, on_gpu=False)
+    assert json.loads(json_path.read_text())["device"] == suite.CPU_DEVICE
+    assert {(row["cell"], row["mode"]) for row in rows} == {
+        (cell, mode) for cell in ("lstm", "gru") for mode in ("forward", "forward_backward")
+    }
+    check_png(png_path)
+
+
+@needs_interpreter
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the run without CUDA")
+def test_cpu_run_without_out_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(suite, "RESULTS_DIR", tmp_path / "results")
+    assert main(["--cell", "gru", "--mode", "forward", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "No CUDA device" in printed and "Nothing written" in printed
+    assert not (tmp_path / "results").exists()
+
+
+def test_help_runs():
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    for flag in ("--cell", "--batch", "--hidden", "--seq", "--input", "--layers", "--bidirectional",
+                 "--dtype", "--mode", "--out", "--smoke", "--headline"):
+        assert flag in result.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_run_times_both_modules(tmp_path):
+    flags = ["--cell", "lstm", "gru", "--batch", "16", "--hidden", "256", "--seq", "16", "--dtype", "float16",
+             "--out", str(tmp_path), "--no-progress"]
+    assert main(flags) == 0
+    (json_path,), (png_path,) = list(tmp_path.glob("*.json")), list(tmp_path.glob("*.png"))
+    assert json_path.name.endswith("-grid-subset.json")
+    check_results(json_path, num_rows=4, on_gpu=True)
+    check_png(png_path)
