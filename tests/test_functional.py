@@ -1,0 +1,253 @@
+"""``fused_rnn.functional.lstm`` / ``gru`` against ``torch.nn.LSTM`` / ``torch.nn.GRU`` in float64.
+
+Both sides use the same weights: ours get ``module._flat_weights``. Outputs, final states and the
+gradients with respect to the input, the initial states and every parameter are compared under
+random upstream gradients on every output.
+"""
+
+import pytest
+import torch
+from helpers import KERNEL_DEVICE, assert_close
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from fused_rnn import functional
+
+T, B, INPUT, HIDDEN, PROJ = 5, 4, 5, 7, 3
+# Unsorted, with a full-length row and a length-1 row: packing must sort and unsort.
+LENGTHS = [3, 5, 1, 4]
+
+# (num_layers, bidirectional, batch_first, bias, proj_size)
+LSTM_CONFIGS = {
+    "L1": (1, False, False, True, 0),
+    "L2-bidirectional": (2, True, False, True, 0),
+    "L1-batch_first-no-bias": (1, False, True, False, 0),
+    "L2-bidirectional-proj": (2, True, False, True, PROJ),
+    "L1-batch_first-no-bias-proj": (1, False, True, False, PROJ),
+    "L2-bidirectional-batch_first-no-bias-proj": (2, True, True, False, PROJ),
+}
+# (num_layers, bidirectional, batch_first, bias)
+GRU_CONFIGS = {
+    "L1": (1, False, False, True),
+    "L2-bidirectional": (2, True, False, True),
+    "L1-batch_first-no-bias": (1, False, True, False),
+    "L2-bidirectional-batch_first-no-bias": (2, True, True, False),
+}
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32(monkeypatch):
+    # On a GPU, fp32 would otherwise run in TF32; the fp32 tolerance assumes IEEE products.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+def make_torch_module(cell, config, dropout=0.0, device=KERNEL_DEVICE):
+    """``nn.LSTM`` / ``nn.GRU`` in float64 with PyTorch's random initialisation."""
+    if cell == "lstm":
+        num_layers, bidirectional, batch_first, bias, proj_size = config
+        module = torch.nn.LSTM(
+            INPUT, HIDDEN, num_layers, bias=bias, batch_first=batch_first, dropout=dropout,
+            bidirectional=bidirectional, proj_size=proj_size,
+        )
+    else:
+        num_layers, bidirectional, batch_first, bias = config
+        module = torch.nn.GRU(
+            INPUT, HIDDEN, num_layers, bias=bias, batch_first=batch_first, dropout=dropout,
+            bidirectional=bidirectional,
+        )
+    return module.to(device, torch.float64)
+
+
+def make_inputs(cell, module, dtype, device=KERNEL_DEVICE):
+    """Random input and initial states (rounded to ``dtype``, held in float64)."""
+    groups = module.num_layers * (2 if module.bidirectional else 1)
+    shape = (B, T, INPUT) if module.batch_first else (T, B, INPUT)
+    x = torch.randn(*shape, dtype=torch.float64).to(dtype).double()
+    h0 = torch.randn(groups, B, module.proj_size or HIDDEN, dtype=torch.float64).to(dtype).double()
+    if cell == "gru":
+        return x.to(device), (h0.to(device),)
+    c0 = torch.randn(groups, B, HIDDEN, dtype=torch.float64).to(dtype).double()
+    return x.to(device), (h0.to(device), c0.to(device))
+
+
+def run_ours(cell, module, x, state, params, lengths=None, **kwargs):
+    """``functional.lstm`` / ``gru`` with the module's configuration; returns ``(output, states)``."""
+    run = functional.lstm if cell == "lstm" else functional.gru
+    hx = state if cell == "lstm" or state is None else state[0]
+    output, final = run(
+        x, hx, params, has_biases=module.bias, num_layers=module.num_layers,
+        bidirectional=module.bidirectional, batch_first=module.batch_first, lengths=lengths, **kwargs,
+    )
+    return output, (final if cell == "lstm" else (final,))
+
+
+def run_torch(cell, module, x, state, lengths=None):
+    """The module on a padded batch, or on a PackedSequence when ``lengths`` is given."""
+    hx = state if cell == "lstm" or state is None else state[0]
+    if lengths is None:
+        output, final = module(x, hx)
+    else:
+        packed = pack_padded_sequence(x, torch.tensor(lengths), batch_first=module.batch_first, enforce_sorted=False)
+        packed_output, final = module(packed, hx)
+        output, _ = pad_packed_sequence(packed_output, batch_first=module.batch_first, total_length=T)
+    return output, (final if cell == "lstm" else (final,))
+
+
+def check_against_torch(cell, config, dtype, lengths=None, lengths_as_list=False):
+    """Ours in ``dtype`` against the float64 module (on a PackedSequence when ``lengths`` is given):
+    output, final states, and the gradients of the input, initial states and every parameter."""
+    module = make_torch_module(cell, config)
+    x, state = make_inputs(cell, module, dtype)
+    with torch.no_grad():
+        for weight in module._flat_weights:
+            weight.copy_(weight.to(dtype))  # both sides start from the weights as rounded to dtype
+    ours_inputs = [x.to(dtype).requires_grad_()] + [s.to(dtype).requires_grad_() for s in state]
+    params = [w.detach().to(dtype).requires_grad_() for w in module._flat_weights]
+    ref_inputs = [t.detach().requires_grad_() for t in [x, *state]]
+    ours_lengths = None
+    if lengths is not None:
+        ours_lengths = lengths if lengths_as_list else torch.tensor(lengths, device=KERNEL_DEVICE)
+
+    output, final = run_ours(cell, module, ours_inputs[0], tuple(ours_inputs[1:]), params, ours_lengths)
+    outputs = [output, *final]
+    upstream = [torch.randn_like(o) for o in outputs]
+    grads = torch.autograd.grad(outputs, ours_inputs + params, upstream)
+
+    ref_output, ref_final = run_torch(cell, module, ref_inputs[0], tuple(ref_inputs[1:]), lengths)
+    ref_outputs = [ref_output, *ref_final]
+    ref_grads = torch.autograd.grad(
+        ref_outputs, ref_inputs + list(module._flat_weights), [u.double() for u in upstream]
+    )
+
+    for name, value, ref in zip(["output", "h_n", "c_n"], outputs, ref_outputs):
+        assert value.dtype == dtype, name
+        assert_close(value, ref, dtype, name=name)
+    state_names = ["h0", "c0"] if cell == "lstm" else ["h0"]
+    names = ["grad input"] + [f"grad {n}" for n in state_names] + [f"grad {n}" for n in module._flat_weights_names]
+    for name, grad, ref_grad in zip(names, grads, ref_grads, strict=True):
+        assert grad.dtype == dtype, name
+        assert_close(grad, ref_grad, dtype, name=name)
+    if lengths is not None:
+        time_major = output.transpose(0, 1) if module.batch_first else output
+        padded = (torch.arange(T)[:, None] >= torch.tensor(lengths)[None, :]).to(output.device)
+        assert (time_major[padded] == 0).all(), "outputs past a sequence's end must be exactly zero"
+
+
+@pytest.mark.parametrize("config", LSTM_CONFIGS.values(), ids=LSTM_CONFIGS.keys())
+def test_lstm_output_states_and_grads_match_torch(config):
+    check_against_torch("lstm", config, torch.float64)
+
+
+@pytest.mark.parametrize("config", GRU_CONFIGS.values(), ids=GRU_CONFIGS.keys())
+def test_gru_output_state_and_grads_match_torch(config):
+    check_against_torch("gru", config, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_lstm_output_states_and_grads_match_torch_per_dtype(dtype):
+    check_against_torch("lstm", LSTM_CONFIGS["L2-bidirectional-proj"], dtype)
+
+
+# No bfloat16: GRU's state is bfloat16 between steps, and gradients that reach layer 0 through
+# another layer miss the 2e-2 tolerance by rounding alone (torch.nn.GRU in bfloat16 misses it too).
+# tests/test_ops_gru.py covers the bfloat16 kernels.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d)[6:])
+def test_gru_output_state_and_grads_match_torch_per_dtype(dtype):
+    check_against_torch("gru", GRU_CONFIGS["L2-bidirectional"], dtype)
+
+
+@pytest.mark.parametrize(
+    "config", [LSTM_CONFIGS[k] for k in ("L1", "L2-bidirectional-proj", "L1-batch_first-no-bias")],
+    ids=["L1", "L2-bidirectional-proj", "L1-batch_first-no-bias"],
+)
+def test_lstm_with_lengths_matches_torch_packed_sequence(config):
+    check_against_torch("lstm", config, torch.float64, lengths=LENGTHS)
+
+
+@pytest.mark.parametrize(
+    "config", [GRU_CONFIGS[k] for k in ("L1", "L2-bidirectional-batch_first-no-bias")],
+    ids=["L1", "L2-bidirectional-batch_first-no-bias"],
+)
+def test_gru_with_lengths_matches_torch_packed_sequence(config):
+    check_against_torch("gru", config, torch.float64, lengths=LENGTHS)
+
+
+def test_lstm_with_lengths_as_python_list_matches_torch_packed_sequence():
+    check_against_torch("lstm", LSTM_CONFIGS["L1-batch_first-no-bias-proj"], torch.float32, LENGTHS, lengths_as_list=True)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_without_initial_state_matches_torch_zero_state(cell):
+    config = LSTM_CONFIGS["L2-bidirectional"] if cell == "lstm" else GRU_CONFIGS["L2-bidirectional"]
+    module = make_torch_module(cell, config)
+    x, _ = make_inputs(cell, module, torch.float64)
+    with torch.no_grad():
+        output, final = run_ours(cell, module, x, None, list(module._flat_weights))
+        ref_output, ref_final = run_torch(cell, module, x, None)
+    assert_close(output, ref_output, name="output")
+    for value, ref in zip(final, ref_final, strict=True):
+        assert_close(value, ref, name="final state")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_dropout_in_training_is_reproducible_under_seed_and_differs_from_eval(cell):
+    config = (2, False, False, True, 0) if cell == "lstm" else (2, False, False, True)
+    module = make_torch_module(cell, config, dropout=0.5)
+    x, state = make_inputs(cell, module, torch.float64)
+    params = list(module._flat_weights)
+
+    def run(train, seed):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            output, final = run_ours(cell, module, x, state, params, dropout=0.5, train=train)
+        return torch.cat([output.flatten()] + [f.flatten() for f in final])
+
+    first, again = run(True, 1), run(True, 1)
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, run(True, 2)), "the dropout mask does not depend on the seed"
+    assert not torch.allclose(first, run(False, 1)), "dropout with train=True changed nothing"
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_dropout_without_training_matches_torch_eval(cell):
+    config = LSTM_CONFIGS["L2-bidirectional-proj"] if cell == "lstm" else GRU_CONFIGS["L2-bidirectional"]
+    module = make_torch_module(cell, config, dropout=0.5).eval()
+    x, state = make_inputs(cell, module, torch.float64)
+    with torch.no_grad():
+        output, final = run_ours(cell, module, x, state, list(module._flat_weights), dropout=0.5, train=False)
+        ref_output, ref_final = run_torch(cell, module, x, state)
+    assert_close(output, ref_output, name="output")
+    for value, ref in zip(final, ref_final, strict=True):
+        assert_close(value, ref, name="final state")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_dropout_in_training_matches_torch_train_mode_under_same_seed(cell):
+    # On CPU tensors: cuDNN draws its dropout masks from its own generator, PyTorch's CPU RNN from
+    # the global one, in the order the functional API uses (layer by layer, time-major output).
+    config = (2, True, True, True, PROJ) if cell == "lstm" else (2, True, True, True)
+    module = make_torch_module(cell, config, dropout=0.5, device="cpu").train()
+    x, state = make_inputs(cell, module, torch.float64, device="cpu")
+    x.requires_grad_()
+    torch.manual_seed(1)
+    output, final = run_ours(cell, module, x, state, list(module._flat_weights), dropout=0.5, train=True)
+    torch.manual_seed(1)
+    ref_output, ref_final = run_torch(cell, module, x, state)
+    assert_close(output, ref_output, name="output")
+    for value, ref in zip(final, ref_final, strict=True):
+        assert_close(value, ref, name="final state")
+    upstream = torch.randn_like(output)
+    (grad,) = torch.autograd.grad(output, x, upstream)
+    (ref_grad,) = torch.autograd.grad(ref_output, x, upstream)
+    assert_close(grad, ref_grad, name="grad input")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_dropout_has_no_effect_on_a_single_layer(cell):
+    config = LSTM_CONFIGS["L1"] if cell == "lstm" else GRU_CONFIGS["L1"]
+    module = make_torch_module(cell, config)
+    x, state = make_inputs(cell, module, torch.float64)
+    params = list(module._flat_weights)
+    with torch.no_grad():
+        train_output, _ = run_ours(cell, module, x, state, params, dropout=0.5, train=True)
+        eval_output, _ = run_ours(cell, module, x, state, params, dropout=0.5, train=False)
+    assert torch.equal(train_output, eval_output)
