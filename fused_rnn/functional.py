@@ -139,12 +139,15 @@ def _gru_layer(x, weights, has_biases, state, lengths, reverse):
     return h_seq, (h_seq[0] if reverse else h_seq[-1],)
 
 
-def _check_same(name: str, tensor: torch.Tensor, input: torch.Tensor) -> None:
+def _check_device(name: str, tensor: torch.Tensor, input: torch.Tensor) -> None:
     if tensor.device != input.device:
         raise RuntimeError(
             f"Input and {name} tensors are not at the same device, found input tensor at "
             f"{input.device} and {name} tensor at {tensor.device}"
         )
+
+
+def _check_dtype(name: str, tensor: torch.Tensor, input: torch.Tensor) -> None:
     if tensor.dtype != input.dtype:
         raise RuntimeError(f"{name} dtype ({tensor.dtype}) does not match input dtype ({input.dtype})")
 
@@ -209,7 +212,11 @@ def _run(cell, input, hx, params, has_biases, num_layers, dropout, train, bidire
     num_steps, batch = x.shape[0], x.shape[1]
     if num_steps == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-    if torch.is_autocast_enabled(x.device.type):
+    for param in params:
+        _check_device("parameter", param, x)
+    for state in hx or ():
+        _check_device("hidden", state, x)
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
         # As cuDNN's RNN under autocast: input, weights and states all run in the autocast dtype;
         # the casts are differentiable, so gradients reach the parameters in their own dtype.
         dtype = torch.get_autocast_dtype(x.device.type)
@@ -218,14 +225,14 @@ def _run(cell, input, hx, params, has_biases, num_layers, dropout, train, bidire
     num_directions = 2 if bidirectional else 1
     groups = num_layers * num_directions
     for param in params:
-        _check_same("parameter", param, x)
+        _check_dtype("parameter", param, x)
     num_gates, layer_fn = (4, _lstm_layer) if cell == "LSTM" else (3, _gru_layer)
     hidden, features = _check_weights(cell, params, num_gates, has_biases, num_layers, num_directions, x.shape[2])
     state_shapes = [(groups, batch, features), (groups, batch, hidden)][: 2 if cell == "LSTM" else 1]
     if hx is None:
         hx = tuple(torch.zeros(shape, dtype=x.dtype, device=x.device) for shape in state_shapes)
     for state, shape in zip(hx, state_shapes):
-        _check_same("hidden", state, x)
+        _check_dtype("hidden", state, x)
         if tuple(state.shape) != shape:
             raise RuntimeError(f"Expected hidden size {shape}, got {list(state.shape)}")
     if lengths is not None:

@@ -1,0 +1,152 @@
+"""On CUDA: the fused modules against ``torch.nn`` (cuDNN) and against a float64 CPU reference.
+
+Every test here needs a GPU and is skipped with the reason 'needs CUDA' elsewhere. The reference
+is ``nn.LSTM`` / ``nn.GRU`` in float64 on the CPU with the tested dtype's rounded weights and inputs
+(see ``test_modules``); exact fp32 is compared with cuDNN too, with TF32 off in both. Each test
+runs under both launch schemes (``FUSED_RNN_SCHEME``; LSTM with ``proj_size`` always runs the
+sequential one).
+"""
+
+import pytest
+import torch
+from helpers import TF32_TOLERANCE, TOLERANCES, assert_close
+from test_modules import FUSED, TORCH, assert_matches, draw_inputs, hx_of, make_pair, run_module
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+SHAPES = {
+    "B16-T64-H768-I768": dict(batch=16, steps=64, input_size=768, hidden_size=768),
+    "B3-T7-H100-I37": dict(batch=3, steps=7, input_size=37, hidden_size=100),
+    "B4-T6-H48-I20-2layers-bidirectional": dict(batch=4, steps=6, input_size=20, hidden_size=48,
+                                               num_layers=2, bidirectional=True),
+    "B5-T9-H64-I40-proj24": dict(batch=5, steps=9, input_size=40, hidden_size=64, proj_size=24),
+}
+CASES = [
+    pytest.param(cell, SHAPES[shape], id=f"{cell}-{shape}")
+    for cell in ("LSTM", "GRU")
+    for shape in SHAPES
+    if cell == "LSTM" or "proj" not in shape
+]
+
+
+@pytest.fixture(params=["sequential", "stepwise"])
+def scheme(request, monkeypatch):
+    monkeypatch.setenv("FUSED_RNN_SCHEME", request.param)
+    return request.param
+
+
+@pytest.fixture
+def tf32_flags():
+    """Restores the TF32 switches a test sets (cuDNN's, which the kernels follow, and cuBLAS's)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def set_tf32(allowed):
+    torch.backends.cudnn.allow_tf32 = allowed
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+
+
+def build(cell, dtype, config):
+    """``(reference, fused, cudnn, tensors)`` for a shape config: equal weights, random inputs."""
+    options = {key: value for key, value in config.items() if key not in ("batch", "steps")}
+    reference, fused = make_pair(cell, dtype, **options)
+    cudnn = TORCH[cell](device="cuda", dtype=dtype, **options)
+    cudnn.load_state_dict(reference.state_dict())
+    assert type(fused) is FUSED[cell] and fused.weight_ih_l0.is_cuda
+    tensors = draw_inputs(reference, dtype, batch=config["batch"], steps=config["steps"])
+    return reference, fused, cudnn, tensors
+
+
+def worst_error(actual, expected):
+    return (actual.detach().double().cpu() - expected).abs().max().item()
+
+
+def assert_within(actual, expected, tolerance, what):
+    assert list(actual) == list(expected)
+    for name, value in expected.items():
+        assert_close(actual[name], value, tolerance=tolerance, name=f"{what}: {name}")
+
+
+@pytest.mark.parametrize("cell, config", CASES)
+def test_fp32_without_tf32_matches_cudnn_and_fp64_reference(cell, config, scheme, tf32_flags):
+    set_tf32(False)
+    reference, fused, cudnn, tensors = build(cell, torch.float32, config)
+    expected = run_module(reference, tensors, torch.float32)
+    ours = run_module(fused, tensors, torch.float32)
+    theirs = run_module(cudnn, tensors, torch.float32)
+    assert_matches(ours, theirs, torch.float32)
+    assert_matches(ours, expected, torch.float32)
+    assert_matches(theirs, expected, torch.float32)
+
+
+@pytest.mark.parametrize("cell, config", CASES)
+def test_fp32_with_tf32_matches_fp64_reference_within_tf32_tolerance(cell, config, scheme, tf32_flags):
+    set_tf32(True)
+    reference, fused, _, tensors = build(cell, torch.float32, config)
+    expected = run_module(reference, tensors, torch.float32)
+    assert_within(run_module(fused, tensors, torch.float32), expected, TF32_TOLERANCE, "tf32")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("cell, config", CASES)
+def test_half_precision_matches_fp64_reference(cell, config, dtype, scheme):
+    """Within TOLERANCES[dtype] of the fp64 reference; a parameter gradient (a sum over all B*T rows
+    of half-precision terms, where cuDNN itself misses that bound in bf16) may instead lie within
+    twice cuDNN's own worst error of it."""
+    reference, fused, cudnn, tensors = build(cell, dtype, config)
+    expected = run_module(reference, tensors, dtype)
+    ours, theirs = run_module(fused, tensors, dtype), run_module(cudnn, tensors, dtype)
+    assert list(ours) == list(expected)
+    atol = TOLERANCES[dtype][1]
+    for name, value in expected.items():
+        assert ours[name].dtype == dtype, f"{name}: dtype {ours[name].dtype}"
+        if name.startswith(("grad weight", "grad bias")):
+            if worst_error(ours[name], value) <= 2 * worst_error(theirs[name], value) + atol:
+                continue
+        assert_close(ours[name], value, dtype=dtype, name=name)
+
+
+PACKED = dict(batch=6, steps=10, input_size=37, hidden_size=100, num_layers=2, bidirectional=True)
+LENGTHS = [7, 10, 1, 4, 10, 3]
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_packed_sequence_matches_cudnn_and_fp64_reference(cell, scheme, tf32_flags):
+    set_tf32(False)
+    reference, fused, cudnn, tensors = build(cell, torch.float32, PACKED)
+    outputs = []
+
+    def packed_forward(module, inputs):
+        output, state = module(pack_padded_sequence(inputs["input"], LENGTHS, enforce_sorted=False), hx_of(inputs))
+        outputs.append(output)
+        return output, state
+
+    expected = run_module(reference, tensors, torch.float32, packed_forward)
+    ours = run_module(fused, tensors, torch.float32, packed_forward)
+    theirs = run_module(cudnn, tensors, torch.float32, packed_forward)
+    assert_matches(ours, expected, torch.float32)
+    assert_matches(ours, theirs, torch.float32)
+    _, ours_packed, theirs_packed = outputs
+    for field in ("batch_sizes", "sorted_indices", "unsorted_indices"):
+        assert torch.equal(getattr(ours_packed, field).cpu(), getattr(theirs_packed, field).cpu()), field
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_lengths_keyword_matches_packed_fp64_reference(cell, scheme, tf32_flags):
+    set_tf32(False)
+    reference, fused, _, tensors = build(cell, torch.float32, PACKED)
+    lengths = torch.tensor(LENGTHS)
+
+    def packed_then_padded(module, inputs):
+        packed = pack_padded_sequence(inputs["input"], lengths, enforce_sorted=False)
+        output, state = module(packed, hx_of(inputs))
+        return pad_packed_sequence(output, total_length=PACKED["steps"])[0], state
+
+    def with_lengths(module, inputs):
+        return module(inputs["input"], hx_of(inputs), lengths=lengths.cuda())
+
+    expected = run_module(reference, tensors, torch.float32, packed_then_padded)
+    assert_matches(run_module(fused, tensors, torch.float32, with_lengths), expected, torch.float32)

@@ -1,0 +1,543 @@
+"""``fused_rnn.LSTM`` / ``fused_rnn.GRU`` against ``torch.nn.LSTM`` / ``nn.GRU`` holding the same weights.
+
+The oracle is the torch module in float64, loaded with the fused module's weights (rounded to the
+fused dtype first, as are the inputs and upstream gradients, so that both compute from identical
+values). Compared: the output, the final states, and the gradients of a random upstream gradient
+on every output w.r.t. the input, the initial states and every parameter. Then the module's
+surroundings: packing, ``lengths=``, dropout, state dicts, ``repr``, ``convert()``, dtype moves and
+a short training run.
+"""
+
+import copy
+import io
+
+import pytest
+import torch
+from helpers import KERNEL_DEVICE, assert_close
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+import fused_rnn
+from fused_rnn import reference
+
+FUSED = {"LSTM": fused_rnn.LSTM, "GRU": fused_rnn.GRU}
+TORCH = {"LSTM": nn.LSTM, "GRU": nn.GRU}
+CELLS = list(FUSED)
+
+INPUT_SIZE, HIDDEN_SIZE = 5, 7
+STEPS, BATCH = 5, 3
+
+OPTIONS = {
+    "1layer": {},
+    "2layers": dict(num_layers=2),
+    "bidirectional": dict(bidirectional=True),
+    "2layers-bidirectional": dict(num_layers=2, bidirectional=True),
+    "batch_first": dict(batch_first=True),
+    "no_bias": dict(bias=False),
+    "2layers-bidirectional-batch_first-no_bias": dict(num_layers=2, bidirectional=True, batch_first=True, bias=False),
+    "hidden20": dict(hidden_size=20),
+}
+LSTM_OPTIONS = {
+    "proj3": dict(proj_size=3),
+    "proj3-2layers-bidirectional": dict(proj_size=3, num_layers=2, bidirectional=True),
+    "proj5-no_bias-batch_first": dict(proj_size=5, bias=False, batch_first=True),
+}
+
+
+def cases(*names):
+    """``pytest.param(cell, options)`` for the named OPTIONS (LSTM_OPTIONS for LSTM only), with ids."""
+    params = []
+    for cell in CELLS:
+        for name in names:
+            table = LSTM_OPTIONS if name in LSTM_OPTIONS else OPTIONS
+            if table is LSTM_OPTIONS and cell != "LSTM":
+                continue
+            params.append(pytest.param(cell, table[name], id=f"{cell}-{name}"))
+    return params
+
+
+ALL_CASES = cases(*OPTIONS, *LSTM_OPTIONS)
+DTYPES = [pytest.param(torch.float64, id="float64"), pytest.param(torch.float32, id="float32")]
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """The kernels follow ``cudnn.allow_tf32`` on a GPU, as cuDNN does; these tests want exact fp32."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
+def make_pair(cell, dtype=torch.float64, **options):
+    """``(oracle, fused)``: a float64 torch module and a fused module in ``dtype`` with equal weights."""
+    options = {"input_size": INPUT_SIZE, "hidden_size": HIDDEN_SIZE, **options}
+    oracle = TORCH[cell](dtype=torch.float64, **options)
+    with torch.no_grad():
+        for param in oracle.parameters():
+            param.copy_(param.to(dtype))
+    fused = FUSED[cell](device=KERNEL_DEVICE, dtype=dtype, **options)
+    fused.load_state_dict(oracle.state_dict())
+    return oracle, fused
+
+
+def draw(*shape, dtype):
+    """Random float64 values that ``dtype`` holds exactly."""
+    return torch.randn(*shape, dtype=torch.float64).to(dtype).double()
+
+
+def draw_inputs(module, dtype, batch=BATCH, steps=STEPS, hx=True, unbatched=False):
+    """Float64 ``{"input", "h_0"[, "c_0"]}`` for ``module`` (time-major unless it is batch_first)."""
+    batch = 1 if unbatched else batch
+    input_shape = (batch, steps) if module.batch_first else (steps, batch)
+    tensors = {"input": draw(*input_shape, module.input_size, dtype=dtype)}
+    if unbatched:
+        tensors["input"] = tensors["input"].squeeze(0 if module.batch_first else 1)
+    if hx:
+        layers = module.num_layers * (2 if module.bidirectional else 1)
+        state_shapes = {"h_0": module.proj_size or module.hidden_size}
+        if module.mode == "LSTM":
+            state_shapes["c_0"] = module.hidden_size
+        for name, features in state_shapes.items():
+            shape = (layers, features) if unbatched else (layers, batch, features)
+            tensors[name] = draw(*shape, dtype=dtype)
+    return tensors
+
+
+def hx_of(inputs):
+    """The ``hx`` argument made of ``inputs``: ``(h_0, c_0)``, ``h_0`` or None."""
+    if "c_0" in inputs:
+        return inputs["h_0"], inputs["c_0"]
+    return inputs.get("h_0")
+
+
+def plain_forward(module, inputs):
+    return module(inputs["input"], hx_of(inputs))
+
+
+def run_module(module, tensors, round_to, forward=plain_forward):
+    """Run ``forward(module, inputs)`` and backpropagate a random upstream gradient on every output.
+
+    ``inputs`` are copies of ``tensors`` in the module's dtype and on its device, requiring grad.
+    Returns ``{name: tensor}``: the output (``.data`` of a PackedSequence), ``h_n`` (``c_n``), and
+    ``grad <name>`` for every input and every parameter. The upstream gradients come from a fixed
+    generator, rounded to ``round_to`` (the fused module's dtype), so that the oracle and the
+    fused module receive the same ones.
+    """
+    weight = next(module.parameters())
+    inputs = {name: t.to(weight.device, weight.dtype).requires_grad_() for name, t in tensors.items()}
+    output, state = forward(module, inputs)
+    if isinstance(output, PackedSequence):
+        output = output.data
+    states = state if isinstance(state, tuple) else (state,)
+    results = dict(zip(("output", "h_n", "c_n"), (output, *states)))
+    generator = torch.Generator().manual_seed(1)
+    upstream = [
+        torch.randn(value.shape, generator=generator, dtype=torch.float64).to(round_to).to(value)
+        for value in results.values()
+    ]
+    wrt = {f"grad {name}": tensor for name, tensor in inputs.items()}
+    wrt.update((f"grad {name}", param) for name, param in module.named_parameters())
+    grads = torch.autograd.grad(list(results.values()), list(wrt.values()), upstream)
+    results.update(zip(wrt, grads))
+    return results
+
+
+def assert_matches(actual, expected, dtype):
+    """Every result of the fused module has its dtype and lies within its tolerance of the oracle's."""
+    assert list(actual) == list(expected)
+    for name, value in expected.items():
+        assert actual[name].dtype == dtype, f"{name}: dtype {actual[name].dtype}, expected {dtype}"
+        assert_close(actual[name], value, dtype=dtype, name=name)
+
+
+def compare_with_oracle(oracle, fused, tensors, forward=plain_forward, oracle_forward=None):
+    """Run both modules on ``tensors``, compare every result, and return the fused module's."""
+    dtype = fused.weight_ih_l0.dtype
+    expected = run_module(oracle, tensors, dtype, oracle_forward or forward)
+    actual = run_module(fused, tensors, dtype, forward)
+    assert_matches(actual, expected, dtype)
+    return actual
+
+
+def non_contiguous(tensor):
+    """The same values with the first two dimensions' strides swapped."""
+    copy = tensor.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not copy.is_contiguous()
+    return copy
+
+
+def check_against_torch(cell, dtype, options, hx=True, unbatched=False, batch=BATCH):
+    """Module pair from ``options``, random inputs of the given kind, everything compared."""
+    oracle, fused = make_pair(cell, dtype, **options)
+    return compare_with_oracle(oracle, fused, draw_inputs(oracle, dtype, batch=batch, hx=hx, unbatched=unbatched))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cell, options", ALL_CASES)
+def test_outputs_and_grads_match_torch_with_hx(cell, options, dtype):
+    check_against_torch(cell, dtype, options)
+
+
+@pytest.mark.parametrize("cell, options", cases("1layer", "2layers-bidirectional", "proj3"))
+def test_outputs_and_grads_match_torch_without_hx(cell, options):
+    check_against_torch(cell, torch.float32, options, hx=False)
+
+
+@pytest.mark.parametrize("cell, options", cases("1layer", "proj3-2layers-bidirectional", "2layers-bidirectional"))
+def test_float16_outputs_and_grads_match_float64_torch(cell, options):
+    check_against_torch(cell, torch.float16, options)
+
+
+@pytest.mark.parametrize("hx", [True, False], ids=["hx", "no_hx"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time_major", "batch_first"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_unbatched_2d_input_matches_torch(cell, batch_first, hx):
+    actual = check_against_torch(
+        cell, torch.float64, dict(bidirectional=True, batch_first=batch_first), hx=hx, unbatched=True
+    )
+    assert actual["output"].shape == (STEPS, 2 * HIDDEN_SIZE)
+    assert actual["h_n"].shape == (2, HIDDEN_SIZE)
+
+
+@pytest.mark.parametrize("hx", [True, False], ids=["hx", "no_hx"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_empty_batch_matches_torch(cell, hx):
+    actual = check_against_torch(cell, torch.float64, dict(num_layers=2), hx=hx, batch=0)
+    assert actual["output"].shape == (STEPS, 0, HIDDEN_SIZE)
+    assert actual["h_n"].shape == (2, 0, HIDDEN_SIZE)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_non_contiguous_input_and_hx_match_torch(cell):
+    oracle, fused = make_pair(cell, num_layers=2, bidirectional=True)
+    tensors = {name: non_contiguous(t) for name, t in draw_inputs(oracle, torch.float64).items()}
+    compare_with_oracle(oracle, fused, tensors)
+
+
+def packed_forward(lengths, enforce_sorted, outputs):
+    """A ``forward`` for ``run_module`` that packs the input and collects the PackedSequence returned."""
+
+    def forward(module, inputs):
+        packed = pack_padded_sequence(
+            inputs["input"], lengths, batch_first=module.batch_first, enforce_sorted=enforce_sorted
+        )
+        output, state = module(packed, hx_of(inputs))
+        outputs.append(output)
+        return output, state
+
+    return forward
+
+
+def assert_same_packing(actual, expected):
+    for field in ("batch_sizes", "sorted_indices", "unsorted_indices"):
+        got, want = getattr(actual, field), getattr(expected, field)
+        assert (got is None) == (want is None), f"{field}: {got} vs {want}"
+        if want is not None:
+            assert torch.equal(got.cpu(), want.cpu()), f"{field}: {got} vs {want}"
+
+
+PACKED_LENGTHS = {True: [5, 4, 2, 1], False: [3, 5, 1, 4]}
+
+
+@pytest.mark.parametrize("enforce_sorted", [True, False], ids=["sorted", "unsorted"])
+@pytest.mark.parametrize(
+    "cell, options", cases("1layer", "2layers-bidirectional", "batch_first", "proj3-2layers-bidirectional")
+)
+def test_packed_sequence_matches_torch(cell, options, enforce_sorted):
+    oracle, fused = make_pair(cell, **options)
+    lengths = PACKED_LENGTHS[enforce_sorted]
+    tensors = draw_inputs(oracle, torch.float64, batch=len(lengths))
+    outputs = []
+    compare_with_oracle(oracle, fused, tensors, packed_forward(lengths, enforce_sorted, outputs))
+    expected_packed, actual_packed = outputs
+    assert isinstance(actual_packed, PackedSequence)
+    assert_same_packing(actual_packed, expected_packed)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_packed_sequence_without_hx_matches_torch(cell):
+    oracle, fused = make_pair(cell, torch.float32, bidirectional=True)
+    lengths = PACKED_LENGTHS[False]
+    tensors = draw_inputs(oracle, torch.float32, batch=len(lengths), hx=False)
+    outputs = []
+    compare_with_oracle(oracle, fused, tensors, packed_forward(lengths, False, outputs))
+    assert_same_packing(*reversed(outputs))
+
+
+@pytest.mark.parametrize(
+    "cell, options", cases("1layer", "2layers-bidirectional", "batch_first", "proj3-2layers-bidirectional")
+)
+def test_lengths_keyword_matches_packed_torch_with_zero_padding(cell, options):
+    oracle, fused = make_pair(cell, **options)
+    lengths = torch.tensor([3, 5, 1, 4])
+    tensors = draw_inputs(oracle, torch.float64, batch=len(lengths))
+
+    def packed_then_padded(module, inputs):
+        packed = pack_padded_sequence(inputs["input"], lengths, batch_first=module.batch_first, enforce_sorted=False)
+        output, state = module(packed, hx_of(inputs))
+        return pad_packed_sequence(output, batch_first=module.batch_first, total_length=STEPS)[0], state
+
+    def with_lengths(module, inputs):
+        return module(inputs["input"], hx_of(inputs), lengths=lengths.to(KERNEL_DEVICE))
+
+    actual = compare_with_oracle(oracle, fused, tensors, with_lengths, oracle_forward=packed_then_padded)
+    output = actual["output"] if not fused.batch_first else actual["output"].transpose(0, 1)
+    past_end = torch.arange(STEPS)[:, None] >= lengths[None, :]
+    assert (output.cpu()[past_end] == 0).all(), "outputs past each sequence's end must be exactly zero"
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_eval_mode_ignores_dropout_like_torch(cell):
+    oracle, fused = make_pair(cell, num_layers=2, dropout=0.5)
+    oracle.eval(), fused.eval()
+    compare_with_oracle(oracle, fused, draw_inputs(oracle, torch.float64))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_training_dropout_is_reproducible_under_manual_seed(cell):
+    _, fused = make_pair(cell, torch.float32, num_layers=2, dropout=0.5)
+    fused.train()
+    tensors = draw_inputs(fused, torch.float32)
+
+    def run():
+        torch.manual_seed(1234)
+        return run_module(fused, tensors, torch.float32)
+
+    first, second = run(), run()
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"{name} differs between runs with the same seed"
+    fused.eval()
+    eval_output = run_module(fused, tensors, torch.float32)["output"]
+    assert not torch.allclose(first["output"], eval_output), "dropout=0.5 in training mode changed nothing"
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_training_dropout_one_zeroes_inner_layer_outputs_like_torch(cell):
+    """dropout=1 is deterministic: the second layer sees zeros, and the last layer is not dropped."""
+    oracle, fused = make_pair(cell, num_layers=2, dropout=1.0)
+    oracle.train(), fused.train()
+    actual = compare_with_oracle(oracle, fused, draw_inputs(oracle, torch.float64))
+    assert actual["output"].abs().min() > 0
+
+
+@pytest.mark.parametrize("cell, options", ALL_CASES)
+def test_named_parameters_match_torch(cell, options):
+    kwargs = {"input_size": INPUT_SIZE, "hidden_size": HIDDEN_SIZE, **options}
+    fused, torch_module = FUSED[cell](**kwargs), TORCH[cell](**kwargs)
+    expected = [(name, param.shape, param.dtype) for name, param in torch_module.named_parameters()]
+    assert [(name, param.shape, param.dtype) for name, param in fused.named_parameters()] == expected
+    assert list(fused.state_dict()) == list(torch_module.state_dict())
+    assert fused._flat_weights_names == torch_module._flat_weights_names
+
+
+@pytest.mark.parametrize("cell, options", ALL_CASES)
+def test_all_weights_match_torch(cell, options):
+    kwargs = {"input_size": INPUT_SIZE, "hidden_size": HIDDEN_SIZE, **options}
+    fused, torch_module = FUSED[cell](**kwargs), TORCH[cell](**kwargs)
+    assert [[w.shape for w in layer] for layer in fused.all_weights] == [
+        [w.shape for w in layer] for layer in torch_module.all_weights
+    ]
+    parameters = [param for layer in fused.all_weights for param in layer]
+    assert [id(param) for param in parameters] == [id(param) for param in fused.parameters()]
+
+
+REPR_OPTIONS = [
+    {},
+    dict(num_layers=3, bias=False, batch_first=True, dropout=0.25, bidirectional=True),
+]
+
+
+@pytest.mark.parametrize("options", REPR_OPTIONS, ids=["defaults", "every_option"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_repr_matches_torch(cell, options):
+    if cell == "LSTM" and options:
+        options = dict(options, proj_size=4)
+    fused, torch_module = FUSED[cell](5, 7, **options), TORCH[cell](5, 7, **options)
+    expected = repr(torch_module).replace(type(torch_module).__name__, type(fused).__name__, 1)
+    assert repr(fused) == expected
+
+
+@pytest.mark.parametrize(
+    "cell, options", cases("1layer", "2layers-bidirectional-batch_first-no_bias", "proj3-2layers-bidirectional")
+)
+def test_state_dict_round_trips_between_fused_and_torch(cell, options):
+    oracle, fused = make_pair(cell, **options)
+    for name, value in oracle.state_dict().items():
+        assert torch.equal(fused.state_dict()[name].cpu(), value), f"nn -> fused: {name}"
+    # fused -> nn: a fresh fused module (its own random init) loaded strictly into a fresh nn module.
+    source = FUSED[cell](INPUT_SIZE, HIDDEN_SIZE, dtype=torch.float64, **options)
+    target = TORCH[cell](INPUT_SIZE, HIDDEN_SIZE, dtype=torch.float64, **options)
+    target.load_state_dict(source.state_dict())
+    for name, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[name], value), f"fused -> nn: {name}"
+    x = draw_inputs(target, torch.float64, hx=False)["input"]
+    assert_close(source.to(KERNEL_DEVICE)(x.to(KERNEL_DEVICE))[0], target(x)[0], name="output")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_flatten_parameters_keeps_parameters_and_outputs(cell):
+    oracle, fused = make_pair(cell, num_layers=2)
+    before = [(param, param.detach().clone()) for param in fused.parameters()]
+    fused.flatten_parameters()
+    for param, (same, value) in zip(fused.parameters(), before):
+        assert param is same and torch.equal(param, value)
+    x = draw_inputs(oracle, torch.float64, hx=False)["input"]
+    assert_close(fused(x.to(KERNEL_DEVICE))[0], oracle(x)[0], name="output")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_init_is_uniform_within_one_over_sqrt_hidden(cell):
+    hidden = 20
+    fused = FUSED[cell](INPUT_SIZE, hidden, num_layers=2, bidirectional=True)
+    bound = hidden**-0.5
+    values = torch.cat([param.detach().flatten() for param in fused.parameters()])
+    assert values.abs().max() <= bound
+    # Uniform(-b, b): mean 0, standard deviation b / sqrt(3), extremes close to +-b.
+    assert abs(values.mean()) < 0.05 * bound
+    assert abs(values.std() / (bound / 3**0.5) - 1) < 0.05
+    assert values.max() > 0.99 * bound and values.min() < -0.99 * bound
+    fused.reset_parameters()
+    redrawn = torch.cat([param.detach().flatten() for param in fused.parameters()])
+    assert redrawn.abs().max() <= bound and not torch.equal(redrawn, values)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_functional_call_deepcopy_and_save_load_behave_like_torch(cell):
+    oracle, fused = make_pair(cell)
+    x = draw_inputs(oracle, torch.float64, hx=False)["input"]
+    doubled = {name: 2 * param for name, param in oracle.named_parameters()}
+    expected = torch.func.functional_call(oracle, doubled, (x,))[0]
+    on_device = {name: value.to(KERNEL_DEVICE) for name, value in doubled.items()}
+    output = torch.func.functional_call(fused, on_device, (x.to(KERNEL_DEVICE),))[0]
+    assert_close(output, expected, name="functional_call")
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(fused), torch.load(buffer, weights_only=False)):
+        assert type(twin) is FUSED[cell]
+        assert_close(twin(x.to(KERNEL_DEVICE))[0], oracle(x)[0], name="output of a copy")
+
+
+class Seq2Seq(nn.Module):
+    """An encoder (GRU inside an nn.Sequential) and a decoder LSTM held as a plain attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(INPUT_SIZE, 6), nn.Tanh(), nn.GRU(6, HIDDEN_SIZE, batch_first=True))
+        self.decoder = nn.LSTM(HIDDEN_SIZE, 6, proj_size=4, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        encoded, _ = self.encoder(x)
+        decoded, (h_n, c_n) = self.decoder(encoded)
+        return self.head(decoded), h_n, c_n
+
+
+def seq2seq_forward(model, inputs):
+    output, h_n, c_n = model(inputs["input"])
+    return output, (h_n, c_n)
+
+
+def test_convert_replaces_nested_rnns_sharing_parameters():
+    model = Seq2Seq().double()
+    x = draw(BATCH, STEPS, INPUT_SIZE, dtype=torch.float64)
+    expected = run_module(model, {"input": x}, torch.float64, seq2seq_forward)
+    parameters = list(model.parameters())
+    assert fused_rnn.convert(model) is model
+    assert type(model.encoder[2]) is fused_rnn.GRU
+    assert type(model.decoder) is fused_rnn.LSTM
+    assert [id(param) for param in model.parameters()] == [id(param) for param in parameters]
+    model.to(KERNEL_DEVICE)
+    assert_matches(run_module(model, {"input": x}, torch.float64, seq2seq_forward), expected, torch.float64)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_convert_of_a_bare_rnn_returns_its_fused_twin(cell):
+    options = dict(num_layers=2, bias=False, batch_first=True, dropout=0.25, bidirectional=True)
+    if cell == "LSTM":
+        options["proj_size"] = 3
+    original = TORCH[cell](INPUT_SIZE, HIDDEN_SIZE, **options)
+    converted = fused_rnn.convert(original)
+    assert type(converted) is FUSED[cell]
+    assert repr(converted) == repr(original)
+    converted_parameters, original_parameters = dict(converted.named_parameters()), dict(original.named_parameters())
+    assert list(converted_parameters) == list(original_parameters)
+    for name, param in original_parameters.items():
+        assert converted_parameters[name] is param, f"{name} is not the original Parameter object"
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_convert_keeps_training_mode(training):
+    model = Seq2Seq().train(training)
+    fused_rnn.convert(model)
+    assert [module.training for module in model.modules()] == [training] * len(list(model.modules()))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_optimizer_made_before_convert_updates_the_converted_module(cell):
+    model = nn.Sequential(TORCH[cell](INPUT_SIZE, HIDDEN_SIZE, dtype=torch.float64))
+    twin = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.5)
+    fused_rnn.convert(model)
+    model.to(KERNEL_DEVICE)
+    assert type(model[0]) is FUSED[cell]
+    initial = [param.detach().clone() for param in model.parameters()]
+    x = draw(STEPS, BATCH, INPUT_SIZE, dtype=torch.float64)
+    for module, opt, device in ((model, optimizer, KERNEL_DEVICE), (twin, twin_optimizer, "cpu")):
+        opt.zero_grad()
+        module(x.to(device))[0].square().mean().backward()
+        opt.step()
+    for (name, param), twin_param in zip(model.named_parameters(), twin.parameters()):
+        assert_close(param, twin_param, name=name)
+    for (name, param), before in zip(model.named_parameters(), initial):
+        assert not torch.equal(param.detach().cpu(), before.cpu()), f"{name} was not updated by the optimizer"
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_double_and_to_move_the_fused_module(cell):
+    oracle, fused = make_pair(cell, torch.float32, bidirectional=True)
+    tensors = draw_inputs(oracle, torch.float32)
+    assert fused.double() is fused
+    assert all(param.dtype == torch.float64 for param in fused.parameters())
+    assert all(weight is param for weight, param in zip(fused._flat_weights, fused.parameters()))
+    compare_with_oracle(oracle, fused, tensors)
+    fused.to(device=KERNEL_DEVICE, dtype=torch.float32)
+    assert all(param.dtype == torch.float32 for param in fused.parameters())
+    compare_with_oracle(oracle, fused, tensors)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_sgd_training_moves_the_loss_like_torch(cell):
+    oracle, fused = make_pair(cell, torch.float32)
+    x = draw(STEPS, BATCH, INPUT_SIZE, dtype=torch.float32)
+    target = draw(STEPS, BATCH, HIDDEN_SIZE, dtype=torch.float32)
+
+    def train(module, dtype, device):
+        optimizer = torch.optim.SGD(module.parameters(), lr=2.0)
+        losses = []
+        for _ in range(3):
+            optimizer.zero_grad()
+            output = module(x.to(device, dtype))[0]
+            loss = (output - target.to(device, dtype)).square().mean()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+        return torch.stack(losses)
+
+    expected, actual = train(oracle, torch.float64, "cpu"), train(fused, torch.float32, KERNEL_DEVICE)
+    assert_close(actual, expected, name="losses")
+    assert (expected[1:] < expected[:-1]).all(), f"the loss did not fall at every step: {expected.tolist()}"
+    for name, param in fused.named_parameters():
+        assert_close(param, getattr(oracle, name), dtype=torch.float32, name=name)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_module_runs_the_triton_kernels_not_the_reference(cell, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the module fell back to the PyTorch reference recurrence")
+
+    monkeypatch.setattr(reference, "lstm_recurrence", refuse)
+    monkeypatch.setattr(reference, "gru_recurrence", refuse)
+    check_against_torch(cell, torch.float32, dict(bidirectional=True))
