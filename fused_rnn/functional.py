@@ -217,9 +217,11 @@ def _run(cell, input, hx, params, has_biases, num_layers, dropout, train, bidire
     for state in hx or ():
         _check_device("hidden", state, x)
     if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
-        # As cuDNN's RNN under autocast: input, weights and states all run in the autocast dtype;
-        # the casts are differentiable, so gradients reach the parameters in their own dtype.
-        dtype = torch.get_autocast_dtype(x.device.type)
+        # As nn.LSTM / nn.GRU under autocast: input, weights and states all run in one lower
+        # precision - on CUDA always float16, whatever the autocast dtype, because PyTorch's cuDNN
+        # RNN autocast wrapper hardcodes it (aten/src/ATen/cudnn/AutocastRNN.cpp). The casts are
+        # differentiable, so gradients reach the parameters in their own dtype.
+        dtype = torch.float16 if x.is_cuda else torch.get_autocast_dtype(x.device.type)
         x, params = x.to(dtype), [param.to(dtype) for param in params]
         hx = None if hx is None else tuple(state.to(dtype) for state in hx)
     num_directions = 2 if bidirectional else 1

@@ -169,11 +169,13 @@ def _fused_twin(module: nn.Module) -> nn.Module:
 def convert(model: nn.Module) -> nn.Module:
     """Replace every ``nn.LSTM`` / ``nn.GRU`` in ``model`` by the fused module, in place.
 
+    Subclasses of ``nn.LSTM`` / ``nn.GRU`` are left alone: they may change ``forward``.
     The fused modules share the original parameters, so weights, devices, dtypes and any
     optimizer holding them stay valid. Returns ``model`` (or its replacement, when ``model``
     itself is an ``nn.LSTM`` / ``nn.GRU``).
     """
-    if isinstance(model, (nn.LSTM, nn.GRU)):
+    # Exact types: a subclass may override forward, which a fused twin would silently drop.
+    if type(model) in (nn.LSTM, nn.GRU):
         return _fused_twin(model)
     for name, child in model.named_children():
         replaced = convert(child)

@@ -467,6 +467,17 @@ def test_convert_of_a_bare_rnn_returns_its_fused_twin(cell):
         assert converted_parameters[name] is param, f"{name} is not the original Parameter object"
 
 
+def test_convert_leaves_subclasses_alone():
+    class DoublingLSTM(nn.LSTM):
+        def forward(self, input, hx=None):
+            return super().forward(2 * input, hx)
+
+    model = nn.Sequential(DoublingLSTM(3, 4), nn.GRU(4, 5))
+    fused_rnn.convert(model)
+    assert type(model[0]) is DoublingLSTM, "a subclass's own forward would be lost"
+    assert isinstance(model[1], fused_rnn.GRU)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_convert_keeps_training_mode(training):
     model = Seq2Seq().train(training)
