@@ -10,7 +10,9 @@ Launch schemes (both run the same per-step tile functions; they differ only in h
   step runs in parallel, the launch boundary orders the steps.
 """
 
+import contextlib
 import os
+import threading
 
 import torch
 import triton
@@ -82,6 +84,11 @@ def choose_scheme(has_projection: bool) -> str:
     return "sequential" if has_projection or interpreting() else "stepwise"
 
 
+# The interpreter swaps parts of triton.language process-wide while a kernel runs, so two threads
+# interpreting at once break each other; compiled launches need no lock.
+_INTERPRETER_LOCK = threading.Lock() if _INTERPRETING else contextlib.nullcontext()
+
+
 def launch(kernel, scheme: str, num_steps: int, batch: int, hidden: int, args: tuple, options: dict):
     """Run ``kernel`` over ``num_steps`` timesteps with the given scheme.
 
@@ -90,12 +97,13 @@ def launch(kernel, scheme: str, num_steps: int, batch: int, hidden: int, args: t
     ``program_id(1), program_id(1) + num_programs(1), ...``.
     """
     batch_tiles = triton.cdiv(batch, options["BLOCK_B"])
-    if scheme == "sequential":
-        kernel[(batch_tiles, 1)](*args, 0, num_steps, **options)
-        return
-    grid = (batch_tiles, triton.cdiv(hidden, options["BLOCK_H"]))
-    for step in range(num_steps):
-        kernel[grid](*args, step, step + 1, **options)
+    with _INTERPRETER_LOCK:
+        if scheme == "sequential":
+            kernel[(batch_tiles, 1)](*args, 0, num_steps, **options)
+            return
+        grid = (batch_tiles, triton.cdiv(hidden, options["BLOCK_H"]))
+        for step in range(num_steps):
+            kernel[grid](*args, step, step + 1, **options)
 
 
 @triton.jit

@@ -1,0 +1,454 @@
+"""Reliability: ``fused_rnn.LSTM`` / ``fused_rnn.GRU`` against ``torch.nn`` beyond the hand-picked cases.
+
+- randomly drawn valid configurations (sizes, layers, directions, layouts, packing, dtypes)
+  compared with the float64 torch oracle on outputs, states and every gradient;
+- randomly drawn malformed calls: fused raises whenever torch does and keeps working afterwards;
+- NaN and +-Inf in the input propagate exactly as in torch;
+- determinism, freeing of saved tensors, bounded memory over many steps, and thread safety.
+
+Every random draw comes from a fixed seed, which is also the test id.
+"""
+
+import gc
+import os
+import random
+import sys
+import threading
+import weakref
+
+import pytest
+import torch
+from helpers import KERNEL_DEVICE, assert_close, random_lengths
+from test_modules import (
+    CELLS,
+    FUSED,
+    compare_with_oracle,
+    draw,
+    draw_inputs,
+    exact_fp32,  # noqa: F401 (autouse fixture: exact fp32 on a GPU)
+    hx_of,
+    make_pair,
+    run_module,
+)
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+DTYPE_CHOICES = [torch.float64, torch.float32]
+LAYOUTS = ["contiguous", "transposed", "strided"]
+MODES = ["padded", "packed_sorted", "packed_unsorted", "lengths"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Differential test over randomly drawn valid configurations
+# ---------------------------------------------------------------------------------------------
+
+
+def draw_config(seed):
+    """A random valid configuration: ``(cell, options, dtype, batch, steps, mode, layout, hx)``."""
+    rng = random.Random(seed)
+    cell = rng.choice(CELLS)
+    hidden = rng.randint(1, 20)
+    options = dict(
+        input_size=rng.randint(1, 20), hidden_size=hidden, num_layers=rng.randint(1, 2),
+        bidirectional=rng.random() < 0.5, batch_first=rng.random() < 0.5, bias=rng.random() < 0.7,
+    )
+    if cell == "LSTM" and hidden > 1 and rng.random() < 0.4:
+        options["proj_size"] = rng.randint(1, hidden - 1)
+    dtype = rng.choice(DTYPE_CHOICES)
+    batch, steps = rng.randint(0, 5), rng.randint(1, 6)
+    mode = rng.choice(MODES) if batch > 0 else "padded"
+    return cell, options, dtype, batch, steps, mode, rng.choice(LAYOUTS), rng.random() < 0.5
+
+
+def with_layout(tensor, layout):
+    """The same values (differentiably) as a contiguous, transposed-strides or every-other-element view."""
+    if layout == "transposed":  # (size-1 dimensions can leave it contiguous; the strides still differ)
+        return tensor.transpose(0, 1).contiguous().transpose(0, 1)
+    if layout == "strided":
+        return tensor.repeat_interleave(2, dim=-1)[..., ::2]
+    return tensor
+
+
+def layout_forward(layout, mode, lengths, steps, oracle_side):
+    """A ``forward`` for ``run_module``: lays out the inputs, then packs / passes lengths as ``mode`` says."""
+
+    def forward(module, inputs):
+        x = with_layout(inputs["input"], layout)
+        hx = hx_of({name: with_layout(t, layout) for name, t in inputs.items() if name != "input"}) if len(inputs) > 1 else None
+        if mode == "padded":
+            return module(x, hx)
+        if mode == "lengths" and not oracle_side:
+            return module(x, hx, lengths=lengths.to(KERNEL_DEVICE))
+        packed = pack_padded_sequence(
+            x, lengths.cpu(), batch_first=module.batch_first, enforce_sorted=mode == "packed_sorted"
+        )
+        output, state = module(packed, hx)
+        if mode == "lengths":  # the oracle of lengths=: packed torch, padded with zeros
+            output = pad_packed_sequence(output, batch_first=module.batch_first, total_length=steps)[0]
+        return output, state
+
+    return forward
+
+
+@pytest.mark.parametrize("seed", range(40), ids=lambda seed: f"seed{seed}")
+def test_random_valid_configuration_matches_torch(seed):
+    cell, options, dtype, batch, steps, mode, layout, hx = draw_config(seed)
+    torch.manual_seed(seed)
+    oracle, fused = make_pair(cell, dtype, **options)
+    tensors = draw_inputs(oracle, dtype, batch=batch, steps=steps, hx=hx)
+    lengths = None
+    if mode != "padded":
+        lengths = random_lengths(steps, batch).cpu()
+        if mode == "packed_sorted":
+            lengths = lengths.sort(descending=True).values
+    compare_with_oracle(
+        oracle, fused, tensors,
+        layout_forward(layout, mode, lengths, steps, oracle_side=False),
+        oracle_forward=layout_forward(layout, mode, lengths, steps, oracle_side=True),
+    )
+
+
+def test_random_configurations_cover_every_option():
+    """The 40 seeds above draw every cell, mode, layout, dtype and flag (else they prove little)."""
+    configs = [draw_config(seed) for seed in range(40)]
+    assert {c[0] for c in configs} == set(CELLS)
+    assert {c[5] for c in configs} == set(MODES)
+    assert {c[6] for c in configs} == set(LAYOUTS)
+    assert {c[2] for c in configs} == set(DTYPE_CHOICES)
+    assert {c[7] for c in configs} == {True, False}
+    assert any("proj_size" in c[1] for c in configs)
+    assert any(c[3] == 0 for c in configs)
+    for flag in ("bidirectional", "batch_first", "bias"):
+        assert {c[1][flag] for c in configs} == {True, False}, flag
+    assert {c[1]["num_layers"] for c in configs} == {1, 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Randomly drawn malformed (or unusual) calls: fused raises exactly when torch does
+# ---------------------------------------------------------------------------------------------
+
+M_INPUT, M_HIDDEN, M_STEPS, M_BATCH = 4, 5, 3, 2
+
+
+def malformed_call(rng, module):
+    """``(description, input, hx)`` for a call that is usually malformed, drawn at random."""
+    layers = module.num_layers * (2 if module.bidirectional else 1)
+    features = module.proj_size or module.hidden_size
+    dtype = torch.float64
+
+    def x(*shape, dtype=dtype):
+        return torch.randn(*shape, dtype=torch.float64).to(dtype)
+
+    def state(*shape, dtype=dtype):
+        if module.mode == "LSTM":
+            cell_shape = (*shape[:-1], module.hidden_size)
+            return x(*shape, dtype=dtype), x(*cell_shape, dtype=dtype)
+        return x(*shape, dtype=dtype)
+
+    good = (M_STEPS, M_BATCH, M_INPUT) if not module.batch_first else (M_BATCH, M_STEPS, M_INPUT)
+    kind = rng.choice([
+        "1d_input", "4d_input", "wrong_features", "int_input", "float32_input", "zero_steps",
+        "hx_wrong_kind", "hx_wrong_batch", "hx_wrong_layers", "hx_wrong_features", "hx_2d_for_3d",
+        "hx_wrong_dtype", "hx_triple", "unbatched_with_2d_hx", "unbatched_with_3d_hx", "hx_list",
+        "cell_wrong_size",
+    ])
+    hx = None
+    if kind == "1d_input":
+        inp = x(M_INPUT)
+    elif kind == "4d_input":
+        inp = x(*good, 1)
+    elif kind == "wrong_features":
+        inp = x(*good[:2], M_INPUT + rng.randint(1, 3))
+    elif kind == "int_input":
+        inp = torch.randint(-3, 3, good)
+    elif kind == "float32_input":
+        inp = x(*good, dtype=torch.float32)
+    elif kind == "zero_steps":
+        inp = x(0, M_BATCH, M_INPUT) if not module.batch_first else x(M_BATCH, 0, M_INPUT)
+    else:
+        inp = x(*good)
+    if kind == "hx_wrong_kind":
+        # LSTM given a bare tensor, GRU given a tuple
+        hx = x(layers, M_BATCH, features) if module.mode == "LSTM" else (x(layers, M_BATCH, features),)
+    elif kind == "hx_wrong_batch":
+        hx = state(layers, M_BATCH + 1, features)
+    elif kind == "hx_wrong_layers":
+        hx = state(layers + 1, M_BATCH, features)
+    elif kind == "hx_wrong_features":
+        hx = state(layers, M_BATCH, features + 1)
+    elif kind == "hx_2d_for_3d":
+        hx = state(layers, features)
+    elif kind == "hx_wrong_dtype":
+        hx = state(layers, M_BATCH, features, dtype=torch.float32)
+    elif kind == "hx_triple":
+        hx = (x(layers, M_BATCH, features),) * 3
+    elif kind == "unbatched_with_2d_hx":
+        inp, hx = x(M_STEPS, M_INPUT), state(layers, features)
+    elif kind == "unbatched_with_3d_hx":
+        inp, hx = x(M_STEPS, M_INPUT), state(layers, 1, features)
+    elif kind == "hx_list":
+        hx = list(state(layers, M_BATCH, features)) if module.mode == "LSTM" else state(layers, M_BATCH, features)
+    elif kind == "cell_wrong_size":
+        hx = state(layers, M_BATCH, features)
+        if module.mode == "LSTM":
+            hx = (hx[0], x(layers, M_BATCH, module.hidden_size + 1))
+    return kind, inp, hx
+
+
+def outputs_of(result):
+    output, state = result
+    return [output, *(state if isinstance(state, tuple) else (state,))]
+
+
+@pytest.mark.parametrize("seed", range(40), ids=lambda seed: f"seed{seed}")
+def test_random_malformed_call_raises_when_torch_does_and_module_keeps_working(seed):
+    rng = random.Random(1000 + seed)
+    cell = rng.choice(CELLS)
+    options = dict(
+        input_size=M_INPUT, hidden_size=M_HIDDEN, num_layers=rng.randint(1, 2),
+        bidirectional=rng.random() < 0.5, batch_first=rng.random() < 0.5,
+    )
+    if cell == "LSTM" and rng.random() < 0.4:
+        options["proj_size"] = rng.randint(1, M_HIDDEN - 1)
+    torch.manual_seed(seed)
+    oracle, fused = make_pair(cell, torch.float64, **options)
+    kind, inp, hx = malformed_call(rng, oracle)
+    try:
+        expected = outputs_of(oracle(inp, hx))
+    except Exception as error:  # noqa: BLE001 (any exception type: our messages may differ)
+        with pytest.raises(Exception):
+            fused(inp.to(KERNEL_DEVICE), hx if not isinstance(hx, torch.Tensor) else hx.to(KERNEL_DEVICE))
+        assert isinstance(error, Exception)
+    else:
+        actual = outputs_of(fused(inp.to(KERNEL_DEVICE), hx))
+        assert len(actual) == len(expected), kind
+        for name, a, e in zip(("output", "h_n", "c_n"), actual, expected):
+            assert_close(a, e, name=f"{kind}: {name}")
+    # Whatever happened, a good call afterwards still matches torch.
+    compare_with_oracle(oracle, fused, draw_inputs(oracle, torch.float64, batch=M_BATCH, steps=M_STEPS))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. NaN and Inf propagate as in torch
+# ---------------------------------------------------------------------------------------------
+
+
+def assert_same_nonfinite(actual, expected, dtype, name):
+    """Same NaN / +Inf / -Inf positions, and the finite values within tolerance."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    for what, test in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        got, want = test(a), test(e)
+        assert torch.equal(got, want), (
+            f"{name}: {what} at {got.nonzero().tolist()[:8]}, torch has it at {want.nonzero().tolist()[:8]}"
+        )
+    finite = torch.isfinite(e)
+    assert_close(torch.where(finite, a, 0), torch.where(finite, e, 0), dtype=dtype, name=name)
+
+
+NONFINITE = ["nan_one_row_one_step", "nan_everywhere_one_step", "pos_inf_one_feature", "neg_inf_one_feature", "mixed_inf"]
+
+
+def poison(x, kind, row):
+    """``x (T, B, F)`` with non-finite values placed as ``kind`` says."""
+    x = x.clone()
+    t = x.shape[0] // 2
+    if kind == "nan_one_row_one_step":
+        x[t, row, 0] = float("nan")
+    elif kind == "nan_everywhere_one_step":
+        x[t] = float("nan")
+    elif kind == "pos_inf_one_feature":
+        x[:, row, 1] = float("inf")
+    elif kind == "neg_inf_one_feature":
+        x[t, :, 2] = -float("inf")
+    else:
+        x[t, row, 0], x[t + 1, row, 3] = float("inf"), -float("inf")
+    return x
+
+
+@pytest.mark.parametrize("kind", NONFINITE)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_nan_and_inf_in_input_propagate_like_torch(cell, dtype, kind):
+    oracle, fused = make_pair(cell, dtype, num_layers=2, bidirectional=True)
+    row = 1
+    x = poison(draw(5, 3, 5, dtype=dtype), kind, row)
+    results = {}
+    for name, module in (("torch", oracle), ("fused", fused)):
+        weight = next(module.parameters())
+        inp = x.to(weight.device, weight.dtype).requires_grad_()
+        outputs = outputs_of(module(inp))
+        (grad,) = torch.autograd.grad(sum(o.sum() for o in outputs), inp)
+        results[name] = [*outputs, grad]
+    names = ["output", "h_n"] + (["c_n"] if cell == "LSTM" else []) + ["grad input"]
+    for name, actual, expected in zip(names, results["fused"], results["torch"]):
+        assert_same_nonfinite(actual, expected, dtype, f"{kind}: {name}")
+    if kind == "nan_one_row_one_step":
+        others = [b for b in range(3) if b != row]
+        output, h_n = results["fused"][0], results["fused"][1]
+        assert torch.isfinite(output[:, others]).all(), "a NaN in one row reached the other rows' outputs"
+        assert torch.isfinite(h_n[:, others]).all(), "a NaN in one row reached the other rows' states"
+        assert torch.isnan(output[:, row]).any()
+    if "inf" in kind:
+        assert torch.isfinite(results["torch"][0]).all(), "saturating gates keep torch's output finite"
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Determinism
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "lengths"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_two_runs_give_bitwise_identical_outputs_and_grads(cell, packed):
+    options = dict(num_layers=2, bidirectional=True, hidden_size=9)
+    if cell == "LSTM":
+        options["proj_size"] = 4
+    _, fused = make_pair(cell, torch.float32, **options)
+    tensors = draw_inputs(fused, torch.float32, batch=4)
+    lengths = random_lengths(5, 4)
+
+    def forward(module, inputs):
+        return module(inputs["input"], hx_of(inputs), lengths=lengths if packed else None)
+
+    first = run_module(fused, tensors, torch.float32, forward)
+    second = run_module(fused, tensors, torch.float32, forward)
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"{name} differs between two identical runs"
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Memory: saved tensors are released, RSS stays flat
+# ---------------------------------------------------------------------------------------------
+
+
+class _Marker:
+    """Stands in for one saved tensor; dies when autograd drops what it saved."""
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_saved_tensors_are_released_after_backward(cell):
+    _, fused = make_pair(cell, num_layers=2, bidirectional=True)
+    x = draw(5, 3, 5, dtype=torch.float64).requires_grad_()
+    markers = []
+
+    def pack(tensor):
+        marker = _Marker()
+        markers.append(weakref.ref(marker))
+        return tensor, marker
+
+    def unpack(packed):
+        return packed[0]
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        output, _ = fused(x)
+    alive = sum(ref() is not None for ref in markers)
+    # Each of the 4 recurrences saves its own tensors (4 for GRU, 7 for LSTM) besides the GEMMs.
+    assert alive >= 4 * (7 if cell == "LSTM" else 4), f"only {alive} tensors saved"
+    output.sum().backward()
+    gc.collect()
+    alive = [ref for ref in markers if ref() is not None]
+    assert not alive, f"{len(alive)} of {len(markers)} saved tensors outlive backward"
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_second_backward_raises_like_torch_and_retain_graph_allows_it(cell):
+    oracle, fused = make_pair(cell, bidirectional=True)
+    x = draw(4, 2, 5, dtype=torch.float64)
+    for module in (oracle, fused):
+        output, _ = module(x.requires_grad_())
+        output.sum().backward()
+        with pytest.raises(RuntimeError):
+            output.sum().backward()
+    module.zero_grad()
+    x.grad = None
+    output, _ = fused(x)
+    loss = output.square().sum()
+    loss.backward(retain_graph=True)
+    first = [x.grad.clone()] + [param.grad.clone() for param in fused.parameters()]
+    fused.zero_grad()
+    x.grad = None
+    loss.backward()
+    second = [x.grad] + [param.grad for param in fused.parameters()]
+    for index, (a, b) in enumerate(zip(first, second)):
+        assert torch.equal(a, b), f"gradient {index} differs on the retained graph's second backward"
+
+
+def resident_bytes():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_many_training_steps_do_not_grow_resident_memory():
+    """200 forward + backward steps (alternating LSTM with lengths= and GRU) keep the RSS flat.
+
+    Tiny sizes: under the interpreter every kernel launch costs tens of milliseconds.
+    """
+    modules = [FUSED["LSTM"](2, 3, dtype=torch.float32), FUSED["GRU"](2, 3, dtype=torch.float32)]
+    x = torch.randn(1, 2, 2)
+    lengths = torch.tensor([1, 1])
+
+    def step(index):
+        module = modules[index % 2]
+        inp = x.clone().requires_grad_()
+        output, state = module(inp, lengths=lengths)
+        (output.sum() + outputs_of((output, state))[1].sum()).backward()
+        assert inp.grad is not None
+        module.zero_grad(set_to_none=True)
+
+    for index in range(20):
+        step(index)
+    gc.collect()
+    before = resident_bytes()
+    for index in range(200):
+        step(index)
+    gc.collect()
+    grown = resident_bytes() - before
+    assert grown < 8 * 2**20, f"resident memory grew by {grown / 2**20:.1f} MiB over 200 steps"
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Threads
+# ---------------------------------------------------------------------------------------------
+
+
+RUNS_PER_THREAD = 10
+
+
+def test_two_threads_running_lstm_and_gru_match_single_threaded_results():
+    modules = {
+        "LSTM": make_pair("LSTM", torch.float32, bidirectional=True, proj_size=3)[1],
+        "GRU": make_pair("GRU", torch.float32, num_layers=2)[1],
+    }
+    tensors = {cell: draw_inputs(module, torch.float32) for cell, module in modules.items()}
+    expected = {cell: run_module(module, tensors[cell], torch.float32) for cell, module in modules.items()}
+    results, errors = {cell: [] for cell in modules}, []
+    start = threading.Barrier(len(modules))
+
+    def work(cell):
+        try:
+            start.wait()
+            for _ in range(RUNS_PER_THREAD):
+                if errors:
+                    break
+                results[cell].append(run_module(modules[cell], tensors[cell], torch.float32))
+        except BaseException as error:  # noqa: BLE001 (reported by the main thread)
+            errors.append((cell, error))
+
+    threads = [threading.Thread(target=work, args=(cell,)) for cell in modules]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, so that the runs really interleave
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not any(thread.is_alive() for thread in threads), "a thread hung"
+    assert not errors, f"errors in threads: {errors}"
+    for cell, runs in results.items():
+        assert len(runs) == RUNS_PER_THREAD
+        for run in runs:
+            for name, value in expected[cell].items():
+                assert torch.equal(run[name], value), f"{cell} {name} differs when run beside another thread"
+
