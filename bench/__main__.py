@@ -9,6 +9,7 @@ writes files only into an explicit ``--out``.
 import argparse
 import os
 import sys
+from typing import Optional
 
 import torch
 
@@ -53,12 +54,16 @@ def axis_overrides(args: argparse.Namespace) -> dict:
     )
 
 
-def results_tag(preset: str, subset: bool):
+def results_tag(preset: str, subset: bool, scheme: Optional[str] = None):
     """Suffix of the results file name: none for the full grid, else the preset, plus "-subset" when
-    flags narrowed it, so that no partial run overwrites the grid's ``<gpu>-<date>.json``."""
-    if preset == "grid" and not subset:
-        return None
-    return f"{preset}-subset" if subset else preset
+    flags narrowed it, so that no partial run overwrites the grid's ``<gpu>-<date>.json``; plus the
+    launch scheme when ``FUSED_RNN_SCHEME`` forced one."""
+    parts = [] if preset == "grid" and not subset else [preset]
+    if subset:
+        parts.append("subset")
+    if scheme is not None:
+        parts.append(scheme)
+    return "-".join(parts) or None
 
 
 def main(argv=None) -> int:
@@ -90,7 +95,8 @@ def main(argv=None) -> int:
     if args.out is None and smoke:
         print("Nothing written: a CPU run writes its JSON and PNG only into an explicit --out DIR.")
     else:
-        tag = results_tag(preset, subset=any(values is not None for values in overrides.values()))
+        subset = any(values is not None for values in overrides.values())
+        tag = results_tag(preset, subset, scheme=os.environ.get("FUSED_RNN_SCHEME"))
         for path in suite.write_results(header, rows, args.out or suite.RESULTS_DIR, tag=tag):
             if path is not None:
                 print(f"wrote {path}")

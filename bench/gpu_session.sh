@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Everything a session with a lent GPU runs, in one device call: the test suite compiled for the
-# GPU (correctness against cuDNN and fp64 references), then the benchmark. Logs and result files
-# go to $OUT (the device tool's return folder) when set, else bench/results: commit what it writes.
-#   bash bench/gpu_session.sh          tests + headline + full grid
-#   bash bench/gpu_session.sh quick    tests + headline only
+# What a session with a lent GPU runs. Logs and result files go to $OUT (the device tool's return
+# folder) when set, else bench/results: commit what it writes. Stages, in the order given:
+#   tests      the test suite compiled for the GPU: correctness against cuDNN and fp64 references
+#   headline   LSTM B=16 T=1024 H=768 fp16/bf16, persistent scheme, then stepwise for comparison
+#   grid       the full grid (persistent scheme)
+#   bash bench/gpu_session.sh                  tests headline grid (may not fit one 10-minute call)
+#   bash bench/gpu_session.sh tests headline   one call; then `... grid` in the next
+# Every stage runs under `timeout`, so a hung kernel costs minutes, not the session.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/results}"
@@ -11,8 +14,19 @@ mkdir -p "$out"
 export PYTHONPATH=. PYTHONUNBUFFERED=1   # the GPU machine reaches no package index: run from the checkout
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$out/gpu.txt"
-python3 -m pytest -n 8 -rs tests 2>&1 | tee "$out/gpu-tests.log" | tail -n 40
-python3 -m bench --headline --out "$out" 2>&1 | tee "$out/bench-headline.log" | tail -n 20
-if [ "${1:-}" != quick ]; then
-    python3 -m bench --out "$out" 2>&1 | tee "$out/bench-grid.log" | tail -n 60
-fi
+for stage in "${@:-tests headline grid}"; do
+    for step in $stage; do
+        case "$step" in
+            tests)
+                timeout 420 python3 -m pytest -n 8 -rs -q tests 2>&1 | tee "$out/gpu-tests.log" | tail -n 40 ;;
+            headline)
+                timeout 120 python3 -m bench --headline --no-progress --out "$out" 2>&1 | tee "$out/bench-headline.log" | tail -n 12
+                FUSED_RNN_SCHEME=stepwise timeout 120 python3 -m bench --headline --no-progress --out "$out" 2>&1 \
+                    | tee "$out/bench-headline-stepwise.log" | tail -n 12 ;;
+            grid)
+                timeout 540 python3 -m bench --no-progress --out "$out" 2>&1 | tee "$out/bench-grid.log" | tail -n 60 ;;
+            *)
+                echo "unknown stage: $step (tests, headline, grid)"; exit 2 ;;
+        esac
+    done
+done

@@ -54,7 +54,7 @@ ROW_KEYS = (
     "cell", "batch", "seq", "hidden", "input", "layers", "bidirectional", "dtype", "mode",
     "ours_ms", "cudnn_ms", "speedup", "ours_peak_mb", "cudnn_peak_mb",
 )
-HEADER_KEYS = ("device", "torch", "triton", "cudnn", "rows")
+HEADER_KEYS = ("device", "torch", "triton", "cudnn", "scheme", "rows")
 MiB = 2**20
 CPU_PLOT_NOTE = "CPU, Triton interpreter: these times say nothing about speed"
 
@@ -304,13 +304,14 @@ def run_suite(configs, device: str, progress: bool = True) -> list:
 
 
 def environment(device: str) -> dict:
-    """The results file's header: device name and the torch, triton and cuDNN versions."""
+    """The results file's header: device name, the torch, triton and cuDNN versions, the launch scheme."""
     on_gpu = device == "cuda"
     return {
         "device": torch.cuda.get_device_name() if on_gpu else CPU_DEVICE,
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cudnn": torch.backends.cudnn.version() if on_gpu else None,
+        "scheme": launch_scheme(),
     }
 
 

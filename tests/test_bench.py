@@ -118,6 +118,8 @@ def test_result_file_names():
     assert results_tag("grid", subset=False) is None
     assert results_tag("grid", subset=True) == "grid-subset"
     assert results_tag("headline", subset=False) == "headline"
+    assert results_tag("grid", subset=False, scheme="stepwise") == "stepwise"
+    assert results_tag("headline", subset=True, scheme="persistent") == "headline-subset-persistent"
 
 
 def test_row_speedup_and_untimed_rows():

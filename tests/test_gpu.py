@@ -4,7 +4,7 @@ Every test here needs a GPU and is skipped with the reason 'needs CUDA' elsewher
 is ``nn.LSTM`` / ``nn.GRU`` in float64 on the CPU with the tested dtype's rounded weights and inputs
 (see ``test_modules``); exact fp32 is compared with cuDNN too, with TF32 off in both. Each test
 runs under both launch schemes (``FUSED_RNN_SCHEME``; LSTM with ``proj_size`` always runs the
-sequential one).
+persistent one).
 """
 
 import pytest
@@ -21,6 +21,8 @@ SHAPES = {
     "B4-T6-H48-I20-2layers-bidirectional": dict(batch=4, steps=6, input_size=20, hidden_size=48,
                                                num_layers=2, bidirectional=True),
     "B5-T9-H64-I40-proj24": dict(batch=5, steps=9, input_size=40, hidden_size=64, proj_size=24),
+    # More tiles than SMs: each persistent program walks several hidden tiles.
+    "B600-T5-H1024-I64": dict(batch=600, steps=5, input_size=64, hidden_size=1024),
 }
 CASES = [
     pytest.param(cell, SHAPES[shape], id=f"{cell}-{shape}")
@@ -30,7 +32,7 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=["sequential", "stepwise"])
+@pytest.fixture(params=["persistent", "stepwise"])
 def scheme(request, monkeypatch):
     monkeypatch.setenv("FUSED_RNN_SCHEME", request.param)
     return request.param
@@ -150,3 +152,20 @@ def test_lengths_keyword_matches_packed_fp64_reference(cell, scheme, tf32_flags)
 
     expected = run_module(reference, tensors, torch.float32, packed_then_padded)
     assert_matches(run_module(fused, tensors, torch.float32, with_lengths), expected, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("cell, config", CASES)
+def test_persistent_and_stepwise_schemes_agree_bitwise(cell, config, dtype, monkeypatch):
+    """Both schemes run the same tile code with the same blocks, so they round identically: any
+    difference is a program reading state another program had not finished writing (a missing or
+    broken barrier in the persistent scheme). Repeated, because a race need not show every time."""
+    _, fused, _, tensors = build(cell, dtype, config)
+    results = {}
+    for scheme in ("stepwise", "persistent", "persistent", "persistent"):
+        monkeypatch.setenv("FUSED_RNN_SCHEME", scheme)
+        results.setdefault(scheme, []).append(run_module(fused, tensors, dtype))
+    expected = results["stepwise"][0]
+    for run in results["persistent"]:
+        for name, value in expected.items():
+            assert torch.equal(run[name], value), f"{name} differs between the schemes"

@@ -130,7 +130,7 @@ def test_gru_output_and_grads_match_reference_reverse_with_lengths_per_dtype(dty
     check_against_reference((5, 3, 20), dtype, bias, reverse=True, with_lengths=True)
 
 
-@pytest.mark.parametrize("scheme", ["sequential", "stepwise"])
+@pytest.mark.parametrize("scheme", ["persistent", "stepwise"])
 @pytest.mark.parametrize(
     "shape, reverse, with_lengths",
     [
@@ -148,7 +148,7 @@ def test_gru_launch_scheme_matches_reference(monkeypatch, scheme, shape, reverse
     "scheme, grids",
     [
         # T=4, B=3 (one batch tile), H=70 (two hidden tiles).
-        pytest.param("sequential", [(1, 1)], id="sequential-one-launch"),
+        pytest.param("persistent", [(1, 1)], id="persistent-one-launch"),
         pytest.param("stepwise", [(1, 2)] * 4, id="stepwise-one-launch-per-step"),
     ],
 )

@@ -148,7 +148,7 @@ def test_lstm_output_and_grads_match_reference_reverse_with_lengths_per_dtype(sh
     check_against_reference(shape, dtype, reverse=True, with_lengths=True)
 
 
-@pytest.mark.parametrize("scheme", ["sequential", "stepwise"])
+@pytest.mark.parametrize("scheme", ["persistent", "stepwise"])
 @pytest.mark.parametrize(
     "shape, reverse, with_lengths",
     [
@@ -167,9 +167,9 @@ def test_lstm_launch_scheme_matches_reference(monkeypatch, scheme, shape, revers
     "scheme, proj, grids",
     [
         # T=4, B=3 (one batch tile), H=70 (two hidden tiles).
-        pytest.param("sequential", False, [(1, 1)], id="sequential-one-launch"),
+        pytest.param("persistent", False, [(1, 1)], id="persistent-one-launch"),
         pytest.param("stepwise", False, [(1, 2)] * 4, id="stepwise-one-launch-per-step"),
-        pytest.param("stepwise", True, [(1, 1)], id="stepwise-with-proj-runs-sequential"),
+        pytest.param("stepwise", True, [(1, 1)], id="stepwise-with-proj-runs-persistent"),
     ],
 )
 def test_lstm_launch_scheme_sets_launches_and_grid(monkeypatch, scheme, proj, grids):

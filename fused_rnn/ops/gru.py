@@ -30,6 +30,7 @@ from .launch import (
     recurrent_gate,
     step_rows,
     store_tile,
+    sync_tiles,
     tanh,
 )
 
@@ -55,19 +56,21 @@ def _hidden_part(
     "HAS_BIAS": lambda args: args["b_hh_ptr"] is not None,
     "HAS_LENGTHS": lambda args: args["lengths_ptr"] is not None,
     "SAVE_GATES": lambda args: args["gates_ptr"] is not None,
+    "GRID_SYNC": lambda args: args["barrier_ptr"] is not None,
 })
 @triton.jit(do_not_specialize=["T", "reverse", "step_begin", "step_end"])
 def gru_forward_kernel(
     gates_x_ptr, w_hh_ptr, b_hh_ptr, lengths_ptr, h_ptr, gates_ptr,
-    T, B, H, reverse, step_begin, step_end,
-    HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE_GATES: tl.constexpr,
+    T, B, H, reverse, barrier_ptr, step_begin, step_end,
+    HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE_GATES: tl.constexpr, GRID_SYNC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """GRU forward over the steps ``[step_begin, step_end)``.
 
     Grid ``(cdiv(B, BLOCK_B), n)``: program ``(b, j)`` owns batch rows ``b * BLOCK_B + [0, BLOCK_B)``
-    and the hidden tiles ``j, j + n, ...``; ``n == 1`` when one launch covers several steps.
+    and the hidden tiles ``j, j + n, ...``; the ``n`` programs of a batch tile meet at
+    ``sync_tiles`` after each step.
 
     Reads ``gates_x (T, B, 3H)``, ``W_hh (3H, H)``, ``b_hh (3H,)`` [bias], ``lengths (B,)``
     [optional]. The state buffer ``h (T+1, B, H)`` holds h_0 in slot 0 (slot T in reverse); step t
@@ -75,6 +78,7 @@ def gru_forward_kernel(
     h W_hn^T + b_hn) (T, B, 4H)`` when saving for backward.
     """
     batch_rows, row_mask, tile_start, tile_stride = program_tiles(B, BLOCK_B, BLOCK_H)
+    arrivals = 0
     for step in range(step_begin, step_end):
         t, x_rows, prev_rows, out_rows = step_rows(step, T, B, reverse, 0, batch_rows)
         for h_start in range(tile_start, H, tile_stride):
@@ -105,17 +109,20 @@ def gru_forward_kernel(
                 store_tile(gates_ptr + H, x_rows, 4 * H, units, mask, z)
                 store_tile(gates_ptr + 2 * H, x_rows, 4 * H, units, mask, n)
                 store_tile(gates_ptr + 3 * H, x_rows, 4 * H, units, mask, hn)
-        # The next step reads h_t from every tile; a barrier makes this program's writes visible.
-        tl.debug_barrier()
+        # The next step reads h_t from every tile.
+        arrivals = sync_tiles(barrier_ptr, arrivals, GRID_SYNC)
 
 
-@triton.heuristics({"HAS_LENGTHS": lambda args: args["lengths_ptr"] is not None})
+@triton.heuristics({
+    "HAS_LENGTHS": lambda args: args["lengths_ptr"] is not None,
+    "GRID_SYNC": lambda args: args["barrier_ptr"] is not None,
+})
 @triton.jit(do_not_specialize=["T", "reverse", "step_begin", "step_end"])
 def gru_backward_kernel(
     grad_h_ptr, w_hh_ptr, lengths_ptr, gates_ptr, h_ptr,
     dgates_x_ptr, dgates_h_ptr, dh_carry_ptr,
-    T, B, H, reverse, step_begin, step_end,
-    HAS_LENGTHS: tl.constexpr,
+    T, B, H, reverse, barrier_ptr, step_begin, step_end,
+    HAS_LENGTHS: tl.constexpr, GRID_SYNC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
@@ -131,6 +138,7 @@ def gru_backward_kernel(
     as zeros and leaves as the part of dL/dh_0 not passing through ``W_hh``.
     """
     batch_rows, row_mask, tile_start, tile_stride = program_tiles(B, BLOCK_B, BLOCK_H)
+    arrivals = 0
     for step in range(step_begin, step_end):
         t, x_rows, prev_rows, _ = step_rows(step, T, B, reverse, 1, batch_rows)
         t_before = t + 1 - 2 * reverse
@@ -165,7 +173,8 @@ def gru_backward_kernel(
             store_tile(dgates_h_ptr + H, x_rows, 3 * H, units, mask, dz)
             store_tile(dgates_h_ptr + 2 * H, x_rows, 3 * H, units, mask, dn * r)
             store_tile(dh_carry_ptr, batch_rows, H, units, mask, carry)
-        tl.debug_barrier()
+        # The next step reads dgates_h[t] from every tile.
+        arrivals = sync_tiles(barrier_ptr, arrivals, GRID_SYNC)
 
 
 def _forward_outputs(gates_x, save_for_backward: bool):

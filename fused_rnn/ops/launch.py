@@ -1,16 +1,20 @@
 """What the LSTM and GRU kernels share: the recurrent matmul tile, launch schemes, precision choice.
 
-Launch schemes (both run the same per-step tile functions; they differ only in how time is looped):
+Launch schemes (both run the same kernels, which take the steps ``[step_begin, step_end)`` and
+differ only in how time is looped and how programs meet between steps):
 
-* ``sequential`` - one launch per layer and direction. Grid ``(batch tiles, 1)``: a program owns
-  a tile of batch rows and walks every timestep and every hidden tile itself, so programs never
-  wait for each other. Runs under ``TRITON_INTERPRET=1`` and is the only scheme for LSTM with
-  ``proj_size`` (its projection needs a second pass over the whole step).
+* ``persistent`` - one launch per layer and direction. Grid ``(batch tiles, n)``: the ``n``
+  programs of a batch tile share its hidden tiles and walk every timestep, meeting at a barrier
+  (``sync_tiles``) after each step. ``n`` is as many as can be running at once: up to one per
+  SM on a GPU, and 1 under ``TRITON_INTERPRET=1``, which runs a grid's programs one after another
+  (with ``n == 1`` no program ever waits for another).
 * ``stepwise`` - one launch per timestep. Grid ``(batch tiles, hidden tiles)``: every tile of a
-  step runs in parallel, the launch boundary orders the steps.
+  step runs in parallel and the launch boundary orders the steps, so no program ever waits. It
+  cannot run the LSTM with ``proj_size``, whose projection needs a barrier inside the step.
 """
 
 import contextlib
+import functools
 import os
 import threading
 
@@ -18,6 +22,14 @@ import torch
 import triton
 import triton.language as tl
 
+SCHEMES = ("persistent", "stepwise")
+
+# Warps per program and software-pipelining depth of the matmul loops. With 4 warps, or with the
+# loads of the next K block prefetched into registers (``num_stages`` > 1), the LSTM and fp32
+# kernels need more than 255 registers a thread and spill to local memory; with these none does
+# (``python -m bench.kernels`` prints the compiler's report).
+NUM_WARPS = 8
+NUM_STAGES = 1
 
 # Triton decides when a kernel is decorated whether it will be interpreted, so read it once too.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -55,8 +67,9 @@ def kernel_options(dtype: torch.dtype, batch: int, hidden: int, reduction: int) 
     largest = 64 if interpreting() else 32
     half = dtype in (torch.float16, torch.bfloat16)
     tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreting()
-    # fp64 reduces a (BLOCK_B, BLOCK_K, BLOCK_H) product in registers instead of using tl.dot.
-    block_k = 8 if dtype == torch.float64 and not interpreting() else _block(reduction, 2 * largest)
+    # fp64 reduces a (BLOCK_B, BLOCK_K, BLOCK_H) product in registers instead of using tl.dot;
+    # a BLOCK_K of 4 keeps it from spilling.
+    block_k = 4 if dtype == torch.float64 and not interpreting() else _block(reduction, 2 * largest)
     return dict(
         BLOCK_B=_block(batch, largest),
         BLOCK_H=_block(hidden, largest),
@@ -72,16 +85,35 @@ def _block(size: int, largest: int) -> int:
 
 
 def choose_scheme(has_projection: bool) -> str:
-    """``stepwise`` on a GPU, ``sequential`` under the interpreter or with a projection.
-
-    ``FUSED_RNN_SCHEME`` overrides the choice (tests use it to run both schemes on CPU).
-    """
+    """``persistent``, unless ``FUSED_RNN_SCHEME`` asks for another (tests use it to run both on
+    CPU). The LSTM with ``proj_size`` always runs ``persistent``."""
     forced = os.environ.get("FUSED_RNN_SCHEME")
-    if forced is not None:
-        if forced not in ("sequential", "stepwise"):
-            raise ValueError(f"FUSED_RNN_SCHEME must be 'sequential' or 'stepwise', got {forced!r}")
-        return "sequential" if has_projection else forced
-    return "sequential" if has_projection or interpreting() else "stepwise"
+    if forced is not None and forced not in SCHEMES:
+        raise ValueError(f"FUSED_RNN_SCHEME must be one of {SCHEMES}, got {forced!r}")
+    return "persistent" if forced is None or has_projection else forced
+
+
+@functools.lru_cache
+def _usable_multiprocessors(device_index: int) -> int:
+    count = torch.cuda.get_device_properties(device_index).multi_processor_count
+    # An MPS client may be limited to a share of the SMs without the device properties saying so.
+    share = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
+    if share:
+        count = int(count * float(share) / 100)
+    return max(1, count)
+
+
+def persistent_programs(batch_tiles: int, hidden_tiles: int, device: torch.device) -> int:
+    """``n``, the programs per batch tile of the persistent scheme.
+
+    The programs of a batch tile wait for each other every step, so all of them must be running at
+    once or the first to wait never returns. Under the interpreter programs run one at a time: 1.
+    On a GPU at most one program per SM (every program fits on an SM by itself), and the launch is
+    cooperative, so the driver refuses a grid it cannot keep resident instead of hanging.
+    """
+    if device.type != "cuda":
+        return 1
+    return max(1, min(hidden_tiles, _usable_multiprocessors(device.index) // batch_tiles))
 
 
 # The interpreter swaps parts of triton.language process-wide while a kernel runs, so two threads
@@ -92,18 +124,50 @@ _INTERPRETER_LOCK = threading.Lock() if _INTERPRETING else contextlib.nullcontex
 def launch(kernel, scheme: str, num_steps: int, batch: int, hidden: int, args: tuple, options: dict):
     """Run ``kernel`` over ``num_steps`` timesteps with the given scheme.
 
-    Every kernel takes ``(*args, step_begin, step_end, **options)`` and processes the steps
-    ``step_begin <= step < step_end``, each program handling the hidden tiles
-    ``program_id(1), program_id(1) + num_programs(1), ...``.
+    Every kernel takes ``(*args, barrier_ptr, step_begin, step_end, **options)``, processes the
+    steps ``step_begin <= step < step_end``, and gives each program the hidden tiles
+    ``program_id(1), program_id(1) + num_programs(1), ...``. ``barrier_ptr`` holds one arrival
+    counter per batch tile for ``sync_tiles`` (persistent) or is None (stepwise).
     """
     batch_tiles = triton.cdiv(batch, options["BLOCK_B"])
+    hidden_tiles = triton.cdiv(hidden, options["BLOCK_H"])
+    device = args[0].device
     with _INTERPRETER_LOCK:
-        if scheme == "sequential":
-            kernel[(batch_tiles, 1)](*args, 0, num_steps, **options)
+        if scheme == "stepwise":
+            for step in range(num_steps):
+                kernel[(batch_tiles, hidden_tiles)](
+                    *args, None, step, step + 1, **options, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+                )
             return
-        grid = (batch_tiles, triton.cdiv(hidden, options["BLOCK_H"]))
-        for step in range(num_steps):
-            kernel[grid](*args, step, step + 1, **options)
+        programs = persistent_programs(batch_tiles, hidden_tiles, device)
+        barrier = torch.zeros(batch_tiles, dtype=torch.int32, device=device)
+        kernel[(batch_tiles, programs)](
+            *args, barrier, 0, num_steps, **options, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+            launch_cooperative_grid=programs > 1,
+        )
+
+
+@triton.jit
+def sync_tiles(barrier_ptr, arrivals, GRID_SYNC: tl.constexpr):
+    """Wait until every program of this batch tile has done its work up to here; returns
+    ``arrivals + 1``.
+
+    Without ``GRID_SYNC`` (stepwise: one step per launch) only this program's threads must agree:
+    a CTA barrier. With it, the ``num_programs(1)`` programs of batch tile ``program_id(0)`` count
+    their arrivals in ``barrier_ptr[program_id(0)]``, zero at launch and never reset: the
+    ``arrivals``-th barrier (from 0) opens when the count reaches ``(arrivals + 1) * n``. The
+    release/acquire pair makes every store this program made before the barrier (ordered by the
+    CTA barrier first) visible to the programs that pass it, as in inductor's ``x_grid_barrier``.
+    """
+    tl.debug_barrier()
+    if GRID_SYNC:
+        counter = barrier_ptr + tl.program_id(0)
+        tl.atomic_add(counter, 1, sem="release", scope="gpu")
+        opens_at = (arrivals + 1) * tl.num_programs(1)
+        while tl.atomic_add(counter, 0, sem="acquire", scope="gpu") < opens_at:
+            pass
+        tl.debug_barrier()
+    return arrivals + 1
 
 
 @triton.jit
@@ -161,6 +225,10 @@ def matmul_tile(
     ``x`` is row-major with ``x_row_stride`` elements per row (``rows`` are int64, so offsets
     past 2**31 are safe); ``w`` is addressed as ``w_ptr + n * w_n_stride + k * w_k_stride``, which
     serves both ``W`` (forward) and ``W^T`` (backward) without a transposed copy.
+
+    ``x`` is always something other programs of the same launch wrote in the previous step or
+    phase (``h_{t-1}``, ``dgates``, ...), so it is read from L2 (``.cg``), which every SM sees,
+    not from this SM's L1; ``w`` never changes and may stay in L1 from one step to the next.
     """
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC_DTYPE)
     for k_start in range(0, K, BLOCK_K):
@@ -170,6 +238,7 @@ def matmul_tile(
             x_ptr + rows[:, None] * x_row_stride + ks[None, :],
             mask=row_mask[:, None] & k_mask[None, :],
             other=0.0,
+            cache_modifier=".cg",
         )
         w = tl.load(
             w_ptr + ks[:, None] * w_k_stride + cols[None, :] * w_n_stride,

@@ -30,6 +30,7 @@ from .launch import (
     recurrent_gate,
     step_rows,
     store_tile,
+    sync_tiles,
     tanh,
 )
 
@@ -117,19 +118,21 @@ def _projection_tile(
     "HAS_PROJ": lambda args: args["w_hr_ptr"] is not None,
     "HAS_LENGTHS": lambda args: args["lengths_ptr"] is not None,
     "SAVE_GATES": lambda args: args["gates_ptr"] is not None,
+    "GRID_SYNC": lambda args: args["barrier_ptr"] is not None,
 })
 @triton.jit(do_not_specialize=["T", "reverse", "step_begin", "step_end"])
 def lstm_forward_kernel(
     gates_x_ptr, w_hh_ptr, w_hr_ptr, lengths_ptr, h_ptr, c_ptr, h_raw_ptr, gates_ptr,
-    T, B, H, P, reverse, step_begin, step_end,
-    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE_GATES: tl.constexpr,
+    T, B, H, P, reverse, barrier_ptr, step_begin, step_end,
+    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE_GATES: tl.constexpr, GRID_SYNC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """LSTM forward over the steps ``[step_begin, step_end)``.
 
     Grid ``(cdiv(B, BLOCK_B), n)``: program ``(b, j)`` owns batch rows ``b * BLOCK_B + [0, BLOCK_B)``
-    and the hidden tiles ``j, j + n, ...``; ``n == 1`` when one launch covers several steps.
+    and the hidden tiles ``j, j + n, ...``; the ``n`` programs of a batch tile meet at
+    ``sync_tiles`` after each step (and, with proj, before the projection).
 
     Reads ``gates_x (T, B, 4H)``, ``W_hh (4H, P)``, ``W_hr (P, H)`` [proj], ``lengths (B,)``
     [optional]. The state buffers ``h (T+1, B, P)`` and ``c (T+1, B, H)`` hold the initial state
@@ -139,6 +142,7 @@ def lstm_forward_kernel(
     """
     batch_rows, row_mask, tile_start, tile_stride = program_tiles(B, BLOCK_B, BLOCK_H)
     active = row_mask
+    arrivals = 0
     for step in range(step_begin, step_end):
         t, x_rows, prev_rows, out_rows = step_rows(step, T, B, reverse, 0, batch_rows)
         if HAS_LENGTHS:
@@ -152,15 +156,15 @@ def lstm_forward_kernel(
             )
         if HAS_PROJ:
             # The projection needs every unit of o * tanh(c_t): wait for all tiles.
-            tl.debug_barrier()
+            arrivals = sync_tiles(barrier_ptr, arrivals, GRID_SYNC)
             for p_start in range(tile_start, P, tile_stride):
                 _projection_tile(
                     h_raw_ptr, w_hr_ptr, h_ptr, x_rows, prev_rows, out_rows, row_mask, active,
                     p_start, H, P, HAS_LENGTHS,
                     BLOCK_B, BLOCK_H, BLOCK_K, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST,
                 )
-        # The next step reads h_t from every tile; a barrier makes this program's writes visible.
-        tl.debug_barrier()
+        # The next step reads h_t from every tile.
+        arrivals = sync_tiles(barrier_ptr, arrivals, GRID_SYNC)
 
 
 @triton.jit
@@ -205,13 +209,14 @@ def _lstm_backward_tile(
 @triton.heuristics({
     "HAS_PROJ": lambda args: args["w_hr_ptr"] is not None,
     "HAS_LENGTHS": lambda args: args["lengths_ptr"] is not None,
+    "GRID_SYNC": lambda args: args["barrier_ptr"] is not None,
 })
 @triton.jit(do_not_specialize=["T", "reverse", "step_begin", "step_end"])
 def lstm_backward_kernel(
     grad_h_ptr, w_hh_ptr, w_hr_ptr, lengths_ptr, gates_ptr, c_ptr,
     dgates_ptr, grad_h_proj_ptr, dh_carry_ptr, dc_carry_ptr,
-    T, B, H, P, reverse, step_begin, step_end,
-    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    T, B, H, P, reverse, barrier_ptr, step_begin, step_end,
+    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, GRID_SYNC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
@@ -229,6 +234,7 @@ def lstm_backward_kernel(
     """
     batch_rows, row_mask, tile_start, tile_stride = program_tiles(B, BLOCK_B, BLOCK_H)
     active = row_mask
+    arrivals = 0
     for step in range(step_begin, step_end):
         t, x_rows, prev_rows, out_rows = step_rows(step, T, B, reverse, 1, batch_rows)
         t_before = t + 1 - 2 * reverse
@@ -250,7 +256,7 @@ def lstm_backward_kernel(
                     dh = tl.where(active[:, None], dh, 0.0)
                 store_tile(grad_h_proj_ptr, x_rows, P, cols, mask, dh)
             # dh_raw needs every feature of dh_t: wait for all tiles.
-            tl.debug_barrier()
+            arrivals = sync_tiles(barrier_ptr, arrivals, GRID_SYNC)
         for h_start in range(tile_start, H, tile_stride):
             units = h_start + tl.arange(0, BLOCK_H)
             unit_mask = units < H
@@ -273,7 +279,8 @@ def lstm_backward_kernel(
                 x_rows, prev_rows, out_rows, batch_rows, row_mask, active, units, unit_mask, H,
                 HAS_LENGTHS, ACC_DTYPE,
             )
-        tl.debug_barrier()
+        # The next step reads dgates[t] from every tile.
+        arrivals = sync_tiles(barrier_ptr, arrivals, GRID_SYNC)
 
 
 def _forward_outputs(gates_x, w_hh, has_proj: bool, save_for_backward: bool):

@@ -1,0 +1,81 @@
+"""Launch schemes: which scheme runs, and how many programs the persistent scheme may start.
+
+The persistent scheme's programs wait for each other, so its grid must never exceed what can be
+resident at once; these tests pin down that arithmetic without a GPU. Its kernels themselves are
+tested under both schemes in ``test_ops_lstm`` / ``test_ops_gru`` (and on a GPU in ``test_gpu``).
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fused_rnn.ops import launch
+
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def multiprocessors(monkeypatch):
+    """Pretend the GPU has a given number of usable SMs."""
+
+    def set_count(count):
+        monkeypatch.setattr(launch, "_usable_multiprocessors", lambda index: count)
+
+    return set_count
+
+
+@pytest.mark.parametrize(
+    "batch_tiles, hidden_tiles, sms, programs",
+    [
+        pytest.param(1, 24, 132, 24, id="every-hidden-tile-its-own-program"),
+        pytest.param(2, 100, 132, 66, id="programs-share-tiles-when-the-sms-run-out"),
+        pytest.param(4, 33, 132, 33, id="exactly-fills-the-sms"),
+        pytest.param(200, 4, 132, 1, id="more-batch-tiles-than-sms-one-program-each"),
+        pytest.param(3, 8, 2, 1, id="tiny-gpu"),
+    ],
+)
+def test_persistent_grid_never_exceeds_the_usable_sms(multiprocessors, batch_tiles, hidden_tiles, sms, programs):
+    multiprocessors(sms)
+    assert launch.persistent_programs(batch_tiles, hidden_tiles, CUDA) == programs
+    # With more than one program per batch tile, all of them must be resident at once.
+    assert programs == 1 or batch_tiles * programs <= sms
+
+
+def test_persistent_scheme_runs_one_program_per_batch_tile_in_the_interpreter():
+    # The interpreter runs programs one after another: a second program of the same batch tile
+    # would wait forever for the first.
+    assert launch.persistent_programs(3, 50, torch.device("cpu")) == 1
+
+
+@pytest.mark.parametrize("share, usable", [(None, 132), ("50", 66), ("1", 1)])
+def test_mps_thread_percentage_limits_the_usable_sms(monkeypatch, share, usable):
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(multi_processor_count=132))
+    if share is None:
+        monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", share)
+    assert launch._usable_multiprocessors.__wrapped__(0) == usable
+
+
+@pytest.mark.parametrize(
+    "forced, has_projection, scheme",
+    [
+        (None, False, "persistent"),
+        ("stepwise", False, "stepwise"),
+        ("stepwise", True, "persistent"),  # the projection needs a barrier inside the step
+        ("persistent", False, "persistent"),
+    ],
+)
+def test_choose_scheme(monkeypatch, forced, has_projection, scheme):
+    if forced is None:
+        monkeypatch.delenv("FUSED_RNN_SCHEME", raising=False)
+    else:
+        monkeypatch.setenv("FUSED_RNN_SCHEME", forced)
+    assert launch.choose_scheme(has_projection) == scheme
+
+
+def test_unknown_scheme_is_rejected(monkeypatch):
+    monkeypatch.setenv("FUSED_RNN_SCHEME", "sequential")
+    with pytest.raises(ValueError, match="FUSED_RNN_SCHEME must be one of"):
+        launch.choose_scheme(False)
