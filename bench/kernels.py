@@ -34,6 +34,8 @@ TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 ACCUMULATOR_BUFFERS = {"c_ptr", "dh_carry_ptr", "dc_carry_ptr"}
 # (batch, hidden) shapes whose block sizes are compiled: the headline's and a large batch.
 SHAPES = [(16, 768), (256, 1024)]
+# SMs of an H100 SXM: the persistent scheme's BLOCK_H depends on them (see kernel_options).
+MULTIPROCESSORS = 132
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Variant:
 class Report:
     variant: Variant
     ok: bool
+    blocks: str = ""  # BLOCK_B x BLOCK_H x BLOCK_K
     registers: int = 0
     spill_bytes: int = 0  # bytes a thread spills to local memory: registers the compiler could not keep
     shared_bytes: int = 0
@@ -99,7 +102,8 @@ def signature(variant: Variant, jit_function, flags: dict, optional: set):
 
     dtype, tf32 = DTYPES[variant.dtype]
     torch.backends.cudnn.allow_tf32 = tf32
-    constants = kernel_options(dtype, variant.batch, variant.hidden, variant.hidden)
+    multiprocessors = MULTIPROCESSORS if variant.scheme == "persistent" else 0
+    constants = kernel_options(dtype, variant.batch, variant.hidden, variant.hidden, multiprocessors)
     lstm_stepwise = variant.kernel.startswith("lstm") and variant.scheme == "stepwise"
     absent = {
         name for name in jit_function.arg_names
@@ -139,12 +143,13 @@ def compile_variant(variant: Variant, arch: int) -> Report:
     alignment = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(jit_function.arg_names)
                  if types[name].startswith("*")}
     source = ASTSource(fn=jit_function, signature=types, constexprs=constants, attrs=alignment)
+    blocks = "x".join(str(constants[name]) for name in ("BLOCK_B", "BLOCK_H", "BLOCK_K"))
     try:
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES))
     except Exception as error:  # noqa: BLE001 - every compiler failure is what this tool reports
-        return Report(variant, ok=False, error=f"{type(error).__name__}: {str(error).splitlines()[0][:300]}")
+        return Report(variant, ok=False, blocks=blocks, error=f"{type(error).__name__}: {str(error).splitlines()[0][:300]}")
     registers, spill = _resource_usage(compiled.asm["ptx"], arch)
-    return Report(variant, ok=True, registers=registers, spill_bytes=spill, shared_bytes=compiled.metadata.shared,
+    return Report(variant, ok=True, blocks=blocks, registers=registers, spill_bytes=spill, shared_bytes=compiled.metadata.shared,
                   matrix_instructions=_matrix_instructions(compiled.asm["cubin"]))
 
 
@@ -192,11 +197,11 @@ def main(argv=None) -> int:
         parser.error("unset TRITON_INTERPRET: the interpreter does not compile")
 
     reports = [compile_variant(variant, args.arch) for variant in variants(args.all)]
-    print(f"{'kernel':14} {'dtype':9} {'optional':8} {'scheme':10} {'B':>4} {'H':>5} {'regs':>4} "
+    print(f"{'kernel':14} {'dtype':9} {'optional':8} {'scheme':10} {'B':>4} {'H':>5} {'blocks':>9} {'regs':>4} "
           f"{'spill':>5} {'shared':>6}  matrix")
     for report in reports:
         v = report.variant
-        row = f"{v.kernel:14} {v.dtype:9} {v.optional:8} {v.scheme:10} {v.batch:4} {v.hidden:5} "
+        row = f"{v.kernel:14} {v.dtype:9} {v.optional:8} {v.scheme:10} {v.batch:4} {v.hidden:5} {report.blocks:>9} "
         if report.ok:
             row += f"{report.registers:4} {report.spill_bytes:5} {report.shared_bytes:6}  {report.matrix_instructions or '-'}"
         else:

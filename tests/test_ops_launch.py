@@ -79,3 +79,15 @@ def test_unknown_scheme_is_rejected(monkeypatch):
     monkeypatch.setenv("FUSED_RNN_SCHEME", "sequential")
     with pytest.raises(ValueError, match="FUSED_RNN_SCHEME must be one of"):
         launch.choose_scheme(False)
+
+
+@pytest.mark.parametrize(
+    "batch, hidden, block_h",
+    [
+        pytest.param(16, 768, 16, id="headline-48-tiles-of-16-each-get-an-sm"),
+        pytest.param(16, 4096, 32, id="256-tiles-of-16-would-not"),
+        pytest.param(256, 768, 32, id="many-batch-tiles"),
+    ],
+)
+def test_persistent_block_h_is_the_smallest_that_gives_every_tile_an_sm(batch, hidden, block_h):
+    assert launch.kernel_options(torch.float16, batch, hidden, hidden, multiprocessors=132)["BLOCK_H"] == block_h

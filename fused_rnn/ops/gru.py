@@ -19,11 +19,9 @@ from torch import Tensor
 
 from .launch import (
     accumulator_dtype,
-    choose_scheme,
     empty,
     hidden_grad_tile,
     initial_slot,
-    kernel_options,
     launch,
     load_tile,
     program_tiles,
@@ -201,10 +199,10 @@ def gru_forward(
     T, B, H = h.shape[0] - 1, h.shape[1], h.shape[2]
     h[initial_slot(T, reverse)] = h0
     launch(
-        gru_forward_kernel, choose_scheme(False), T, B, H,
+        gru_forward_kernel,
         (gates_x.contiguous(), w_hh.contiguous(), None if b_hh is None else b_hh.contiguous(), lengths,
          h, gates if save_for_backward else None, T, B, H, int(reverse)),
-        kernel_options(gates_x.dtype, B, H, H),
+        T, B, H, reduction=H, has_projection=False,
     )
     return h, gates
 
@@ -236,10 +234,10 @@ def gru_backward(
     T, B, H = grad_h.shape
     dh_carry = torch.zeros(B, H, dtype=accumulator_dtype(grad_h.dtype), device=grad_h.device)
     launch(
-        gru_backward_kernel, choose_scheme(False), T, B, H,
+        gru_backward_kernel,
         (grad_h.contiguous(), w_hh.contiguous(), lengths, gates, h, dgates_x, dgates_h, dh_carry,
          T, B, H, int(reverse)),
-        kernel_options(grad_h.dtype, B, H, H),
+        T, B, H, reduction=H, has_projection=False,
     )
     return dgates_x, dgates_h, dh_carry
 

@@ -55,10 +55,13 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def kernel_options(dtype: torch.dtype, batch: int, hidden: int, reduction: int) -> dict:
+def kernel_options(dtype: torch.dtype, batch: int, hidden: int, reduction: int, multiprocessors: int = 0) -> dict:
     """Constexpr arguments shared by every kernel of a layer.
 
     ``tl.dot`` needs each block dimension >= 16 and a power of two; masks cover the remainder.
+    ``multiprocessors``: the SMs a persistent launch may fill (0: not persistent on a GPU).
+    ``BLOCK_H`` then halves, down to 16, while every tile still gets an SM of its own: more
+    programs spread the per-step re-read of ``W_hh`` over more SMs' caches.
     fp32 follows ``torch.backends.cudnn.allow_tf32`` as cuDNN does. The interpreter's bf16/fp16
     ``tl.dot`` is wrong (triton-lang/triton#11584), so there the operands are upcast to fp32,
     which gives the same exact products as tensor cores with fp32 accumulation.
@@ -67,12 +70,18 @@ def kernel_options(dtype: torch.dtype, batch: int, hidden: int, reduction: int) 
     largest = 64 if interpreting() else 32
     half = dtype in (torch.float16, torch.bfloat16)
     tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreting()
-    # fp64 reduces a (BLOCK_B, BLOCK_K, BLOCK_H) product in registers instead of using tl.dot;
-    # a BLOCK_K of 4 keeps it from spilling.
-    block_k = 4 if dtype == torch.float64 and not interpreting() else _block(reduction, 2 * largest)
+    block_b, block_h = _block(batch, largest), _block(hidden, largest)
+    while block_h > 16 and triton.cdiv(batch, block_b) * triton.cdiv(hidden, block_h // 2) <= multiprocessors:
+        block_h //= 2
+    if dtype == torch.float64 and not interpreting():
+        # A (BLOCK_B, BLOCK_K, BLOCK_H) product reduced in registers instead of tl.dot: at 2048
+        # elements it does not spill.
+        block_k = 2048 // (block_b * block_h)
+    else:
+        block_k = _block(reduction, 2 * largest)
     return dict(
-        BLOCK_B=_block(batch, largest),
-        BLOCK_H=_block(hidden, largest),
+        BLOCK_B=block_b,
+        BLOCK_H=block_h,
         BLOCK_K=block_k,
         ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
         DOT_PRECISION="tf32" if tf32 else "ieee",
@@ -121,17 +130,21 @@ def persistent_programs(batch_tiles: int, hidden_tiles: int, device: torch.devic
 _INTERPRETER_LOCK = threading.Lock() if _INTERPRETING else contextlib.nullcontext()
 
 
-def launch(kernel, scheme: str, num_steps: int, batch: int, hidden: int, args: tuple, options: dict):
-    """Run ``kernel`` over ``num_steps`` timesteps with the given scheme.
+def launch(kernel, args: tuple, num_steps: int, batch: int, hidden: int, reduction: int, has_projection: bool):
+    """Run ``kernel`` over ``num_steps`` timesteps with the scheme ``choose_scheme`` picks.
 
-    Every kernel takes ``(*args, barrier_ptr, step_begin, step_end, **options)``, processes the
-    steps ``step_begin <= step < step_end``, and gives each program the hidden tiles
+    Every kernel takes ``(*args, barrier_ptr, step_begin, step_end, **kernel_options(...))``,
+    processes the steps ``step_begin <= step < step_end``, and gives each program the hidden tiles
     ``program_id(1), program_id(1) + num_programs(1), ...``. ``barrier_ptr`` holds one arrival
-    counter per batch tile for ``sync_tiles`` (persistent) or is None (stepwise).
+    counter per batch tile for ``sync_tiles`` (persistent) or is None (stepwise). ``args[0]`` is
+    a ``(T, B, .)`` tensor in the layer's dtype; ``reduction`` is the longest matmul reduction.
     """
+    scheme = choose_scheme(has_projection)
+    device, dtype = args[0].device, args[0].dtype
+    multiprocessors = _usable_multiprocessors(device.index) if scheme == "persistent" and device.type == "cuda" else 0
+    options = kernel_options(dtype, batch, hidden, reduction, multiprocessors)
     batch_tiles = triton.cdiv(batch, options["BLOCK_B"])
     hidden_tiles = triton.cdiv(hidden, options["BLOCK_H"])
-    device = args[0].device
     with _INTERPRETER_LOCK:
         if scheme == "stepwise":
             for step in range(num_steps):

@@ -18,11 +18,9 @@ from torch import Tensor
 
 from .launch import (
     accumulator_dtype,
-    choose_scheme,
     empty,
     hidden_grad_tile,
     initial_slot,
-    kernel_options,
     launch,
     load_tile,
     program_tiles,
@@ -313,11 +311,11 @@ def lstm_forward(
     h[initial_slot(T, reverse)] = h0
     c[initial_slot(T, reverse)] = c0
     launch(
-        lstm_forward_kernel, choose_scheme(has_proj), T, B, H,
+        lstm_forward_kernel,
         (gates_x.contiguous(), w_hh.contiguous(), w_hr.contiguous() if has_proj else None, lengths,
          h, c, h_raw if has_proj else None, gates if save_for_backward else None,
          T, B, H, P, int(reverse)),
-        kernel_options(gates_x.dtype, B, H, max(H, P)),
+        T, B, H, reduction=max(H, P), has_projection=has_proj,
     )
     return h, c, h_raw, gates
 
@@ -357,10 +355,10 @@ def lstm_backward(
     dh_carry = torch.zeros(B, P, dtype=acc, device=grad_h.device)
     dc_carry = grad_c_n.to(dtype=acc, memory_format=torch.contiguous_format, copy=True)
     launch(
-        lstm_backward_kernel, choose_scheme(has_proj), T, B, H,
+        lstm_backward_kernel,
         (grad_h.contiguous(), w_hh.contiguous(), w_hr.contiguous() if has_proj else None, lengths,
          gates, c, dgates, grad_h_proj if has_proj else None, dh_carry, dc_carry, T, B, H, P, int(reverse)),
-        kernel_options(grad_h.dtype, B, H, max(H, P)),
+        T, B, H, reduction=max(H, P), has_projection=has_proj,
     )
     return dgates, grad_h_proj, dh_carry, dc_carry
 
