@@ -4,7 +4,8 @@
 #   tests      the test suite compiled for the GPU: correctness against cuDNN and fp64 references
 #   headline   LSTM B=16 T=1024 H=768 fp16/bf16, persistent scheme, then stepwise for comparison
 #   grid       the full grid (persistent scheme)
-#   bash bench/gpu_session.sh                  tests headline grid (may not fit one 10-minute call)
+#   drift      |h - h_fp64| over T=10,000 steps in fp16/bf16/fp32 (python -m bench.drift)
+#   bash bench/gpu_session.sh                  all four (may not fit one 10-minute call)
 #   bash bench/gpu_session.sh tests headline   one call; then `... grid` in the next
 # Every stage runs under `timeout`, so a hung kernel costs minutes, not the session.
 set -uo pipefail
@@ -14,7 +15,7 @@ mkdir -p "$out"
 export PYTHONPATH=. PYTHONUNBUFFERED=1   # the GPU machine reaches no package index: run from the checkout
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$out/gpu.txt"
-for stage in "${@:-tests headline grid}"; do
+for stage in "${@:-tests headline grid drift}"; do
     for step in $stage; do
         case "$step" in
             tests)
@@ -25,8 +26,10 @@ for stage in "${@:-tests headline grid}"; do
                     | tee "$out/bench-headline-stepwise.log" | tail -n 12 ;;
             grid)
                 timeout 540 python3 -m bench --no-progress --out "$out" 2>&1 | tee "$out/bench-grid.log" | tail -n 60 ;;
+            drift)
+                timeout 300 python3 -m bench.drift --out "$out" 2>&1 | tee "$out/drift.log" | tail -n 20 ;;
             *)
-                echo "unknown stage: $step (tests, headline, grid)"; exit 2 ;;
+                echo "unknown stage: $step (tests, headline, grid, drift)"; exit 2 ;;
         esac
     done
 done

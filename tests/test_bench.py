@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import suite
+from bench import drift, suite
 from bench.__main__ import axis_overrides, main, parse_args, results_tag
 from fused_rnn.ops.launch import interpreting
 
@@ -187,3 +187,28 @@ def test_gpu_run_times_both_modules(tmp_path):
     assert json_path.name.endswith("-grid-subset.json")
     check_results(json_path, num_rows=4, on_gpu=True)
     check_png(png_path)
+
+
+def test_drift_error_figures_cover_the_whole_sequence_and_both_windows():
+    error = torch.arange(10.0).reshape(10, 1, 1)  # |h - h_fp64| = t at step t
+    assert drift.error_figures(error, window=3) == {
+        "max": 9.0, "median": 4.0, "first_max": 2.0, "first_median": 1.0, "last_max": 9.0, "last_median": 8.0,
+    }
+
+
+@needs_interpreter
+def test_drift_run_writes_the_documented_json(tmp_path, capsys):
+    flags = ["--steps", "6", "--window", "2", "--cell", "gru", "--dtype", "float16", "--device", "cpu",
+             "--out", str(tmp_path)]
+    assert drift.main(flags) == 0
+    assert "truncates fp32 -> bf16" in capsys.readouterr().out
+    (path,) = tmp_path.glob("drift-cpu-triton-interpreter-*.json")
+    results = json.loads(path.read_text())
+    assert list(results) == [*suite.environment("cpu"), "note", "config", "rows"]
+    assert results["config"]["steps"] == 6 and results["config"]["window"] == 2
+    assert [(row["cell"], row["dtype"], row["implementation"]) for row in results["rows"]] == [
+        ("gru", "float16", "fused_rnn"), ("gru", "float16", "torch"),
+    ]
+    for row in results["rows"]:
+        assert list(row) == list(drift.ROW_KEYS)
+        assert 0 <= row["median"] <= row["max"] < 1e-2

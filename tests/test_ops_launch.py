@@ -91,3 +91,18 @@ def test_unknown_scheme_is_rejected(monkeypatch):
 )
 def test_persistent_block_h_is_the_smallest_that_gives_every_tile_an_sm(batch, hidden, block_h):
     assert launch.kernel_options(torch.float16, batch, hidden, hidden, multiprocessors=132)["BLOCK_H"] == block_h
+
+
+def test_persistent_launch_keeps_the_arrival_counters_below_2_31(monkeypatch):
+    """Past 2**31 arrivals the int32 counters would wrap; such a launch runs one program per batch tile."""
+    monkeypatch.setattr(launch, "persistent_programs", lambda batch_tiles, hidden_tiles, device: 8)
+    grids = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    for num_steps in (2**27 - 1, 2**27):  # 8 programs * 2 barriers * 2**27 steps = 2**31
+        launch.launch(Kernel(), (torch.empty(1, 1, 1),), num_steps, 1, 128, 128, has_projection=True)
+    assert grids == [(1, 8), (1, 1)]

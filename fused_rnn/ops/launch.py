@@ -153,6 +153,10 @@ def launch(kernel, args: tuple, num_steps: int, batch: int, hidden: int, reducti
                 )
             return
         programs = persistent_programs(batch_tiles, hidden_tiles, device)
+        # The int32 arrival counters are never reset: they reach programs * 2 * num_steps (two
+        # barriers per step with a projection). Past that one program per batch tile never waits.
+        if programs * 2 * num_steps >= 2**31:
+            programs = 1
         barrier = torch.zeros(batch_tiles, dtype=torch.int32, device=device)
         kernel[(batch_tiles, programs)](
             *args, barrier, 0, num_steps, **options, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
