@@ -61,21 +61,15 @@ class Report:
 
 
 def kernels():
-    """``{name: (kernel, flags, optional)}`` for the four kernels: ``flags`` maps each heuristic
-    flag to the pointer it tests for None, ``optional`` lists the pointers a launch may leave None."""
+    """``{name: (kernel, optional)}`` for the four kernels; ``optional`` lists the pointers a
+    launch may leave None (the kernels' heuristics turn each into a flag)."""
     from fused_rnn.ops import gru, lstm
 
-    projection = {"HAS_PROJ": "w_hr_ptr"}
-    lengths = {"HAS_LENGTHS": "lengths_ptr"}
-    saving = {"SAVE_GATES": "gates_ptr"}
     return {
-        "lstm_forward": (lstm.lstm_forward_kernel, projection | lengths | saving,
-                         {"w_hr_ptr", "h_raw_ptr", "lengths_ptr", "gates_ptr"}),
-        "lstm_backward": (lstm.lstm_backward_kernel, projection | lengths,
-                          {"w_hr_ptr", "grad_h_proj_ptr", "lengths_ptr"}),
-        "gru_forward": (gru.gru_forward_kernel, {"HAS_BIAS": "b_hh_ptr"} | lengths | saving,
-                        {"b_hh_ptr", "lengths_ptr", "gates_ptr"}),
-        "gru_backward": (gru.gru_backward_kernel, lengths, {"lengths_ptr"}),
+        "lstm_forward": (lstm.lstm_forward_kernel, {"w_hr_ptr", "h_raw_ptr", "lengths_ptr", "gates_ptr"}),
+        "lstm_backward": (lstm.lstm_backward_kernel, {"w_hr_ptr", "grad_h_proj_ptr", "lengths_ptr"}),
+        "gru_forward": (gru.gru_forward_kernel, {"b_hh_ptr", "lengths_ptr", "gates_ptr"}),
+        "gru_backward": (gru.gru_backward_kernel, {"lengths_ptr"}),
     }
 
 
@@ -96,14 +90,17 @@ def variants(full: bool):
                             yield Variant(name, dtype, optional, scheme, batch, hidden)
 
 
-def signature(variant: Variant, jit_function, flags: dict, optional: set):
-    """Triton types of the arguments and the values of the constexpr ones (see ``kernels``)."""
+def signature(variant: Variant, heuristics, optional: set):
+    """Triton types of the arguments and the values of the constexpr ones: the options
+    ``kernel_options`` picks, None for absent pointers, and the flags the kernel's own
+    ``heuristics`` derive from which pointers are None."""
     from fused_rnn.ops.launch import accumulator_dtype, kernel_options
 
     dtype, tf32 = DTYPES[variant.dtype]
     torch.backends.cudnn.allow_tf32 = tf32
     multiprocessors = MULTIPROCESSORS if variant.scheme == "persistent" else 0
     constants = kernel_options(dtype, variant.batch, variant.hidden, variant.hidden, multiprocessors)
+    jit_function = heuristics.fn
     lstm_stepwise = variant.kernel.startswith("lstm") and variant.scheme == "stepwise"
     absent = {
         name for name in jit_function.arg_names
@@ -111,9 +108,9 @@ def signature(variant: Variant, jit_function, flags: dict, optional: set):
         or (lstm_stepwise and name in PROJECTION_POINTERS)  # stepwise cannot run the projection
         or (variant.scheme == "stepwise" and name == "barrier_ptr")
     }
+    arguments = {name: None if name in absent else object() for name in jit_function.arg_names}
     constants.update({name: None for name in absent})
-    constants.update({flag: pointer not in absent for flag, pointer in flags.items()})
-    constants["GRID_SYNC"] = variant.scheme == "persistent"
+    constants.update({flag: flag_of(arguments) for flag, flag_of in heuristics.values.items()})
     types = {}
     for name in jit_function.arg_names:
         if name in constants:
@@ -136,9 +133,9 @@ def compile_variant(variant: Variant, arch: int) -> Report:
 
     from fused_rnn.ops.launch import NUM_STAGES, NUM_WARPS
 
-    heuristic_kernel, flags, optional = kernels()[variant.kernel]
-    jit_function = heuristic_kernel.fn
-    types, constants = signature(variant, jit_function, flags, optional)
+    heuristics, optional = kernels()[variant.kernel]
+    jit_function = heuristics.fn
+    types, constants = signature(variant, heuristics, optional)
     # Pointers from torch allocations are 16-byte aligned; the launches specialise on that too.
     alignment = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(jit_function.arg_names)
                  if types[name].startswith("*")}
