@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from bench import interpret_kernels
+
 CPU_NOTE = (
     "NOTE: these times were taken on the CPU with the Triton kernels running in Triton's interpreter. "
     "They say nothing about the speed of fused_rnn: a CUDA GPU is needed for that."
@@ -71,10 +73,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     smoke = args.smoke or not torch.cuda.is_available()
     if smoke:
-        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-            sys.exit("--smoke needs TRITON_INTERPRET=1 before triton is imported; run `python -m bench --smoke`")
-        # Triton reads this when fused_rnn's kernels are defined, i.e. on import below.
-        os.environ["TRITON_INTERPRET"] = "1"
+        interpret_kernels("--smoke", "python -m bench --smoke")
     from bench import suite
 
     if smoke and not args.smoke:

@@ -18,13 +18,14 @@ JSON is written only when ``--out DIR`` is given: ``DIR/drift-<device>-<date>.js
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from bench import interpret_kernels, text_table
 
 CELLS = ("lstm", "gru")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -94,6 +95,7 @@ def measure_drift(cell: str, dtype: torch.dtype, steps: int, batch: int = 4, hid
 
 def format_table(rows: list) -> str:
     """The rows as a fixed-width text table."""
+
     header = ("cell", "dtype", "implementation", "max", "median", "first max", "first median",
               "last max", "last median", "seconds")
     lines = [header] + [
@@ -101,8 +103,7 @@ def format_table(rows: list) -> str:
          *(f"{row[key]:.3g}" for key in ROW_KEYS[3:9]), f"{row['seconds']:.1f}")
         for row in rows
     ]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in lines)
+    return text_table(lines)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -130,10 +131,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
-        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-            sys.exit("a CPU run needs TRITON_INTERPRET=1 before triton is imported; run `python -m bench.drift`")
-        # Read when fused_rnn's kernels are defined, i.e. on its first import (module_class).
-        os.environ["TRITON_INTERPRET"] = "1"
+        interpret_kernels("a CPU run", "python -m bench.drift")  # before module_class imports fused_rnn
     from bench import suite
 
     header = suite.environment(device)

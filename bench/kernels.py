@@ -142,11 +142,14 @@ def compile_variant(variant: Variant, arch: int) -> Report:
     source = ASTSource(fn=jit_function, signature=types, constexprs=constants, attrs=alignment)
     blocks = "x".join(str(constants[name]) for name in ("BLOCK_B", "BLOCK_H", "BLOCK_K"))
     try:
-        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES))
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                  options=dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES))
     except Exception as error:  # noqa: BLE001 - every compiler failure is what this tool reports
-        return Report(variant, ok=False, blocks=blocks, error=f"{type(error).__name__}: {str(error).splitlines()[0][:300]}")
+        first_line = str(error).splitlines()[0][:300]
+        return Report(variant, ok=False, blocks=blocks, error=f"{type(error).__name__}: {first_line}")
     registers, spill = _resource_usage(compiled.asm["ptx"], arch)
-    return Report(variant, ok=True, blocks=blocks, registers=registers, spill_bytes=spill, shared_bytes=compiled.metadata.shared,
+    return Report(variant, ok=True, blocks=blocks, registers=registers, spill_bytes=spill,
+                  shared_bytes=compiled.metadata.shared,
                   matrix_instructions=_matrix_instructions(compiled.asm["cubin"]))
 
 
@@ -200,7 +203,8 @@ def main(argv=None) -> int:
         v = report.variant
         row = f"{v.kernel:14} {v.dtype:9} {v.optional:8} {v.scheme:10} {v.batch:4} {v.hidden:5} {report.blocks:>9} "
         if report.ok:
-            row += f"{report.registers:4} {report.spill_bytes:5} {report.shared_bytes:6}  {report.matrix_instructions or '-'}"
+            row += f"{report.registers:4} {report.spill_bytes:5} {report.shared_bytes:6}  "
+            row += report.matrix_instructions or "-"
         else:
             row += f"FAILED: {report.error}"
         print(row)

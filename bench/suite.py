@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.testing
 
+from bench import text_table
 import fused_rnn
 from fused_rnn.ops.launch import choose_scheme, interpreting
 
@@ -402,8 +403,7 @@ def format_table(rows: list) -> str:
             number(row["ours_ms"], 3), number(row["cudnn_ms"], 3), number(row["speedup"], 3, "g"),
             number(row["ours_peak_mb"], 1), number(row["cudnn_peak_mb"], 1), "yes" if row["correct"] else "NO",
         ))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in lines)
+    return text_table(lines)
 
 
 def summary(rows: list) -> str:

@@ -92,6 +92,14 @@ def run_torch(cell, module, x, state, lengths=None):
     return output, (final if cell == "lstm" else (final,))
 
 
+def assert_same_result(ours, theirs):
+    """``(output, final states)`` of ours against torch's, element by element."""
+    (output, final), (ref_output, ref_final) = ours, theirs
+    assert_close(output, ref_output, name="output")
+    for value, ref in zip(final, ref_final, strict=True):
+        assert_close(value, ref, name="final state")
+
+
 def check_against_torch(cell, config, dtype, lengths=None, lengths_as_list=False):
     """Ours in ``dtype`` against the float64 module (on a PackedSequence when ``lengths`` is given):
     output, final states, and the gradients of the input, initial states and every parameter."""
@@ -181,11 +189,8 @@ def test_without_initial_state_matches_torch_zero_state(cell):
     module = make_torch_module(cell, config)
     x, _ = make_inputs(cell, module, torch.float64)
     with torch.no_grad():
-        output, final = run_ours(cell, module, x, None, list(module._flat_weights))
-        ref_output, ref_final = run_torch(cell, module, x, None)
-    assert_close(output, ref_output, name="output")
-    for value, ref in zip(final, ref_final, strict=True):
-        assert_close(value, ref, name="final state")
+        ours = run_ours(cell, module, x, None, list(module._flat_weights))
+        assert_same_result(ours, run_torch(cell, module, x, None))
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -213,11 +218,8 @@ def test_dropout_without_training_matches_torch_eval(cell):
     module = make_torch_module(cell, config, dropout=0.5).eval()
     x, state = make_inputs(cell, module, torch.float64)
     with torch.no_grad():
-        output, final = run_ours(cell, module, x, state, list(module._flat_weights), dropout=0.5, train=False)
-        ref_output, ref_final = run_torch(cell, module, x, state)
-    assert_close(output, ref_output, name="output")
-    for value, ref in zip(final, ref_final, strict=True):
-        assert_close(value, ref, name="final state")
+        ours = run_ours(cell, module, x, state, list(module._flat_weights), dropout=0.5, train=False)
+        assert_same_result(ours, run_torch(cell, module, x, state))
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -229,12 +231,11 @@ def test_dropout_in_training_matches_torch_train_mode_under_same_seed(cell):
     x, state = make_inputs(cell, module, torch.float64, device="cpu")
     x.requires_grad_()
     torch.manual_seed(1)
-    output, final = run_ours(cell, module, x, state, list(module._flat_weights), dropout=0.5, train=True)
+    ours = run_ours(cell, module, x, state, list(module._flat_weights), dropout=0.5, train=True)
     torch.manual_seed(1)
-    ref_output, ref_final = run_torch(cell, module, x, state)
-    assert_close(output, ref_output, name="output")
-    for value, ref in zip(final, ref_final, strict=True):
-        assert_close(value, ref, name="final state")
+    theirs = run_torch(cell, module, x, state)
+    assert_same_result(ours, theirs)
+    (output, _), (ref_output, _) = ours, theirs
     upstream = torch.randn_like(output)
     (grad,) = torch.autograd.grad(output, x, upstream)
     (ref_grad,) = torch.autograd.grad(ref_output, x, upstream)
