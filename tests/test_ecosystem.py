@@ -5,13 +5,16 @@ ranks and one process, graph replay and eager) and compares forward values and e
 """
 
 import copy
+import datetime
+import faulthandler
 import os
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from functorch.compile import make_boxed_func
 from torch import nn
@@ -361,6 +364,7 @@ def test_autocast_cuda_matches_torch(cell, dtype):
 # DistributedDataParallel
 
 DDP_WORLD_SIZE, DDP_BATCH = 2, 4
+DDP_TIMEOUT_S = 240
 
 
 class LSTMHead(nn.Module):
@@ -384,12 +388,17 @@ def ddp_batch():
     return x.to(KERNEL_DEVICE), target.to(KERNEL_DEVICE)
 
 
-def ddp_worker(rank, init_file, out_dir):
-    """One rank: DDP over ``LSTMHead`` on its half of ``ddp_batch``; saves its gradients."""
+def ddp_rank(rank, store_port, out_dir):
+    """One rank, run in its own process: DDP over ``LSTMHead`` on its half of ``ddp_batch``;
+    saves its gradients to ``out_dir``."""
+    # A hang shows up as every thread's stack in the rank's log, not as a silent timeout.
+    faulthandler.dump_traceback_later(DDP_TIMEOUT_S - 30, exit=True)
     # Two ranks beside the test workers on a small machine: one thread each, loopback only.
     torch.set_num_threads(1)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=DDP_WORLD_SIZE)
+    timeout = datetime.timedelta(seconds=DDP_TIMEOUT_S - 60)
+    store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=timeout)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=DDP_WORLD_SIZE, timeout=timeout)
     try:
         # Different initial weights per rank: DDP must broadcast rank 0's into the fused layer.
         torch.manual_seed(rank)
@@ -403,16 +412,41 @@ def ddp_worker(rank, init_file, out_dir):
         dist.destroy_process_group()
 
 
+def run_ranks(out_dir):
+    """Start ``DDP_WORLD_SIZE`` processes running ``ddp_rank``; wait for all of them.
+
+    Plain subprocesses whose output goes to files: nothing of the pytest worker (pipes,
+    threads) reaches them, and a failing rank's log is part of the test's message.
+    """
+    # The store lives in this process, so there is no port to guess and no file to lock.
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    code = f"from test_ecosystem import ddp_rank; ddp_rank({{rank}}, {store.port}, {str(out_dir)!r})"
+    search_path = [os.path.dirname(__file__), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(search_path))
+    logs = [out_dir / f"rank{rank}.log" for rank in range(DDP_WORLD_SIZE)]
+    ranks = []
+    for rank, log in enumerate(logs):
+        with log.open("w") as output:
+            ranks.append(subprocess.Popen([sys.executable, "-c", code.format(rank=rank)], env=env,
+                                          stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + DDP_TIMEOUT_S
+    try:
+        for process in ranks:
+            process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for process in ranks:
+            process.kill()
+            process.wait()
+    failed = [(rank, process.returncode) for rank, process in enumerate(ranks) if process.returncode != 0]
+    if failed:
+        report = "\n".join(f"--- rank {rank} (exit {code}):\n{logs[rank].read_text()[-4000:]}" for rank, code in failed)
+        pytest.fail(f"DDP ranks failed or did not finish within {DDP_TIMEOUT_S} s\n{report}")
+
+
 def test_ddp_two_ranks_grads_match_single_process(tmp_path):
-    # Workers inherit TRITON_INTERPRET from os.environ (set by conftest without CUDA).
-    context = mp.spawn(ddp_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)),
-                       nprocs=DDP_WORLD_SIZE, join=False)
-    deadline = time.monotonic() + 300
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.terminate()
-            pytest.fail("the DDP workers did not finish within 300 s")
+    run_ranks(tmp_path)
 
     torch.manual_seed(0)
     model = LSTMHead()
