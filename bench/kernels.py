@@ -131,7 +131,7 @@ def compile_variant(variant: Variant, arch: int) -> Report:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fused_rnn.ops.launch import NUM_STAGES, NUM_WARPS
+    from fused_rnn.ops.launch import COMPILE_OPTIONS
 
     heuristics, optional = kernels()[variant.kernel]
     jit_function = heuristics.fn
@@ -143,7 +143,7 @@ def compile_variant(variant: Variant, arch: int) -> Report:
     blocks = "x".join(str(constants[name]) for name in ("BLOCK_B", "BLOCK_H", "BLOCK_K"))
     try:
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                  options=dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES))
+                                  options=COMPILE_OPTIONS)
     except Exception as error:  # noqa: BLE001 - every compiler failure is what this tool reports
         first_line = str(error).splitlines()[0][:300]
         return Report(variant, ok=False, blocks=blocks, error=f"{type(error).__name__}: {first_line}")

@@ -24,12 +24,13 @@ import triton.language as tl
 
 SCHEMES = ("persistent", "stepwise")
 
-# Warps per program and software-pipelining depth of the matmul loops. With 4 warps, or with the
-# loads of the next K block prefetched into registers (``num_stages`` > 1), the LSTM and fp32
-# kernels need more than 255 registers a thread and spill to local memory; with these none does
-# (``python -m bench.kernels`` prints the compiler's report).
-NUM_WARPS = 8
-NUM_STAGES = 1
+# How every kernel is compiled. With 4 warps, or with the loads of the next K block prefetched
+# into registers (``num_stages`` > 1), the LSTM and fp32 kernels need more than 255 registers a
+# thread and spill to local memory. ``maxnreg`` tells ptxas the whole register file is ours: a
+# persistent program has an SM to itself, yet without it ptxas 12.8 (Triton 3.6) keeps to 80-128
+# registers for occupancy and spills a few bytes. With these nothing spills (``python -m
+# bench.kernels`` prints the compiler's report).
+COMPILE_OPTIONS = dict(num_warps=8, num_stages=1, maxnreg=255)
 
 # Triton decides when a kernel is decorated whether it will be interpreted, so read it once too.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -148,9 +149,7 @@ def launch(kernel, args: tuple, num_steps: int, batch: int, hidden: int, reducti
     with _INTERPRETER_LOCK:
         if scheme == "stepwise":
             for step in range(num_steps):
-                kernel[(batch_tiles, hidden_tiles)](
-                    *args, None, step, step + 1, **options, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-                )
+                kernel[(batch_tiles, hidden_tiles)](*args, None, step, step + 1, **options, **COMPILE_OPTIONS)
             return
         programs = persistent_programs(batch_tiles, hidden_tiles, device)
         # The int32 arrival counters are never reset: they reach programs * 2 * num_steps (two
@@ -159,7 +158,7 @@ def launch(kernel, args: tuple, num_steps: int, batch: int, hidden: int, reducti
             programs = 1
         barrier = torch.zeros(batch_tiles, dtype=torch.int32, device=device)
         kernel[(batch_tiles, programs)](
-            *args, barrier, 0, num_steps, **options, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+            *args, barrier, 0, num_steps, **options, **COMPILE_OPTIONS,
             launch_cooperative_grid=programs > 1,
         )
 
