@@ -1,142 +1,215 @@
-"""Autograd Functions over the Triton recurrences, and the functional LSTM / GRU.
+"""Autograd Functions over the Triton recurrences, and the functional LSTM / GRU / RNN.
 
-Each layer and direction is
-    gates_x = x W_ih^T + b          one GEMM over all timesteps (cuBLAS through torch, autograd)
-    h_seq   = Recurrence(gates_x)   the Triton time loop, with a hand-written BPTT backward
-The backward of a recurrence returns ``dgates`` (the gradient of ``gates_x``; autograd turns it
-into dx, dW_ih and the biases' gradients with GEMMs) and computes dW_hh, dW_hr and db_hh as
-single GEMMs / reductions over all ``T * B`` rows after the loop.
+A layer (every direction at once) is
+    gates_x = x W_ih^T + b          one GEMM over all timesteps and directions (cuBLAS through torch)
+    h       = recurrence(gates_x)   the Triton time loop (``ops``), both directions in one launch
+and its backward is written by hand (``_FusedLayer``): the BPTT kernel gives the gate gradients,
+then dx, dW_ih, the biases, dW_hh and dW_hr are single GEMMs / reductions over all ``T * B`` rows.
 
-On CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``, the Triton kernels run; other
-CPU tensors take the PyTorch reference recurrence (``fused_rnn.reference``).
+Where the layers run: ONNX operators during ``torch.onnx.export`` (``fused_rnn.onnx``); PyTorch's
+own RNN operator on plain CPU tensors (``fused_rnn.native``); the Triton kernels on CUDA tensors,
+and on CPU tensors under ``TRITON_INTERPRET=1``; ``fused_rnn.reference`` for empty batches and
+for the options PyTorch's operator lacks on plain CPU tensors.
 """
 
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import native, onnx, reference
 from .ops.gru import gru_backward, gru_forward
-from .ops.launch import accumulator_dtype, final_slot, runs_triton, states_after, states_before
+from .ops.launch import accumulator_dtype, runs_triton
 from .ops.lstm import lstm_backward, lstm_forward
+from .ops.rnn import rnn_backward, rnn_forward
 
-__all__ = ["lstm", "gru", "lstm_recurrence", "gru_recurrence", "LSTMRecurrence", "GRURecurrence"]
+__all__ = ["lstm", "gru", "rnn", "layer"]
 
-
-def _first_step(num_steps: int, reverse: bool) -> int:
-    return num_steps - 1 if reverse else 0
-
-
-def _refuse_double_backward() -> None:
-    # The hand-written backward is not itself differentiable. Raising (as cuDNN's RNN does) beats
-    # the silently partial second derivative that autograd would build around it.
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "fused_rnn: double backward (create_graph=True through an LSTM/GRU layer) is not supported"
-        )
+NUM_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+# Per direction, the fused layer takes (W_ih, W_hh, b_ih, b_hh, W_hr), None where absent.
+WEIGHTS_PER_DIRECTION = 5
 
 
-class LSTMRecurrence(torch.autograd.Function):
-    """``(gates_x, W_hh, W_hr, h0, c0, lengths, reverse, grad_enabled) -> (h_seq (T, B, P), c_n (B, H))``.
+def _recurrence_forward(mode, gates_x, w_hh, b_hh, w_hr, h0, c0, options, save):
+    """``(h, c, h_raw, saved)`` of the cell's forward op; see ``ops.recurrence.forward_outputs``."""
+    lengths, resets, h_masks, zoneout_h, zoneout_c, zoneout_p = options
+    if mode == "LSTM":
+        return lstm_forward(gates_x, w_hh, w_hr, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, zoneout_p, save)
+    empty = gates_x.new_empty(0)
+    if mode == "GRU":
+        h, saved = gru_forward(gates_x, w_hh, b_hh, h0, lengths, resets, h_masks, zoneout_h, zoneout_p, save)
+    else:
+        h, saved = rnn_forward(gates_x, w_hh, h0, lengths, resets, h_masks, zoneout_h, zoneout_p, _nonlinearity(mode),
+                               save)
+    return h, empty, empty, saved
 
-    ``grad_enabled`` is ``torch.is_grad_enabled()`` at the call: nothing is saved without it.
+
+def _recurrence_backward(mode, grad_h, grad_c_n, w_hh, w_hr, options, h, c, saved):
+    """``(dgates_x, dgates_h, grad_h_proj, dh0, dc0)``; ``dgates_h`` is ``dgates_x`` but for the GRU."""
+    lengths, resets, h_masks, zoneout_h, zoneout_c, zoneout_p = options
+    if mode == "LSTM":
+        dgates, grad_h_proj, dh0, dc0 = lstm_backward(
+            grad_h, grad_c_n, w_hh, w_hr, lengths, resets, h_masks, zoneout_h, zoneout_c, zoneout_p, h, c, saved)
+        return dgates, dgates, grad_h_proj, dh0, dc0
+    if mode == "GRU":
+        dgates_x, dgates_h, dh0 = gru_backward(grad_h, w_hh, lengths, resets, h_masks, zoneout_h, zoneout_p, h, saved)
+        return dgates_x, dgates_h, None, dh0, None
+    dgates, dh0 = rnn_backward(grad_h, w_hh, lengths, resets, h_masks, zoneout_h, zoneout_p, h, saved,
+                               _nonlinearity(mode))
+    return dgates, dgates, None, dh0, None
+
+
+def _nonlinearity(mode: str) -> str:
+    return mode.removeprefix("RNN_").lower()
+
+
+def _stack(tensors):
+    return None if tensors[0] is None else torch.stack(tensors)
+
+
+def _states_before(h, h0, resets, h_masks, direction: int):
+    """``(T, B, P)``: the ``h_{t-1}`` each step multiplied by ``W_hh`` in one direction (after
+    resets and the recurrent-dropout mask), in the order of ``t``."""
+    num_steps = h.shape[0] - 2
+    states = h[:num_steps, :, 0] if direction == 0 else h[2:, :, 1]
+    if resets is not None:
+        # Walking backwards in time, a segment starts at the step before the next one's start.
+        starts = resets if direction == 0 else torch.cat([resets[1:], torch.zeros_like(resets[:1])])
+        states = torch.where(starts[:, :, None], h0[direction], states)
+    if h_masks is not None:
+        states = states * h_masks[:, direction]
+    return states
+
+
+# _FusedLayer.apply's arguments: (mode, grad_enabled, zoneout_p, x, h0, c0, lengths, resets,
+# h_masks, zoneout_h, zoneout_c, *weights).
+FIRST_TENSOR, FIRST_WEIGHT = 3, 11
+
+
+class _FusedLayer(torch.autograd.Function):
+    """One layer, every direction: ``output (T, B, D*P)``, and ``c_n (D, B, H)`` for the LSTM.
+
+    ``weights`` lists ``(W_ih, W_hh, b_ih, b_hh, W_hr)`` per direction, None where absent; the
+    options are those of ``reference.layer``. ``grad_enabled`` is ``torch.is_grad_enabled()`` at
+    the call: nothing is saved without it. The output is a view of the state buffer the kernel
+    wrote (slots ``1..T``), so ``h_n`` is a view too and its gradient arrives folded into the
+    output's.
     """
 
     @staticmethod
-    def forward(ctx, gates_x, w_hh, w_hr, h0, c0, lengths, reverse, grad_enabled):
+    def forward(ctx, mode, grad_enabled, zoneout_p, x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c,
+                *weights):
+        num_steps, batch = x.shape[0], x.shape[1]
+        w_ih, w_hh, b_ih, b_hh, w_hr = (weights[k::WEIGHTS_PER_DIRECTION] for k in range(WEIGHTS_PER_DIRECTION))
+        directions = len(w_ih)
+        # The GRU keeps b_hh apart (b_hn sits inside r * (.)); the other cells fold it into gates_x.
+        if b_ih[0] is None:
+            bias = None
+        elif mode == "GRU":
+            bias = torch.cat(b_ih)
+        else:
+            bias = torch.cat([b_i + b_h for b_i, b_h in zip(b_ih, b_hh)])
+        gates_x = F.linear(x, torch.cat(w_ih), bias).view(num_steps, batch, directions, -1)
         save = grad_enabled and any(ctx.needs_input_grad)
-        h, c, h_raw, gates = lstm_forward(gates_x, w_hh, w_hr, h0, c0, lengths, reverse, save)
-        ctx.reverse = reverse
+        options = (lengths, resets, h_masks, zoneout_h, zoneout_c, zoneout_p)
+        h, c, h_raw, saved = _recurrence_forward(
+            mode, gates_x, torch.stack(w_hh), _stack(b_hh) if mode == "GRU" else None, _stack(w_hr), h0, c0,
+            options, save)
+        ctx.mode, ctx.zoneout_p = mode, zoneout_p
         if save:
-            ctx.save_for_backward(w_hh, w_hr, lengths, h, c, h_raw, gates)
-        num_steps = gates_x.shape[0]
-        return states_after(h, reverse), c[final_slot(num_steps, reverse)].to(gates_x.dtype, copy=True)
+            ctx.save_for_backward(x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, h, c, h_raw, saved,
+                                  *weights)
+        output = h[1:num_steps + 1].view(num_steps, batch, -1)
+        if mode != "LSTM":
+            return output
+        # The forward direction ends in slot T, the reverse one in slot 1.
+        ends = [c[num_steps, :, 0]] + ([c[1, :, 1]] if directions == 2 else [])
+        return output, torch.stack(ends).to(x.dtype)
 
     @staticmethod
-    def backward(ctx, grad_h_seq, grad_c_n):
-        _refuse_double_backward()
-        w_hh, w_hr, lengths, h, c, h_raw, gates = ctx.saved_tensors
-        reverse = ctx.reverse
-        T, B, P = h.shape[0] - 1, h.shape[1], h.shape[2]
-        H = c.shape[2]
-        if grad_h_seq is None:
-            grad_h_seq = torch.zeros(T, B, P, dtype=h.dtype, device=h.device)
-        if grad_c_n is None:
-            grad_c_n = torch.zeros(B, H, dtype=h.dtype, device=h.device)
-        dgates, grad_h_proj, dh_carry, dc0 = lstm_backward(
-            grad_h_seq, grad_c_n, w_hh, w_hr, lengths, reverse, gates, c
-        )
-        need_w_hh, need_w_hr, need_h0, need_c0 = ctx.needs_input_grad[1:5]
-        grad_w_hh = grad_w_hr = grad_h0 = grad_c0 = None
-        if need_w_hh:
-            grad_w_hh = dgates.view(T * B, 4 * H).t() @ states_before(h, reverse).reshape(T * B, P)
-        if need_w_hr:
-            grad_w_hr = grad_h_proj.view(T * B, P).t() @ h_raw.view(T * B, H)
-        if need_h0:
-            grad_h0 = (dh_carry + dgates[_first_step(T, reverse)] @ w_hh).to(h.dtype)
-        if need_c0:
-            grad_c0 = dc0.to(h.dtype)
-        return dgates, grad_w_hh, grad_w_hr, grad_h0, grad_c0, None, None, None
+    def backward(ctx, grad_output, grad_c_n=None):
+        if torch.is_grad_enabled():
+            return _second_order_backward(ctx, grad_output, grad_c_n)
+        x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, h, c, h_raw, saved, *weights = ctx.saved_tensors
+        mode, needs = ctx.mode, ctx.needs_input_grad
+        needs_weight = needs[FIRST_WEIGHT:]
+        w_ih, w_hh, b_ih, b_hh, w_hr = (weights[k::WEIGHTS_PER_DIRECTION] for k in range(WEIGHTS_PER_DIRECTION))
+        num_steps, batch, directions, features = h.shape[0] - 2, h.shape[1], h.shape[2], h.shape[3]
+        rows = num_steps * batch
+        grad_h = grad_output.reshape(num_steps, batch, directions, features)
+        if mode == "LSTM" and grad_c_n is None:
+            grad_c_n = c.new_zeros(directions, batch, c.shape[3], dtype=x.dtype)
+        options = (lengths, resets, h_masks, zoneout_h, zoneout_c, ctx.zoneout_p)
+        dgates_x, dgates_h, grad_h_proj, dh0, dc0 = _recurrence_backward(
+            mode, grad_h, grad_c_n, torch.stack(w_hh), _stack(w_hr), options, h, c, saved)
+
+        grads = [None] * len(weights)
+        gates = dgates_x.shape[3]
+        dgates_rows = dgates_x.view(rows, -1)
+        grad_x = (dgates_rows @ torch.cat(w_ih)).view_as(x) if needs[FIRST_TENSOR] else None
+        if any(needs_weight[0::WEIGHTS_PER_DIRECTION]):
+            grads[0::WEIGHTS_PER_DIRECTION] = (dgates_rows.t() @ x.reshape(rows, -1)).split(gates)
+        if b_ih[0] is not None and (any(needs_weight[2::WEIGHTS_PER_DIRECTION]) or any(needs_weight[3::WEIGHTS_PER_DIRECTION])):
+            grads[2::WEIGHTS_PER_DIRECTION] = _column_sums(dgates_rows).split(gates)
+            hidden_grad = dgates_h if mode == "GRU" else dgates_x
+            grads[3::WEIGHTS_PER_DIRECTION] = _column_sums(hidden_grad.view(rows, -1)).split(gates)
+        for direction in range(directions):
+            first = direction * WEIGHTS_PER_DIRECTION
+            if needs_weight[first + 1]:
+                states = _states_before(h, h0, resets, h_masks, direction).reshape(rows, features)
+                grads[first + 1] = dgates_h[:, :, direction].reshape(rows, gates).t() @ states
+            if w_hr[direction] is not None and needs_weight[first + 4]:
+                grads[first + 4] = (grad_h_proj[:, :, direction].reshape(rows, features).t()
+                                    @ h_raw[:, :, direction].reshape(rows, -1))
+        return (None, None, None, grad_x, dh0 if needs[FIRST_TENSOR + 1] else None,
+                dc0 if mode == "LSTM" and needs[FIRST_TENSOR + 2] else None, None, None, None, None, None, *grads)
 
 
-class GRURecurrence(torch.autograd.Function):
-    """``(gates_x, W_hh, b_hh, h0, lengths, reverse, grad_enabled) -> h_seq (T, B, H)``."""
-
-    @staticmethod
-    def forward(ctx, gates_x, w_hh, b_hh, h0, lengths, reverse, grad_enabled):
-        save = grad_enabled and any(ctx.needs_input_grad)
-        h, gates = gru_forward(gates_x, w_hh, b_hh, h0, lengths, reverse, save)
-        ctx.reverse = reverse
-        if save:
-            ctx.save_for_backward(w_hh, lengths, h, gates)
-        return states_after(h, reverse)
-
-    @staticmethod
-    def backward(ctx, grad_h_seq):
-        _refuse_double_backward()
-        w_hh, lengths, h, gates = ctx.saved_tensors
-        reverse = ctx.reverse
-        T, B, H = h.shape[0] - 1, h.shape[1], h.shape[2]
-        dgates_x, dgates_h, dh_carry = gru_backward(grad_h_seq, w_hh, lengths, reverse, gates, h)
-        need_w_hh, need_b_hh, need_h0 = ctx.needs_input_grad[1:4]
-        grad_w_hh = grad_b_hh = grad_h0 = None
-        if need_w_hh:
-            grad_w_hh = dgates_h.view(T * B, 3 * H).t() @ states_before(h, reverse).reshape(T * B, H)
-        if need_b_hh:
-            grad_b_hh = dgates_h.sum(dim=(0, 1), dtype=accumulator_dtype(h.dtype)).to(h.dtype)
-        if need_h0:
-            grad_h0 = (dh_carry + dgates_h[_first_step(T, reverse)] @ w_hh).to(h.dtype)
-        return dgates_x, grad_w_hh, grad_b_hh, grad_h0, None, None, None
+def _column_sums(rows):
+    return rows.sum(0, dtype=accumulator_dtype(rows.dtype)).to(rows.dtype)
 
 
-def lstm_recurrence(gates_x, w_hh, w_hr, h0, c0, lengths=None, reverse=False):
-    """One LSTM layer's recurrence over ``gates_x (T, B, 4H)``; see ``reference.lstm_recurrence``."""
-    if runs_triton(gates_x) and gates_x.shape[1] > 0:
-        return LSTMRecurrence.apply(gates_x, w_hh, w_hr, h0, c0, lengths, reverse, torch.is_grad_enabled())
-    return reference.lstm_recurrence(gates_x, w_hh, w_hr, h0, c0, lengths, reverse)
+def _second_order_backward(ctx, grad_output, grad_c_n):
+    """The backward when a graph of it is asked for (``create_graph=True``): the layer recomputed
+    by ``reference.layer`` in plain PyTorch, differentiated by autograd, so every derivative of
+    any order is exact. The first-order backward never comes here."""
+    x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, h, c, h_raw, saved, *weights = ctx.saved_tensors
+    inputs = [x, h0, c0, None, None, None, None, None, *weights]
+    wanted = [index for index, tensor in enumerate(inputs)
+              if tensor is not None and ctx.needs_input_grad[FIRST_TENSOR + index]]
+    directions = [weights[first:first + WEIGHTS_PER_DIRECTION] for first in range(0, len(weights), WEIGHTS_PER_DIRECTION)]
+    output, _, c_n = reference.layer(ctx.mode, x, h0, c0, directions, lengths, resets, h_masks, zoneout_h, zoneout_c,
+                                     ctx.zoneout_p)
+    outputs, grad_outputs = [output], [grad_output]
+    if c_n is not None and grad_c_n is not None:
+        outputs.append(c_n)
+        grad_outputs.append(grad_c_n)
+    found = torch.autograd.grad(outputs, [inputs[index] for index in wanted], grad_outputs,
+                                create_graph=True, allow_unused=True)
+    grads = [None] * len(inputs)
+    for index, grad in zip(wanted, found):
+        grads[index] = grad
+    return (None, None, None, *grads)
 
 
-def gru_recurrence(gates_x, w_hh, b_hh, h0, lengths=None, reverse=False):
-    """One GRU layer's recurrence over ``gates_x (T, B, 3H)``; see ``reference.gru_recurrence``."""
-    if runs_triton(gates_x) and gates_x.shape[1] > 0:
-        return GRURecurrence.apply(gates_x, w_hh, b_hh, h0, lengths, reverse, torch.is_grad_enabled())
-    return reference.gru_recurrence(gates_x, w_hh, b_hh, h0, lengths, reverse)
+def layer(mode, x, h0, c0, weights, lengths=None, resets=None, h_masks=None, zoneout_h=None, zoneout_c=None,
+          zoneout_p=0.0):
+    """One layer, every direction, on the Triton kernels; the contract of ``reference.layer``:
+    returns ``(output (T, B, D*P), h_n (D, B, P), c_n (D, B, H) or None)``."""
+    flat = [tensor for direction in weights for tensor in direction]
+    result = _FusedLayer.apply(mode, torch.is_grad_enabled(), float(zoneout_p), x, h0, c0, lengths, resets, h_masks,
+                               zoneout_h, zoneout_c, *flat)
+    output, c_n = result if mode == "LSTM" else (result, None)
+    features = output.shape[2] // len(weights)
+    # The forward direction ends at the last timestep, the reverse one at the first.
+    h_n = [output[-1, :, :features], output[0, :, features:]][:len(weights)]
+    return output, torch.stack(h_n), c_n
 
 
-def _lstm_layer(x, weights, has_biases, state, lengths, reverse):
-    w_ih, w_hh = weights[0], weights[1]
-    bias = weights[2] + weights[3] if has_biases else None
-    w_hr = weights[-1] if len(weights) == (5 if has_biases else 3) else None
-    h0, c0 = state
-    h_seq, c_n = lstm_recurrence(F.linear(x, w_ih, bias), w_hh, w_hr, h0, c0, lengths, reverse)
-    return h_seq, (h_seq[0] if reverse else h_seq[-1], c_n)
-
-
-def _gru_layer(x, weights, has_biases, state, lengths, reverse):
+def _direction_weights(weights, has_biases: bool):
+    """``(W_ih, W_hh, b_ih, b_hh, W_hr)`` from one direction's ``_flat_weights`` slice."""
     w_ih, w_hh = weights[0], weights[1]
     b_ih, b_hh = (weights[2], weights[3]) if has_biases else (None, None)
-    (h0,) = state
-    h_seq = gru_recurrence(F.linear(x, w_ih, b_ih), w_hh, b_hh, h0, lengths, reverse)
-    return h_seq, (h_seq[0] if reverse else h_seq[-1],)
+    w_hr = weights[-1] if len(weights) == (5 if has_biases else 3) else None
+    return w_ih, w_hh, b_ih, b_hh, w_hr
 
 
 def _check_device(name: str, tensor: torch.Tensor, input: torch.Tensor) -> None:
@@ -201,13 +274,35 @@ def _check_weights(cell, params, num_gates, has_biases, num_layers, num_directio
     return hidden, features
 
 
-def _run(cell, input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, lengths):
+def _check_reset(reset, batch_first: bool, num_steps: int, batch: int, input: torch.Tensor) -> torch.Tensor:
+    """``reset`` as a ``(T, B)`` bool tensor on the input's device."""
+    if not isinstance(reset, torch.Tensor):
+        raise TypeError(f"reset must be a bool tensor, got {type(reset).__name__}")
+    if reset.dtype != torch.bool:
+        raise ValueError(f"reset must be a bool tensor, got {reset.dtype}")
+    expected = (batch, num_steps) if batch_first else (num_steps, batch)
+    if tuple(reset.shape) != expected:
+        layout = "(B, T) with batch_first" if batch_first else "(T, B)"
+        raise ValueError(f"reset must have the input's batch and time dims {layout} = {list(expected)}, "
+                         f"got {list(reset.shape)}")
+    _check_device("reset", reset, input)
+    return (reset.t() if batch_first else reset).contiguous()
+
+
+def _check_probability(name: str, p) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {p!r}")
+    return float(p)
+
+
+def _run(mode, input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, lengths,
+         reset=None, recurrent_dropout=0.0, zoneout=0.0, weight_drop=0.0):
     """Shared multi-layer, bidirectional driver; ``hx`` is a tuple of ``(L * D, B, .)`` states or None."""
     if not isinstance(input, torch.Tensor) or input.dim() != 3:
         got = f"{input.dim()}-D tensor" if isinstance(input, torch.Tensor) else type(input).__name__
-        raise ValueError(f"{cell}: expected a 3-D input tensor, got {got}")
+        raise ValueError(f"{mode}: expected a 3-D input tensor, got {got}")
     if not input.is_floating_point():
-        raise ValueError(f"{cell}: input must be a floating point tensor, got {input.dtype}")
+        raise ValueError(f"{mode}: input must be a floating point tensor, got {input.dtype}")
     x = input.transpose(0, 1) if batch_first else input
     num_steps, batch = x.shape[0], x.shape[1]
     if num_steps == 0:
@@ -228,9 +323,8 @@ def _run(cell, input, hx, params, has_biases, num_layers, dropout, train, bidire
     groups = num_layers * num_directions
     for param in params:
         _check_dtype("parameter", param, x)
-    num_gates, layer_fn = (4, _lstm_layer) if cell == "LSTM" else (3, _gru_layer)
-    hidden, features = _check_weights(cell, params, num_gates, has_biases, num_layers, num_directions, x.shape[2])
-    state_shapes = [(groups, batch, features), (groups, batch, hidden)][: 2 if cell == "LSTM" else 1]
+    hidden, features = _check_weights(mode, params, NUM_GATES[mode], has_biases, num_layers, num_directions, x.shape[2])
+    state_shapes = [(groups, batch, features), (groups, batch, hidden)][: 2 if mode == "LSTM" else 1]
     if hx is None:
         hx = tuple(torch.zeros(shape, dtype=x.dtype, device=x.device) for shape in state_shapes)
     for state, shape in zip(hx, state_shapes):
@@ -239,32 +333,74 @@ def _run(cell, input, hx, params, has_biases, num_layers, dropout, train, bidire
             raise RuntimeError(f"Expected hidden size {shape}, got {list(state.shape)}")
     if lengths is not None:
         lengths = _check_lengths(lengths, num_steps, batch).to(device=x.device, dtype=torch.int64)
+    resets = None if reset is None else _check_reset(reset, batch_first, num_steps, batch, x)
+    recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout) if train else 0.0
+    weight_drop = _check_probability("weight_drop", weight_drop) if train else 0.0
+    zoneout = _check_probability("zoneout", zoneout)
+    if weight_drop > 0:
+        # DropConnect on W_hh (Merity et al.): a fresh mask each call, through autograd.
+        per_group = len(params) // groups
+        params = [F.dropout(param, weight_drop) if index % per_group == 1 else param
+                  for index, param in enumerate(params)]
 
-    per_group = len(params) // groups
-    finals = [[] for _ in hx]
-    for layer in range(num_layers):
-        outputs = []
-        for direction in range(num_directions):
-            group = layer * num_directions + direction
-            weights = params[group * per_group:(group + 1) * per_group]
-            state = tuple(s[group] for s in hx)
-            out, last = layer_fn(x, weights, has_biases, state, lengths, direction == 1)
-            outputs.append(out)
-            for collected, value in zip(finals, last):
-                collected.append(value)
-        x = torch.cat(outputs, dim=2) if num_directions == 2 else outputs[0]
-        if dropout > 0 and train and layer < num_layers - 1:
-            x = F.dropout(x, dropout, training=True)
+    options = resets is not None or recurrent_dropout > 0 or zoneout > 0
+    if onnx.exporting():
+        if options:
+            raise RuntimeError(f"{mode}: reset=, recurrent_dropout and zoneout have no ONNX operator: export "
+                               "without them")
+        layers = onnx.layers
+    elif native.handles(x) and not options:
+        # PyTorch's own RNN operator on plain CPU tensors: nn.LSTM's speed.
+        layers = native.layers
+    else:
+        layers = _layers
+    output, finals = layers(mode, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, lengths,
+                            **(dict(resets=resets, recurrent_dropout=recurrent_dropout, zoneout=zoneout) if options else {}))
     if lengths is not None:
         valid = torch.arange(num_steps, device=x.device)[:, None] < lengths[None, :]
-        x = torch.where(valid[:, :, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
-    output = x.transpose(0, 1) if batch_first else x
-    return output, tuple(torch.stack(collected) for collected in finals)
+        output = torch.where(valid[:, :, None], output, torch.zeros((), dtype=output.dtype, device=output.device))
+    return output.transpose(0, 1) if batch_first else output, finals
+
+
+def _layers(mode, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, lengths,
+            resets=None, recurrent_dropout=0.0, zoneout=0.0):
+    """The layers over time-major ``x (T, B, I)``: ``output (T, B, D * P)`` and the tuple of final
+    states ``(L * D, B, .)``. Each layer runs the Triton kernels (``layer``) where they take the
+    tensors, else ``reference.layer``."""
+    num_directions = 2 if bidirectional else 1
+    per_group = len(params) // (num_layers * num_directions)
+    run_layer = layer if runs_triton(x) and x.shape[1] > 0 else reference.layer
+    finals = [[] for _ in hx]
+    for index in range(num_layers):
+        groups = range(index * num_directions, (index + 1) * num_directions)
+        weights = [_direction_weights(params[group * per_group:(group + 1) * per_group], has_biases)
+                   for group in groups]
+        h0 = hx[0][groups.start:groups.stop]
+        c0 = hx[1][groups.start:groups.stop] if mode == "LSTM" else None
+        h_masks = zoneout_h = zoneout_c = None
+        if recurrent_dropout > 0:
+            # Variational dropout (Gal & Ghahramani): one mask per sequence, the same at every step.
+            keep = torch.full((x.shape[1], num_directions, h0.shape[2]), 1 - recurrent_dropout, dtype=x.dtype,
+                              device=x.device)
+            h_masks = torch.bernoulli(keep) / (1 - recurrent_dropout)
+        if zoneout > 0 and train:
+            # Zoneout's keep masks: a fresh draw per step, sequence and unit.
+            zoneout_h = torch.rand(x.shape[0], x.shape[1], num_directions, h0.shape[2], device=x.device) < zoneout
+            if c0 is not None:
+                zoneout_c = torch.rand(x.shape[0], x.shape[1], num_directions, c0.shape[2], device=x.device) < zoneout
+        x, h_n, c_n = run_layer(mode, x, h0, c0, weights, lengths, resets, h_masks, zoneout_h, zoneout_c, zoneout)
+        finals[0].append(h_n)
+        if c_n is not None:
+            finals[1].append(c_n)
+        if dropout > 0 and train and index < num_layers - 1:
+            x = F.dropout(x, dropout, training=True)
+    return x, tuple(torch.cat(collected) for collected in finals)
 
 
 def lstm(
     input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False,
-    bidirectional=False, batch_first=False, lengths=None,
+    bidirectional=False, batch_first=False, lengths=None, reset=None, recurrent_dropout=0.0, zoneout=0.0,
+    weight_drop=0.0,
 ):
     """Multi-layer LSTM with the math and weight layout of ``torch.nn.LSTM``.
 
@@ -272,31 +408,56 @@ def lstm(
     [, W_hr]`` exactly as ``nn.LSTM._flat_weights``. ``hx`` is ``(h_0, c_0)`` or ``None``.
     ``lengths`` (B,) makes each sequence end at its own length: outputs past it are zero and the
     final states are taken at each sequence's end (same as packing, without a PackedSequence).
+    ``reset`` (a bool ``(T, B)`` tensor, ``(B, T)`` with ``batch_first``) sets the state back to
+    the initial state before each step where it is True. In training, ``recurrent_dropout``
+    drops ``h_{t-1}`` where it enters ``W_hh`` with one mask per sequence and layer,
+    ``weight_drop`` drops entries of ``W_hh`` with a fresh mask per call, and ``zoneout`` keeps
+    each unit of ``h`` and ``c`` at its previous value with that probability (in eval mode it
+    mixes in the expectation).
     Returns ``output, (h_n, c_n)``.
     """
     if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
         raise TypeError(f"LSTM: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
     output, (h_n, c_n) = _run(
         "LSTM", input, None if hx is None else tuple(hx), params, has_biases, num_layers, dropout,
-        train, bidirectional, batch_first, lengths,
+        train, bidirectional, batch_first, lengths, reset, recurrent_dropout, zoneout, weight_drop,
     )
     return output, (h_n, c_n)
 
 
 def gru(
     input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False,
-    bidirectional=False, batch_first=False, lengths=None,
+    bidirectional=False, batch_first=False, lengths=None, reset=None, recurrent_dropout=0.0, zoneout=0.0,
+    weight_drop=0.0,
 ):
     """Multi-layer GRU with the math and weight layout of ``torch.nn.GRU``.
 
     ``params`` lists, per layer and direction, ``W_ih, W_hh[, b_ih, b_hh]`` exactly as
-    ``nn.GRU._flat_weights``; ``hx`` is ``h_0`` or ``None``; ``lengths`` as in ``lstm``.
+    ``nn.GRU._flat_weights``; ``hx`` is ``h_0`` or ``None``; the options as in ``lstm``.
     Returns ``output, h_n``.
     """
     if hx is not None and not isinstance(hx, torch.Tensor):
         raise TypeError(f"GRU: hx must be a tensor h_0, got {type(hx).__name__}")
     output, (h_n,) = _run(
         "GRU", input, None if hx is None else (hx,), params, has_biases, num_layers, dropout,
-        train, bidirectional, batch_first, lengths,
+        train, bidirectional, batch_first, lengths, reset, recurrent_dropout, zoneout, weight_drop,
+    )
+    return output, h_n
+
+
+def rnn(
+    input, hx, params, nonlinearity="tanh", has_biases=True, num_layers=1, dropout=0.0, train=False,
+    bidirectional=False, batch_first=False, lengths=None, reset=None, recurrent_dropout=0.0, zoneout=0.0,
+    weight_drop=0.0,
+):
+    """Multi-layer Elman RNN with the math and weight layout of ``torch.nn.RNN``
+    (``nonlinearity`` ``"tanh"`` or ``"relu"``); arguments as in ``gru``. Returns ``output, h_n``."""
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+    if hx is not None and not isinstance(hx, torch.Tensor):
+        raise TypeError(f"RNN: hx must be a tensor h_0, got {type(hx).__name__}")
+    output, (h_n,) = _run(
+        f"RNN_{nonlinearity.upper()}", input, None if hx is None else (hx,), params, has_biases, num_layers,
+        dropout, train, bidirectional, batch_first, lengths, reset, recurrent_dropout, zoneout, weight_drop,
     )
     return output, h_n

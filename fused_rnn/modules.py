@@ -1,10 +1,14 @@
-"""``LSTM`` and ``GRU`` modules: drop-in replacements for ``torch.nn.LSTM`` / ``torch.nn.GRU``.
+"""``LSTM``, ``GRU`` and ``RNN`` modules: drop-in replacements for ``torch.nn.LSTM`` / ``GRU`` / ``RNN``.
 
 Constructor, parameters (names, shapes, order, initialisation), ``state_dict``, argument checks
 and return values are PyTorch's own: the modules build on ``torch.nn.RNNBase`` and borrow
 ``nn.LSTM``'s hidden-state checks. Only ``forward`` differs: it runs ``fused_rnn.functional``.
-The modules deliberately do not subclass ``nn.LSTM`` / ``nn.GRU``, which ``torch.compile``
-refuses to trace.
+The modules deliberately do not subclass ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``, which
+``torch.compile`` refuses to trace.
+
+What ``torch.nn`` lacks, all off by default so that a module stays a drop-in: ``forward``'s
+``lengths=`` (packing without a PackedSequence) and ``reset=`` (state resets inside a sequence),
+and the constructor's ``recurrent_dropout``, ``zoneout`` and ``weight_drop`` regularizers.
 """
 
 import torch
@@ -13,7 +17,10 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import functional
 
-__all__ = ["LSTM", "GRU", "convert"]
+__all__ = ["LSTM", "GRU", "RNN", "convert"]
+
+# The regularizers a fused module takes beyond nn.RNNBase's arguments, all off by default.
+REGULARIZERS = ("recurrent_dropout", "zoneout", "weight_drop")
 
 
 def _pack_like(output: torch.Tensor, lengths: torch.Tensor, like: PackedSequence) -> PackedSequence:
@@ -25,16 +32,40 @@ def _pack_like(output: torch.Tensor, lengths: torch.Tensor, like: PackedSequence
     return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 
+def _check_single_hx(hx, is_batched, mode: str):
+    """``h_0`` of a GRU / RNN: a tensor, 3-D for batched input (2-D unbatched, then unsqueezed)."""
+    if not isinstance(hx, torch.Tensor):
+        raise TypeError(f"{mode}: hx must be a tensor h_0, got {type(hx).__name__}")
+    dims = 3 if is_batched else 2
+    if hx.dim() != dims:
+        raise RuntimeError(
+            f"For {'batched 3-D' if is_batched else 'unbatched 2-D'} input, hx should also be "
+            f"{dims}-D but got {hx.dim()}-D tensor"
+        )
+    return hx if is_batched else hx.unsqueeze(1)
+
+
 class _FusedRNNBase(nn.modules.rnn.RNNBase):
+    def __init__(self, mode, *args, recurrent_dropout=0.0, zoneout=0.0, weight_drop=0.0, **kwargs):
+        super().__init__(mode, *args, **kwargs)
+        for name, value in zip(REGULARIZERS, (recurrent_dropout, zoneout, weight_drop)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+            setattr(self, name, float(value))
+
+    def extra_repr(self) -> str:
+        extra = "".join(f", {name}={getattr(self, name)}" for name in REGULARIZERS if getattr(self, name))
+        return super().extra_repr() + extra
+
     def flatten_parameters(self) -> None:
         """Kept for compatibility with ``nn.LSTM``; the fused kernels need no flat weight buffer."""
 
-    def _prepare(self, input, hx, lengths, check_batched_hx):
-        """Shared input handling: returns ``(input, hx, lengths, packed, is_batched)``.
+    def _prepare(self, input, hx, lengths, reset, check_batched_hx):
+        """Shared input handling: returns ``(input, hx, lengths, reset, packed, is_batched)``, with
+        ``reset`` in the layout of the returned input.
 
         ``check_batched_hx(hx, is_batched)`` validates and (for unbatched input) unsqueezes hx.
         """
-        self._update_flat_weights()
         if isinstance(input, PackedSequence):
             if lengths is not None:
                 raise ValueError("lengths cannot be given with a PackedSequence, which has its own")
@@ -43,9 +74,11 @@ class _FusedRNNBase(nn.modules.rnn.RNNBase):
             else:
                 hx = check_batched_hx(hx, True)
                 self.check_forward_args(input.data, hx, input.batch_sizes)
-            # Padded data in the caller's batch order, which is also the order of hx.
+            # Padded data in the caller's batch order, which is also the order of hx; time-major.
             padded, lengths = pad_packed_sequence(input)
-            return padded, hx, lengths, input, True
+            if reset is not None and self.batch_first and isinstance(reset, torch.Tensor) and reset.dim() == 2:
+                reset = reset.t()
+            return padded, hx, lengths, reset, input, True
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{self.mode}: input must be a Tensor or PackedSequence, got {type(input).__name__}")
         if input.dim() not in (2, 3):
@@ -55,18 +88,37 @@ class _FusedRNNBase(nn.modules.rnn.RNNBase):
             if lengths is not None:
                 raise ValueError("lengths needs batched 3-D input")
             input = input.unsqueeze(0 if self.batch_first else 1)
+            if isinstance(reset, torch.Tensor):
+                reset = reset.unsqueeze(0 if self.batch_first else 1)
         if hx is not None:
             hx = check_batched_hx(hx, is_batched)
             self.check_forward_args(input, hx, None)
         else:
             self.check_input(input, None)
-        return input, hx, lengths, None, is_batched
+        return input, hx, lengths, reset, None, is_batched
 
-    def _arguments(self):
-        return dict(
-            has_biases=self.bias, num_layers=self.num_layers, dropout=self.dropout,
+    def _weights(self):
+        """The flat weights, looked up by name at each call so that swapped parameters (as
+        ``torch.func.functional_call`` and ``torch.export`` swap them) are the ones used; unlike
+        ``_update_flat_weights`` this assigns no tensor attribute, which ``torch.export`` warns about."""
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    def _run(self, run, input, hx, lengths, reset, check_batched_hx, **extra):
+        """Prepare the input, call ``functional``'s ``run``, and give the output the input's form."""
+        input, hx, lengths, reset, packed, is_batched = self._prepare(input, hx, lengths, reset, check_batched_hx)
+        output, state = run(
+            input, hx, self._weights(), batch_first=self.batch_first and packed is None, lengths=lengths,
+            reset=reset, has_biases=self.bias, num_layers=self.num_layers, dropout=self.dropout,
             train=self.training, bidirectional=self.bidirectional,
+            **{name: getattr(self, name) for name in REGULARIZERS}, **extra,
         )
+        if packed is not None:
+            return _pack_like(output, lengths, packed), state
+        if not is_batched:
+            squeeze = (lambda s: s.squeeze(1))
+            state = tuple(map(squeeze, state)) if isinstance(state, tuple) else squeeze(state)
+            return output.squeeze(0 if self.batch_first else 1), state
+        return output, state
 
 
 class LSTM(_FusedRNNBase):
@@ -75,8 +127,16 @@ class LSTM(_FusedRNNBase):
     Takes nn.LSTM's arguments (``input_size, hidden_size, num_layers=1, bias=True,
     batch_first=False, dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None``)
     and returns ``output, (h_n, c_n)`` for a tensor or PackedSequence input, like nn.LSTM.
-    ``forward`` also accepts ``lengths`` (B,): each sequence ends at its own length, outputs past
-    it are zero and ``h_n, c_n`` are taken at each sequence's end - packing without a PackedSequence.
+
+    Beyond nn.LSTM, all off by default: ``forward(input, hx, lengths=None, reset=None)`` -
+    ``lengths`` (B,) ends each sequence at its own length (outputs past it are zero, ``h_n, c_n``
+    are taken at each sequence's end: packing without a PackedSequence); ``reset``, a bool tensor
+    ``(T, B)`` (``(B, T)`` with ``batch_first``), sets the state back to ``(h_0, c_0)`` before each
+    step where it is True. Constructor keywords, active in training only:
+    ``recurrent_dropout`` (variational dropout on ``h_{t-1}`` where it enters ``W_hh``, one mask
+    per sequence and layer), ``zoneout`` (each unit of ``h`` and ``c`` keeps its previous value
+    with this probability; its expectation in eval mode), ``weight_drop`` (DropConnect on
+    ``W_hh``, a fresh mask per call).
     """
 
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
@@ -98,17 +158,8 @@ class LSTM(_FusedRNNBase):
             )
         return (h0, c0) if is_batched else (h0.unsqueeze(1), c0.unsqueeze(1))
 
-    def forward(self, input, hx=None, lengths=None):
-        input, hx, lengths, packed, is_batched = self._prepare(input, hx, lengths, self._check_hx)
-        output, (h_n, c_n) = functional.lstm(
-            input, hx, self._flat_weights, batch_first=self.batch_first and packed is None,
-            lengths=lengths, **self._arguments(),
-        )
-        if packed is not None:
-            return _pack_like(output, lengths, packed), (h_n, c_n)
-        if not is_batched:
-            return output.squeeze(0 if self.batch_first else 1), (h_n.squeeze(1), c_n.squeeze(1))
-        return output, (h_n, c_n)
+    def forward(self, input, hx=None, lengths=None, reset=None):
+        return self._run(functional.lstm, input, hx, lengths, reset, self._check_hx)
 
 
 class GRU(_FusedRNNBase):
@@ -116,7 +167,8 @@ class GRU(_FusedRNNBase):
 
     Takes nn.GRU's arguments (``input_size, hidden_size, num_layers=1, bias=True,
     batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None``) and returns
-    ``output, h_n`` like nn.GRU; ``forward`` also accepts ``lengths`` as ``LSTM`` does.
+    ``output, h_n`` like nn.GRU; ``lengths``, ``reset`` and the regularizers as in ``LSTM``
+    (``zoneout`` acts on ``h``).
     """
 
     def __init__(self, *args, **kwargs):
@@ -126,31 +178,44 @@ class GRU(_FusedRNNBase):
 
     @staticmethod
     def _check_hx(hx, is_batched):
-        if not isinstance(hx, torch.Tensor):
-            raise TypeError(f"GRU: hx must be a tensor h_0, got {type(hx).__name__}")
-        dims = 3 if is_batched else 2
-        if hx.dim() != dims:
-            raise RuntimeError(
-                f"For {'batched 3-D' if is_batched else 'unbatched 2-D'} input, hx should also be "
-                f"{dims}-D but got {hx.dim()}-D tensor"
-            )
-        return hx if is_batched else hx.unsqueeze(1)
+        return _check_single_hx(hx, is_batched, "GRU")
 
-    def forward(self, input, hx=None, lengths=None):
-        input, hx, lengths, packed, is_batched = self._prepare(input, hx, lengths, self._check_hx)
-        output, h_n = functional.gru(
-            input, hx, self._flat_weights, batch_first=self.batch_first and packed is None,
-            lengths=lengths, **self._arguments(),
-        )
-        if packed is not None:
-            return _pack_like(output, lengths, packed), h_n
-        if not is_batched:
-            return output.squeeze(0 if self.batch_first else 1), h_n.squeeze(1)
-        return output, h_n
+    def forward(self, input, hx=None, lengths=None, reset=None):
+        return self._run(functional.gru, input, hx, lengths, reset, self._check_hx)
+
+
+class RNN(_FusedRNNBase):
+    """Multi-layer Elman RNN, a drop-in replacement for ``torch.nn.RNN`` running fused Triton kernels.
+
+    Takes nn.RNN's arguments (``input_size, hidden_size, num_layers=1, nonlinearity='tanh',
+    bias=True, batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None``)
+    and returns ``output, h_n`` like nn.RNN; ``lengths``, ``reset`` and the regularizers as in
+    ``LSTM`` (``zoneout`` acts on ``h``).
+    """
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        # nn.RNN's own order: input_size, hidden_size, num_layers, nonlinearity, bias, ...
+        if len(args) > 3:
+            nonlinearity, args = args[3], args[:3] + args[4:]
+        else:
+            nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        super().__init__(f"RNN_{nonlinearity.upper()}", *args, **kwargs)
+        self.nonlinearity = nonlinearity
+
+    @staticmethod
+    def _check_hx(hx, is_batched):
+        return _check_single_hx(hx, is_batched, "RNN")
+
+    def forward(self, input, hx=None, lengths=None, reset=None):
+        return self._run(functional.rnn, input, hx, lengths, reset, self._check_hx, nonlinearity=self.nonlinearity)
 
 
 def _fused_twin(module: nn.Module) -> nn.Module:
-    """A fused LSTM / GRU sharing ``module``'s parameter objects (optimizers keep working)."""
+    """A fused module sharing ``module``'s parameter objects (optimizers keep working)."""
     kwargs = dict(
         input_size=module.input_size, hidden_size=module.hidden_size, num_layers=module.num_layers,
         bias=module.bias, batch_first=module.batch_first, dropout=module.dropout,
@@ -158,8 +223,10 @@ def _fused_twin(module: nn.Module) -> nn.Module:
     )
     if isinstance(module, nn.LSTM):
         twin = LSTM(proj_size=module.proj_size, **kwargs)
-    else:
+    elif isinstance(module, nn.GRU):
         twin = GRU(**kwargs)
+    else:
+        twin = RNN(nonlinearity=module.nonlinearity, **kwargs)
     for name in module._flat_weights_names:
         setattr(twin, name, getattr(module, name))
     twin._init_flat_weights()
@@ -167,15 +234,14 @@ def _fused_twin(module: nn.Module) -> nn.Module:
 
 
 def convert(model: nn.Module) -> nn.Module:
-    """Replace every ``nn.LSTM`` / ``nn.GRU`` in ``model`` by the fused module, in place.
+    """Replace every ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` in ``model`` by the fused module, in place.
 
-    Subclasses of ``nn.LSTM`` / ``nn.GRU`` are left alone: they may change ``forward``.
-    The fused modules share the original parameters, so weights, devices, dtypes and any
-    optimizer holding them stay valid. Returns ``model`` (or its replacement, when ``model``
-    itself is an ``nn.LSTM`` / ``nn.GRU``).
+    Subclasses are left alone: they may change ``forward``. The fused modules share the original
+    parameters, so weights, devices, dtypes and any optimizer holding them stay valid. Returns
+    ``model`` (or its replacement, when ``model`` itself is one of them).
     """
     # Exact types: a subclass may override forward, which a fused twin would silently drop.
-    if type(model) in (nn.LSTM, nn.GRU):
+    if type(model) in (nn.LSTM, nn.GRU, nn.RNN):
         return _fused_twin(model)
     for name, child in model.named_children():
         replaced = convert(child)

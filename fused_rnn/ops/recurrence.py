@@ -1,0 +1,707 @@
+"""The time loop every cell shares: tiling, resident weights, the recurrent matmuls, the barrier.
+
+One launch runs one layer, both directions at once (grid axis 2). A program owns a block of
+``BLOCK_U`` hidden units with all their gates: the rows ``g * H + u`` of ``W_hh`` for its units
+``u`` form one gate-major operand of ``GATE_SLOTS * BLOCK_U`` rows, so a single ``tl.dot`` per
+step gives every gate of the block, ``gates^T = W_block @ h_{t-1}^T``. Tiles are
+``(features, batch)``: the units run down the rows, the ``BLOCK_B`` batch rows across.
+
+With ``RESIDENT`` the program loads its block of ``W_hh`` once, before the time loop, and it stays
+on chip (shared memory) for the whole launch: per step only ``h_{t-1}``, ``gates_x`` and the
+states move. Without it (weights too large for the chip) the block streams through in ``BLOCK_K``
+chunks every step. ``RESIDENT_PROJ`` does the same for the LSTM projection's ``W_hr``. The
+launcher chooses (``launch.plan``).
+
+Backward: the same resident block multiplies the other way. Program ``j`` turns the gate
+gradients of its units into its part of ``dL/dh_{t-1}`` over every feature,
+``partial_j = dgates_j @ W_block_j``, and writes it to a workspace; after the barrier the owner of
+each feature sums the parts (``reduce_partials``). No program needs another's weights.
+
+The cell's own math (gate nonlinearities, states, what it saves) comes in as a ``@triton.jit``
+function (``CELL_FORWARD``, ``CELL_BACKWARD``) from ``ops/lstm.py``, ``gru.py`` and ``rnn.py``.
+
+Buffers, for ``T`` steps, batch ``B``, ``D`` directions, ``H`` units, ``P`` features of ``h``:
+``h (T+2, B, D, P)`` holds the forward direction's ``h_0`` in slot 0, the reverse direction's in
+slot ``T+1``, and the state after timestep ``t`` in slot ``t+1`` (both directions): so slots
+``1..T`` are the layer's output, already in ``[forward, reverse]`` feature order. The LSTM's ``c``
+has the same layout. ``gates_x (T, B, D, G*H)`` is the input projection. Per-sequence tensors
+(``h_mask``, carries, ``dh0``) are ``(B, D, .)``.
+"""
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from . import launch
+from .launch import accumulator_dtype, sync_programs
+
+
+@triton.jit
+def buffer_rows(slot, batch_rows, B, D, direction):
+    """Rows of ``(slot, batch_rows, direction)`` in a ``(., B, D, F)`` buffer (int64: row offsets
+    pass 2**31 long before the element count of any one tensor is a problem)."""
+    return (tl.cast(slot, tl.int64) * B + batch_rows) * D + direction
+
+
+@triton.jit
+def load_tile(ptr, rows, row_length, features, mask):
+    """``ptr[rows, features]`` of a row-major matrix as a ``(features, rows)`` tile; 0 where masked."""
+    return tl.load(ptr + rows[None, :] * row_length + features[:, None], mask=mask, other=0.0)
+
+
+@triton.jit
+def load_fresh_tile(ptr, rows, row_length, features, mask):
+    """``load_tile`` of data another program wrote during this launch: read from L2 (``.cg``),
+    which every SM sees, never from a line this SM's L1 may hold from an earlier step."""
+    return tl.load(ptr + rows[None, :] * row_length + features[:, None], mask=mask, other=0.0,
+                   cache_modifier=".cg")
+
+
+@triton.jit
+def store_tile(ptr, rows, row_length, features, mask, value):
+    """``ptr[rows, features] = value`` for a ``(features, rows)`` tile, cast to the buffer's dtype."""
+    tl.store(ptr + rows[None, :] * row_length + features[:, None], value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def tanh(x):
+    # triton.language has no tanh; this form is exact at the limits (+-1) and needs one exp.
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def gate_slots(first_unit, H, GATES_IN_ROW: tl.constexpr, GATE_SLOTS: tl.constexpr, BLOCK_U: tl.constexpr):
+    """Column offsets and mask of a gate-major ``(GATE_SLOTS * BLOCK_U, .)`` tile: slot
+    ``g * BLOCK_U + j`` is gate ``g`` of unit ``first_unit + j``, at column ``g * H + unit`` of a
+    buffer whose rows hold ``GATES_IN_ROW`` gates. Slots past the real gates or units are masked."""
+    slots = tl.arange(0, GATE_SLOTS * BLOCK_U)
+    gate = slots // BLOCK_U
+    unit = first_unit + slots % BLOCK_U
+    return gate * H + unit, (gate < GATES_IN_ROW) & (unit < H)
+
+
+@triton.jit
+def load_gates(ptr, rows, H, first_unit, row_mask,
+               GATES_IN_ROW: tl.constexpr, GATE_SLOTS: tl.constexpr, BLOCK_U: tl.constexpr):
+    """Every gate of the block's units at ``rows`` of a ``(., GATES_IN_ROW * H)`` buffer, as one
+    gate-major ``(GATE_SLOTS * BLOCK_U, BLOCK_B)`` tile (see ``split_gates``)."""
+    columns, column_mask = gate_slots(first_unit, H, GATES_IN_ROW, GATE_SLOTS, BLOCK_U)
+    return load_tile(ptr, rows, GATES_IN_ROW * H, columns, column_mask[:, None] & row_mask[None, :])
+
+
+@triton.jit
+def store_gates(ptr, rows, H, first_unit, row_mask, value,
+                GATES_IN_ROW: tl.constexpr, GATE_SLOTS: tl.constexpr, BLOCK_U: tl.constexpr):
+    """The inverse of ``load_gates``."""
+    columns, column_mask = gate_slots(first_unit, H, GATES_IN_ROW, GATE_SLOTS, BLOCK_U)
+    store_tile(ptr, rows, GATES_IN_ROW * H, columns, column_mask[:, None] & row_mask[None, :], value)
+
+
+@triton.jit
+def split_gates(gates, BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr):
+    """A gate-major ``(4 * BLOCK_U, BLOCK_B)`` tile as four ``(BLOCK_U, BLOCK_B)`` tiles, in gate order."""
+    # tl.split halves the last dimension: bring the gate index g = 2a + b there as (a, b).
+    pairs = tl.permute(tl.reshape(gates, (2, 2, BLOCK_U, BLOCK_B)), (2, 3, 0, 1))
+    even, odd = tl.split(pairs)
+    gate_0, gate_2 = tl.split(even)
+    gate_1, gate_3 = tl.split(odd)
+    return gate_0, gate_1, gate_2, gate_3
+
+
+@triton.jit
+def join_gates(gate_0, gate_1, gate_2, gate_3):
+    """The inverse of ``split_gates``."""
+    BLOCK_U: tl.constexpr = gate_0.shape[0]
+    BLOCK_B: tl.constexpr = gate_0.shape[1]
+    pairs = tl.join(tl.join(gate_0, gate_2), tl.join(gate_1, gate_3))
+    return tl.reshape(tl.permute(pairs, (2, 3, 0, 1)), (4 * BLOCK_U, BLOCK_B))
+
+
+@triton.jit
+def previous_state(ptr, prev_rows, init_rows, row_length, features, mask, reset, HAS_RESETS: tl.constexpr):
+    """The state a step starts from, as a ``(features, batch)`` tile: the one the previous step
+    wrote, or the initial state in the rows that reset here."""
+    state = load_tile(ptr, prev_rows, row_length, features, mask)
+    if HAS_RESETS:
+        initial = load_tile(ptr, init_rows, row_length, features, mask & reset[None, :])
+        state = tl.where(reset[None, :], initial, state)
+    return state
+
+
+@triton.jit
+def zoneout(new, prev, keep_ptr, rows, row_length, features, mask, p, ZONEOUT: tl.constexpr):
+    """Zoneout (Krueger et al.): in training (``ZONEOUT == 1``) each unit keeps its previous value
+    where the keep mask says so; in eval (2) it takes the expectation ``p * prev + (1 - p) * new``."""
+    if ZONEOUT == 1:
+        new = tl.where(load_tile(keep_ptr, rows, row_length, features, mask) != 0, prev, new)
+    elif ZONEOUT == 2:
+        new = p * prev + (1.0 - p) * new
+    return new
+
+
+@triton.jit
+def zoneout_grad(grad, keep_ptr, rows, row_length, features, mask, p, ZONEOUT: tl.constexpr):
+    """The backward of ``zoneout``: ``grad`` split into the parts reaching ``new`` and ``prev``."""
+    to_prev = tl.zeros_like(grad)
+    if ZONEOUT == 1:
+        keep = load_tile(keep_ptr, rows, row_length, features, mask) != 0
+        to_prev = tl.where(keep, grad, 0.0)
+        grad = tl.where(keep, 0.0, grad)
+    elif ZONEOUT == 2:
+        to_prev = p * grad
+        grad = (1.0 - p) * grad
+    return grad, to_prev
+
+
+@triton.jit
+def matmul(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """``acc + a @ b`` on the tensor cores (``DOT_PRECISION``: "tf32" or "ieee")."""
+    if DOT_UPCAST:
+        # The interpreter's fp16/bf16 tl.dot is wrong (triton-lang/triton#11584); fp32 operands give
+        # the exact products that tensor cores accumulate in fp32.
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def weight_block(w_ptr, first_unit, H, K, ks, NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr,
+                 BLOCK_U: tl.constexpr):
+    """Columns ``ks`` of the rows of a ``(NUM_GATES * H, K)`` weight that belong to the block's units:
+    the gate-major ``(GATE_SLOTS * BLOCK_U, len(ks))`` operand (zero past the real gates, units, K)."""
+    rows, row_mask = gate_slots(first_unit, H, NUM_GATES, GATE_SLOTS, BLOCK_U)
+    mask = row_mask[:, None] & (ks < K)[None, :]
+    return tl.load(w_ptr + rows.to(tl.int64)[:, None] * K + ks[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def recurrent_input(x_ptr, x_mask_ptr, rows, init_rows, state_rows, ks, K, row_mask, reset,
+                    HAS_RESETS: tl.constexpr, HAS_X_MASK: tl.constexpr):
+    """``x^T`` for the features ``ks``: the ``(len(ks), BLOCK_B)`` right operand of a recurrent
+    matmul. For ``W_hh`` it is ``h_{t-1}``, as the step sees it: the initial state in the rows that
+    reset here, times the recurrent-dropout mask."""
+    mask = (ks < K)[:, None] & row_mask[None, :]
+    x = load_fresh_tile(x_ptr, rows, K, ks, mask)
+    if HAS_RESETS:
+        x = tl.where(reset[None, :], load_tile(x_ptr, init_rows, K, ks, mask & reset[None, :]), x)
+    if HAS_X_MASK:
+        x = x * load_tile(x_mask_ptr, state_rows, K, ks, mask)
+    return x
+
+
+@triton.jit
+def recurrent_matmul(
+    w, w_ptr, first_unit, H, K, x_ptr, x_mask_ptr, rows, init_rows, state_rows, row_mask, reset,
+    NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_X_MASK: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """``W_block @ x^T``: ``(GATE_SLOTS * BLOCK_U, BLOCK_B)``, every gate of the block's units.
+
+    ``RESIDENT``: ``w`` is the whole block (``BLOCK_K >= K``), loaded before the time loop, and
+    ``x`` comes in one piece. Otherwise the block streams from ``w_ptr`` in ``BLOCK_K`` chunks.
+    """
+    acc = tl.zeros((GATE_SLOTS * BLOCK_U, BLOCK_B), dtype=ACC_DTYPE)
+    if RESIDENT:
+        ks = tl.arange(0, BLOCK_K)
+        x = recurrent_input(x_ptr, x_mask_ptr, rows, init_rows, state_rows, ks, K, row_mask, reset,
+                            HAS_RESETS, HAS_X_MASK)
+        acc = matmul(w, x, acc, DOT_PRECISION, DOT_UPCAST)
+    else:
+        for k_start in range(0, K, BLOCK_K):
+            ks = k_start + tl.arange(0, BLOCK_K)
+            x = recurrent_input(x_ptr, x_mask_ptr, rows, init_rows, state_rows, ks, K, row_mask, reset,
+                                HAS_RESETS, HAS_X_MASK)
+            w_chunk = weight_block(w_ptr, first_unit, H, K, ks, NUM_GATES, GATE_SLOTS, BLOCK_U)
+            acc = matmul(w_chunk, x, acc, DOT_PRECISION, DOT_UPCAST)
+    return acc
+
+
+@triton.jit
+def write_partial(
+    w, w_ptr, first_unit, H, K, dgates, partial_ptr, partial_rows, row_mask, accumulate,
+    NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """This program's part of ``dL/dx`` for every feature of ``x``: ``W_block^T @ dgates``, written
+    to ``partial[partial_rows, :K]``, or added to it (``accumulate``: a streaming program's later
+    blocks; a resident program has one block).
+
+    ``dgates (GATE_SLOTS * BLOCK_U, BLOCK_B)`` is the gradient of ``W_block @ x^T``. It is rounded
+    to the weight's dtype first, as a GEMM over stored gate gradients would see it.
+    """
+    dgates = dgates.to(w_ptr.dtype.element_ty)
+    if RESIDENT:
+        ks = tl.arange(0, BLOCK_K)
+        mask = (ks < K)[:, None] & row_mask[None, :]
+        part = matmul(tl.trans(w), dgates, tl.zeros((BLOCK_K, BLOCK_B), dtype=ACC_DTYPE), DOT_PRECISION, DOT_UPCAST)
+        store_tile(partial_ptr, partial_rows, K, ks, mask, part)
+    else:
+        for k_start in range(0, K, BLOCK_K):
+            ks = k_start + tl.arange(0, BLOCK_K)
+            mask = (ks < K)[:, None] & row_mask[None, :]
+            w_chunk = weight_block(w_ptr, first_unit, H, K, ks, NUM_GATES, GATE_SLOTS, BLOCK_U)
+            part = matmul(tl.trans(w_chunk), dgates, tl.zeros((BLOCK_K, BLOCK_B), dtype=ACC_DTYPE),
+                          DOT_PRECISION, DOT_UPCAST)
+            if accumulate:
+                part += load_tile(partial_ptr, partial_rows, K, ks, mask)
+            store_tile(partial_ptr, partial_rows, K, ks, mask, part)
+
+
+@triton.jit
+def reduce_partials(partial_ptr, first_part, num_parts, batch_rows, B, D, direction, K, features, mask,
+                    BLOCK_F: tl.constexpr, BLOCK_B: tl.constexpr, REDUCE_CHUNK: tl.constexpr,
+                    ACC_DTYPE: tl.constexpr):
+    """``sum_j partial[first_part + j, batch_rows, direction, features]`` over the ``num_parts``
+    programs' parts, as a ``(BLOCK_F, BLOCK_B)`` tile. ``REDUCE_CHUNK`` parts are loaded at once,
+    so their L2 round trips overlap instead of queueing one behind the other."""
+    total = tl.zeros((BLOCK_F, BLOCK_B), dtype=ACC_DTYPE)
+    for chunk_start in range(0, num_parts, REDUCE_CHUNK):
+        parts = chunk_start + tl.arange(0, REDUCE_CHUNK)
+        rows = buffer_rows(first_part + parts[:, None], batch_rows[None, :], B, D, direction)
+        pointers = partial_ptr + rows[:, None, :] * K + features[None, :, None]
+        part_mask = (parts < num_parts)[:, None, None] & mask[None, :, :]
+        total += tl.sum(tl.load(pointers, mask=part_mask, other=0.0, cache_modifier=".cg"), axis=0)
+    return total
+
+
+@triton.jit
+def step_rows(t, T, first_row, lengths_ptr, resets_ptr, B, D, direction,
+              HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """What a batch tile touches at timestep ``t``.
+
+    Returns the tile's batch rows and their mask; its rows in the ``(T, B, D, .)`` buffers
+    (``x_rows``), in the state buffers the slot read (``prev_rows``: ``t``, or ``t + 2`` in
+    reverse), the slot written (``out_rows``: ``t + 1``) and the initial state (``init_rows``);
+    in the ``(B, D, .)`` buffers (``state_rows``); ``active``, the rows still inside their
+    sequence; and ``reset``, the rows whose state goes back to the initial state before this step.
+    """
+    batch_rows = (first_row + tl.arange(0, BLOCK_B)).to(tl.int64)
+    row_mask = batch_rows < B
+    active = row_mask
+    if HAS_LENGTHS:
+        active = row_mask & (t < tl.load(lengths_ptr + batch_rows, mask=row_mask, other=0))
+    reset = row_mask & False
+    if HAS_RESETS:
+        # Forwards a segment starts where resets[t] is set; walking backwards in time (the reverse
+        # direction) a segment starts at the step before the next one's start.
+        reset_step = t + direction
+        flag = tl.load(resets_ptr + tl.cast(tl.minimum(reset_step, T - 1), tl.int64) * B + batch_rows,
+                       mask=active, other=0)
+        reset = active & (flag != 0) & (batch_rows * 0 + reset_step < T)
+    return (
+        batch_rows, row_mask,
+        buffer_rows(t, batch_rows, B, D, direction),
+        buffer_rows(t + 2 * direction, batch_rows, B, D, direction),
+        buffer_rows(t + 1, batch_rows, B, D, direction),
+        buffer_rows(direction * (T + 1), batch_rows, B, D, direction),
+        buffer_rows(0, batch_rows, B, D, direction),
+        active, reset,
+    )
+
+
+@triton.heuristics({
+    "HAS_HH_BIAS": lambda args: args["b_hh_ptr"] is not None,
+    "HAS_PROJ": lambda args: args["w_hr_ptr"] is not None,
+    "HAS_LENGTHS": lambda args: args["lengths_ptr"] is not None,
+    "HAS_RESETS": lambda args: args["resets_ptr"] is not None,
+    "HAS_H_MASK": lambda args: args["h_mask_ptr"] is not None,
+    "ZONEOUT": lambda args: 1 if args["zoneout_h_ptr"] is not None else 2 if args["zoneout_p"] > 0 else 0,
+    "SAVE": lambda args: args["saved_ptr"] is not None,
+    "GRID_SYNC": lambda args: args["barrier_ptr"] is not None,
+})
+@triton.jit(do_not_specialize=["T", "step_begin", "step_end"])
+def forward_kernel(
+    gates_x_ptr, w_hh_ptr, b_hh_ptr, w_hr_ptr, lengths_ptr, resets_ptr, h_mask_ptr, zoneout_h_ptr, zoneout_c_ptr,
+    h_ptr, c_ptr, h_raw_ptr, saved_ptr,
+    T, B, H, P, zoneout_p, barrier_ptr, step_begin, step_end,
+    CELL_FORWARD: tl.constexpr, NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr, HAS_HH_BIAS: tl.constexpr,
+    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_H_MASK: tl.constexpr,
+    ZONEOUT: tl.constexpr, SAVE: tl.constexpr, GRID_SYNC: tl.constexpr, RESIDENT: tl.constexpr, RESIDENT_PROJ: tl.constexpr,
+    STEP_PHASE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_KP: tl.constexpr, REDUCE_CHUNK: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """Forward recurrence of a layer over the steps ``[step_begin, step_end)``, both directions.
+
+    Grid ``(n_b, n_u, D)``: program ``(i, j, d)`` runs direction ``d`` (1: reverse in time) for the
+    batch tiles ``i, i + n_b, ...`` and the unit blocks ``j, j + n_u, ...`` (with ``RESIDENT``,
+    exactly block ``j``). With ``proj_size`` it also owns the blocks of ``BLOCK_P`` features
+    ``j, j + n_u, ...`` of ``h = h_raw @ W_hr^T``. The ``n_u`` programs of a ``(i, d)`` meet at
+    ``sync_programs`` after each step and, with proj, between the cell and the projection; a
+    stepwise launch runs one of those two phases (``STEP_PHASE`` 1 or 2; 0: the whole step).
+
+    Reads ``gates_x (T, B, D, G*H)``, ``W_hh (D, G*H, P)``, ``b_hh (D, G*H)`` [GRU],
+    ``W_hr (D, P, H)`` [proj], ``lengths (B,)``, ``resets (T, B)``, ``h_mask (B, D, P)``
+    [recurrent dropout], the zoneout keep masks ``zoneout_h (T, B, D, P)`` and ``zoneout_c
+    (T, B, D, H)`` [LSTM] in training (``zoneout_p`` in eval) and the initial states in ``h``/``c``. Writes ``h (T+2, B, D, P)``,
+    ``c (T+2, B, D, H)`` [LSTM], ``h_raw (T, B, D, H)`` [proj] and what the cell saves for the
+    backward into ``saved (T, B, D, S*H)``.
+    """
+    direction = tl.program_id(2)
+    D = tl.num_programs(2)
+    w_hh_ptr += direction.to(tl.int64) * NUM_GATES * H * P
+    first_unit = tl.program_id(1) * BLOCK_U
+    first_feature = tl.program_id(1) * BLOCK_P
+    if HAS_HH_BIAS:
+        b_hh_ptr += direction * NUM_GATES * H
+    w_hh = 0.0
+    w_hr = 0.0
+    if HAS_PROJ:
+        w_hr_ptr += direction.to(tl.int64) * P * H
+    if RESIDENT:
+        w_hh = weight_block(w_hh_ptr, first_unit, H, P, tl.arange(0, BLOCK_K), NUM_GATES, GATE_SLOTS, BLOCK_U)
+    if RESIDENT_PROJ:
+        w_hr = weight_block(w_hr_ptr, first_feature, P, H, tl.arange(0, BLOCK_KP), 1, 1, BLOCK_P)
+    arrivals = 0
+    for step in range(step_begin, step_end):
+        t = step + direction * (T - 1 - 2 * step)
+        if STEP_PHASE != 2:
+            for first_row in range(tl.program_id(0) * BLOCK_B, B, tl.num_programs(0) * BLOCK_B):
+                batch_rows, row_mask, x_rows, prev_rows, out_rows, init_rows, state_rows, active, reset = step_rows(
+                    t, T, first_row, lengths_ptr, resets_ptr, B, D, direction, HAS_LENGTHS, HAS_RESETS, BLOCK_B)
+                for block_start in range(first_unit, H, tl.num_programs(1) * BLOCK_U):
+                    units = block_start + tl.arange(0, BLOCK_U)
+                    mask = (units < H)[:, None] & row_mask[None, :]
+                    gates_h = recurrent_matmul(
+                        w_hh, w_hh_ptr, block_start, H, P, h_ptr, h_mask_ptr, prev_rows, init_rows, state_rows,
+                        row_mask, reset, NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_B, BLOCK_K, RESIDENT,
+                        HAS_RESETS, HAS_H_MASK, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
+                    h = CELL_FORWARD(
+                        gates_h, gates_x_ptr, b_hh_ptr, h_ptr, c_ptr, saved_ptr, zoneout_c_ptr, zoneout_p,
+                        x_rows, prev_rows, init_rows, out_rows, row_mask, active, reset, block_start, H, P,
+                        HAS_HH_BIAS, HAS_LENGTHS, HAS_RESETS, ZONEOUT, SAVE, BLOCK_U, BLOCK_B, ACC_DTYPE)
+                    if HAS_PROJ:
+                        store_tile(h_raw_ptr, x_rows, H, units, mask, h)
+                    else:
+                        if ZONEOUT != 0:
+                            h_prev = previous_state(h_ptr, prev_rows, init_rows, P, units, mask, reset, HAS_RESETS)
+                            h = zoneout(h, h_prev, zoneout_h_ptr, x_rows, P, units, mask, zoneout_p, ZONEOUT)
+                        if HAS_LENGTHS:
+                            # Past a sequence's end the state passes through unchanged.
+                            h = tl.where(active[None, :], h, load_tile(h_ptr, prev_rows, P, units, mask))
+                        store_tile(h_ptr, out_rows, P, units, mask, h)
+        if HAS_PROJ:
+            if STEP_PHASE == 0:
+                # The projection needs every unit of o * tanh(c_t): wait for all programs.
+                arrivals = sync_programs(barrier_ptr, arrivals, GRID_SYNC)
+            if STEP_PHASE != 1:
+                for first_row in range(tl.program_id(0) * BLOCK_B, B, tl.num_programs(0) * BLOCK_B):
+                    batch_rows, row_mask, x_rows, prev_rows, out_rows, init_rows, state_rows, active, reset = step_rows(
+                        t, T, first_row, lengths_ptr, resets_ptr, B, D, direction, HAS_LENGTHS, HAS_RESETS, BLOCK_B)
+                    for block_start in range(first_feature, P, tl.num_programs(1) * BLOCK_P):
+                        features = block_start + tl.arange(0, BLOCK_P)
+                        mask = (features < P)[:, None] & row_mask[None, :]
+                        h = recurrent_matmul(
+                            w_hr, w_hr_ptr, block_start, P, H, h_raw_ptr, h_raw_ptr, x_rows, x_rows, x_rows,
+                            row_mask, reset, 1, 1, BLOCK_P, BLOCK_B, BLOCK_KP, RESIDENT_PROJ, False, False,
+                            ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
+                        if ZONEOUT != 0:
+                            h_prev = previous_state(h_ptr, prev_rows, init_rows, P, features, mask, reset, HAS_RESETS)
+                            h = zoneout(h, h_prev, zoneout_h_ptr, x_rows, P, features, mask, zoneout_p, ZONEOUT)
+                        if HAS_LENGTHS:
+                            h = tl.where(active[None, :], h, load_tile(h_ptr, prev_rows, P, features, mask))
+                        store_tile(h_ptr, out_rows, P, features, mask, h)
+        # The next step reads h_t from every program.
+        arrivals = sync_programs(barrier_ptr, arrivals, GRID_SYNC)
+
+
+@triton.jit
+def gather_hidden_grad(
+    grad_h_ptr, dh_carry_ptr, dh0_ptr, partial_ptr, h_mask_ptr, parity, step,
+    x_rows, state_rows, batch_rows, B, D, direction, P, features, mask, reset_before,
+    HAS_RESETS: tl.constexpr, HAS_H_MASK: tl.constexpr,
+    BLOCK_F: tl.constexpr, BLOCK_B: tl.constexpr, REDUCE_CHUNK: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """``dL/dh_t`` for a ``(features, batch)`` tile: the gradient of the output sequence, the
+    carry (what reached ``h_t`` around ``W_hh``), and the parts the previous backward step
+    wrote for ``h_t`` as its ``h_{t-1}``. Where that step reset, its parts belong to ``h_0``
+    instead and go to ``dh0``."""
+    dh = load_tile(grad_h_ptr, x_rows, P, features, mask).to(ACC_DTYPE)
+    dh += load_tile(dh_carry_ptr, state_rows, P, features, mask)
+    if step > 0:
+        num_parts = tl.num_programs(1)
+        incoming = reduce_partials(partial_ptr, (1 - parity) * num_parts, num_parts, batch_rows, B, D,
+                                   direction, P, features, mask, BLOCK_F, BLOCK_B, REDUCE_CHUNK, ACC_DTYPE)
+        if HAS_H_MASK:
+            incoming *= load_tile(h_mask_ptr, state_rows, P, features, mask)
+        if HAS_RESETS:
+            to_initial = reset_before[None, :]
+            dh0 = load_tile(dh0_ptr, state_rows, P, features, mask)
+            store_tile(dh0_ptr, state_rows, P, features, mask, dh0 + tl.where(to_initial, incoming, 0.0))
+            incoming = tl.where(to_initial, 0.0, incoming)
+        dh += incoming
+    return dh
+
+
+@triton.heuristics({
+    "HAS_PROJ": lambda args: args["w_hr_ptr"] is not None,
+    "HAS_LENGTHS": lambda args: args["lengths_ptr"] is not None,
+    "HAS_RESETS": lambda args: args["resets_ptr"] is not None,
+    "HAS_H_MASK": lambda args: args["h_mask_ptr"] is not None,
+    "ZONEOUT": lambda args: 1 if args["zoneout_h_ptr"] is not None else 2 if args["zoneout_p"] > 0 else 0,
+    "GRID_SYNC": lambda args: args["barrier_ptr"] is not None,
+})
+@triton.jit(do_not_specialize=["T", "step_begin", "step_end"])
+def backward_kernel(
+    grad_h_ptr, w_hh_ptr, w_hr_ptr, lengths_ptr, resets_ptr, h_mask_ptr, zoneout_h_ptr, zoneout_c_ptr,
+    h_ptr, c_ptr, saved_ptr,
+    dgates_x_ptr, dgates_h_ptr, grad_h_proj_ptr, dh_carry_ptr, dh0_ptr, dc_carry_ptr, dc0_ptr,
+    partial_ptr, partial_proj_ptr,
+    T, B, H, P, zoneout_p, barrier_ptr, step_begin, step_end,
+    CELL_BACKWARD: tl.constexpr, NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr,
+    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_H_MASK: tl.constexpr,
+    ZONEOUT: tl.constexpr, GRID_SYNC: tl.constexpr, RESIDENT: tl.constexpr, RESIDENT_PROJ: tl.constexpr, STEP_PHASE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_KP: tl.constexpr, REDUCE_CHUNK: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """Backward (BPTT) of ``forward_kernel`` over the steps ``[step_begin, step_end)``, each
+    direction walking its time the other way. Same grid and ownership as the forward.
+
+    Per step: ``dh_t`` (``gather_hidden_grad``) for the features the program owns; [proj] its
+    part of ``dL/d(o * tanh(c_t))`` through ``W_hr``, then a barrier (``STEP_PHASE`` as in the
+    forward: 1 runs up to it, 2 from it); the cell's gate gradients;
+    its part of ``dL/dh_{t-1}`` through ``W_hh`` into ``partial`` (two slots, alternating by step
+    parity, so one barrier per step separates a slot's writers from its readers).
+
+    Reads ``grad_h (T, B, D, P)`` (the gradient of the output sequence, the final-state gradient
+    folded in), the forward's ``h``, ``c`` and ``saved``, the weights and options. Writes
+    ``dgates_x (T, B, D, G*H)`` (the gradient of ``gates_x``), ``dgates_h`` [GRU: the gradient of
+    ``h W_hh^T + b_hh`` where it differs], ``grad_h_proj (T, B, D, P)`` [proj: the gradient of the
+    projection's output]. The carries ``dh_carry (B, D, P)`` and ``dc_carry (B, D, H)`` come in as
+    zeros and ``dL/dc_n`` and leave as the parts of ``dL/dh_0`` and ``dL/dc_0`` from the first
+    step; ``dh0`` and ``dc0`` (zeros in) gather what the resets route to the initial state. The
+    first step's ``partial`` slot (``(T - 1) % 2``) holds the rest of ``dL/dh_0``.
+    """
+    direction = tl.program_id(2)
+    D = tl.num_programs(2)
+    w_hh_ptr += direction.to(tl.int64) * NUM_GATES * H * P
+    first_unit = tl.program_id(1) * BLOCK_U
+    first_feature = tl.program_id(1) * BLOCK_P
+    num_parts = tl.num_programs(1)
+    w_hh = 0.0
+    w_hr = 0.0
+    if HAS_PROJ:
+        w_hr_ptr += direction.to(tl.int64) * P * H
+    if RESIDENT:
+        w_hh = weight_block(w_hh_ptr, first_unit, H, P, tl.arange(0, BLOCK_K), NUM_GATES, GATE_SLOTS, BLOCK_U)
+    if RESIDENT_PROJ:
+        w_hr = weight_block(w_hr_ptr, first_feature, P, H, tl.arange(0, BLOCK_KP), 1, 1, BLOCK_P)
+    arrivals = 0
+    for step in range(step_begin, step_end):
+        # Walking time backwards: T-1, ..., 0 for the forward direction; 0, ..., T-1 in reverse.
+        t = T - 1 - step + direction * (2 * step + 1 - T)
+        t_before = t + 1 - 2 * direction
+        parity = step % 2
+        if HAS_PROJ:
+            if STEP_PHASE != 2:
+                for first_row in range(tl.program_id(0) * BLOCK_B, B, tl.num_programs(0) * BLOCK_B):
+                    batch_rows, row_mask, x_rows, prev_rows, out_rows, init_rows, state_rows, active, reset = step_rows(
+                        t, T, first_row, lengths_ptr, resets_ptr, B, D, direction, HAS_LENGTHS, HAS_RESETS, BLOCK_B)
+                    _, _, _, _, _, _, _, _, reset_before = step_rows(
+                        t_before, T, first_row, lengths_ptr, resets_ptr, B, D, direction, HAS_LENGTHS, HAS_RESETS, BLOCK_B)
+                    for block_start in range(first_feature, P, num_parts * BLOCK_P):
+                        features = block_start + tl.arange(0, BLOCK_P)
+                        mask = (features < P)[:, None] & row_mask[None, :]
+                        dh = gather_hidden_grad(
+                            grad_h_ptr, dh_carry_ptr, dh0_ptr, partial_ptr, h_mask_ptr, parity, step,
+                            x_rows, state_rows, batch_rows, B, D, direction, P, features, mask, reset_before,
+                            HAS_RESETS, HAS_H_MASK, BLOCK_P, BLOCK_B, REDUCE_CHUNK, ACC_DTYPE)
+                        dh_new, carry = zoneout_grad(dh, zoneout_h_ptr, x_rows, P, features, mask, zoneout_p, ZONEOUT)
+                        if HAS_LENGTHS:
+                            # Past a sequence's end h_t is h_{t-1}: dh goes around the projection and the cell.
+                            carry = tl.where(active[None, :], carry, dh)
+                            dh_new = tl.where(active[None, :], dh_new, 0.0)
+                        if HAS_LENGTHS or ZONEOUT != 0:
+                            if HAS_RESETS:
+                                dh0 = load_tile(dh0_ptr, state_rows, P, features, mask)
+                                store_tile(dh0_ptr, state_rows, P, features, mask,
+                                           dh0 + tl.where(reset[None, :], carry, 0.0))
+                                carry = tl.where(reset[None, :], 0.0, carry)
+                            store_tile(dh_carry_ptr, state_rows, P, features, mask, carry)
+                        dh = dh_new
+                        store_tile(grad_h_proj_ptr, x_rows, P, features, mask, dh)
+                        write_partial(
+                            w_hr, w_hr_ptr, block_start, P, H, dh, partial_proj_ptr,
+                            buffer_rows(tl.program_id(1), batch_rows, B, D, direction), row_mask,
+                            block_start != first_feature, 1, 1, BLOCK_P, BLOCK_B, BLOCK_KP, RESIDENT_PROJ,
+                            ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
+            if STEP_PHASE == 0:
+                # The cell needs dL/d(o * tanh(c_t)) for its units from every program's part.
+                arrivals = sync_programs(barrier_ptr, arrivals, GRID_SYNC)
+        if STEP_PHASE != 1:
+            for first_row in range(tl.program_id(0) * BLOCK_B, B, tl.num_programs(0) * BLOCK_B):
+                batch_rows, row_mask, x_rows, prev_rows, out_rows, init_rows, state_rows, active, reset = step_rows(
+                    t, T, first_row, lengths_ptr, resets_ptr, B, D, direction, HAS_LENGTHS, HAS_RESETS, BLOCK_B)
+                _, _, _, _, _, _, _, _, reset_before = step_rows(
+                    t_before, T, first_row, lengths_ptr, resets_ptr, B, D, direction, HAS_LENGTHS, HAS_RESETS, BLOCK_B)
+                for block_start in range(first_unit, H, num_parts * BLOCK_U):
+                    units = block_start + tl.arange(0, BLOCK_U)
+                    mask = (units < H)[:, None] & row_mask[None, :]
+                    if HAS_PROJ:
+                        dh = reduce_partials(partial_proj_ptr, 0, num_parts, batch_rows, B, D, direction, H, units,
+                                             mask, BLOCK_U, BLOCK_B, REDUCE_CHUNK, ACC_DTYPE)
+                    else:
+                        dh = gather_hidden_grad(
+                            grad_h_ptr, dh_carry_ptr, dh0_ptr, partial_ptr, h_mask_ptr, parity, step,
+                            x_rows, state_rows, batch_rows, B, D, direction, P, units, mask, reset_before,
+                            HAS_RESETS, HAS_H_MASK, BLOCK_U, BLOCK_B, REDUCE_CHUNK, ACC_DTYPE)
+                    dh_total = dh
+                    if not HAS_PROJ:
+                        dh, carry_zoneout = zoneout_grad(dh, zoneout_h_ptr, x_rows, P, units, mask, zoneout_p, ZONEOUT)
+                    dgates_h, carry = CELL_BACKWARD(
+                        dh, saved_ptr, h_ptr, c_ptr, dgates_x_ptr, dgates_h_ptr, dc_carry_ptr, dc0_ptr,
+                        zoneout_c_ptr, zoneout_p, x_rows, prev_rows, init_rows, out_rows, state_rows, row_mask,
+                        active, reset, block_start, H, P, HAS_LENGTHS, HAS_RESETS, ZONEOUT, BLOCK_U, BLOCK_B,
+                        ACC_DTYPE)
+                    if not HAS_PROJ:
+                        carry += carry_zoneout
+                        if HAS_LENGTHS:
+                            carry = tl.where(active[None, :], carry, dh_total)
+                        if HAS_RESETS:
+                            # h_{t-1} did not reach a step that reset: what flows back goes to h_0.
+                            dh0 = load_tile(dh0_ptr, state_rows, P, units, mask)
+                            store_tile(dh0_ptr, state_rows, P, units, mask, dh0 + tl.where(reset[None, :], carry, 0.0))
+                            carry = tl.where(reset[None, :], 0.0, carry)
+                        store_tile(dh_carry_ptr, state_rows, P, units, mask, carry)
+                    write_partial(
+                        w_hh, w_hh_ptr, block_start, H, P, dgates_h, partial_ptr,
+                        buffer_rows(parity * num_parts + tl.program_id(1), batch_rows, B, D, direction), row_mask,
+                        block_start != first_unit, NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_B, BLOCK_K, RESIDENT,
+                        ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
+        # The next step reads this step's parts from every program.
+        arrivals = sync_programs(barrier_ptr, arrivals, GRID_SYNC)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """What a cell brings to the shared kernels: its step math and the shape of its buffers."""
+
+    name: str
+    num_gates: int        # G: gates per unit (rows of W_hh per unit)
+    saved_gates: int      # activations per unit saved for the backward (0: it reads h_t)
+    has_cell_state: bool  # the LSTM's c
+    forward: object       # @triton.jit step functions, see forward_kernel / backward_kernel
+    backward: object
+    separate_hidden_grad: bool = False  # GRU: d(h W_hh^T + b_hh) differs from d(gates_x)
+
+    @property
+    def gate_slots(self) -> int:
+        return triton.next_power_of_2(self.num_gates)
+
+
+def _shape(cell: Cell, T: int, B: int, D: int, H: int, P: int, dtype, has_proj: bool) -> launch.Shape:
+    return launch.Shape(dtype=dtype, batch=B, hidden=H, features=P, directions=D,
+                        num_gates=cell.num_gates, has_proj=has_proj, steps=T)
+
+
+def _none_if_empty(tensor):
+    return tensor if tensor.numel() else None
+
+
+def forward_outputs(cell: Cell, gates_x, w_hh, w_hr, save_for_backward: bool, zoneout: bool):
+    """Buffers of a forward launch: ``h (T+2, B, D, P)``, ``c (T+2, B, D, H)`` [LSTM],
+    ``h_raw (T, B, D, H)`` [proj], ``saved (T, B, D, S*H)`` [saving]; empty where not needed.
+    A cell that saves nothing saves its new ``h`` under zoneout (``h_t`` may hold ``h_{t-1}``)."""
+    T, B, D, gates_h = gates_x.shape
+    saved_gates = cell.saved_gates or int(zoneout)
+    H, P = gates_h // cell.num_gates, w_hh.shape[2]
+    dtype, device = gates_x.dtype, gates_x.device
+
+    def buffer(needed, *shape, dtype=dtype):
+        return launch.empty(*shape, dtype=dtype, device=device) if needed else launch.empty(0, dtype=dtype, device=device)
+
+    return (
+        buffer(True, T + 2, B, D, P),
+        buffer(cell.has_cell_state, T + 2, B, D, H, dtype=accumulator_dtype(dtype)),
+        buffer(w_hr is not None, T, B, D, H),
+        buffer(save_for_backward and saved_gates > 0, T, B, D, saved_gates * H),
+    )
+
+
+def _write_initial_state(states, initial, num_steps: int):
+    """The forward direction starts from slot 0, the reverse from slot ``T + 1``."""
+    states[0] = initial.transpose(0, 1)
+    if initial.shape[0] == 2:
+        states[num_steps + 1] = initial.transpose(0, 1)
+
+
+def forward(cell: Cell, gates_x, w_hh, b_hh, w_hr, h0, c0, lengths, resets, h_mask, zoneout_h, zoneout_c,
+            zoneout_p: float, save_for_backward: bool):
+    """Run ``forward_kernel`` for ``cell``; returns ``forward_outputs``, filled. The zoneout keep
+    masks are given in training; in eval ``zoneout_p`` alone (0: no zoneout)."""
+    h, c, h_raw, saved = forward_outputs(cell, gates_x, w_hh, w_hr, save_for_backward, zoneout_p > 0)
+    T, B, D, _ = gates_x.shape
+    H, P = gates_x.shape[3] // cell.num_gates, h.shape[3]
+    _write_initial_state(h, h0, T)
+    if cell.has_cell_state:
+        _write_initial_state(c, c0, T)
+    plan = launch.plan(_shape(cell, T, B, D, H, P, gates_x.dtype, w_hr is not None), gates_x.device, backward=False)
+    launch.launch(
+        forward_kernel,
+        (gates_x.contiguous(), w_hh.contiguous(), b_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c,
+         h, _none_if_empty(c), _none_if_empty(h_raw), _none_if_empty(saved), T, B, H, P, float(zoneout_p)),
+        plan, T, CELL_FORWARD=cell.forward, NUM_GATES=cell.num_gates, GATE_SLOTS=cell.gate_slots,
+    )
+    return h, c, h_raw, saved
+
+
+def backward_outputs(cell: Cell, grad_h, w_hh, w_hr):
+    """Outputs of a backward launch: ``dgates_x (T, B, D, G*H)``, ``dgates_h`` [GRU],
+    ``grad_h_proj (T, B, D, P)`` [proj], ``dh0 (D, B, P)``, ``dc0 (D, B, H)`` [LSTM]."""
+    T, B, D, P = grad_h.shape
+    H = w_hh.shape[1] // cell.num_gates
+    dtype, device = grad_h.dtype, grad_h.device
+
+    def buffer(needed, *shape):
+        return launch.empty(*shape, dtype=dtype, device=device) if needed else launch.empty(0, dtype=dtype, device=device)
+
+    return (
+        buffer(True, T, B, D, cell.num_gates * H),
+        buffer(cell.separate_hidden_grad, T, B, D, cell.num_gates * H),
+        buffer(w_hr is not None, T, B, D, P),
+        buffer(True, D, B, P),
+        buffer(cell.has_cell_state, D, B, H),
+    )
+
+
+def backward(cell: Cell, grad_h, grad_c_n, w_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c,
+             zoneout_p: float, h, c, saved):
+    """Run ``backward_kernel`` for ``cell``; returns ``backward_outputs``, filled."""
+    dgates_x, dgates_h, grad_h_proj, _, _ = backward_outputs(cell, grad_h, w_hh, w_hr)
+    T, B, D, P = grad_h.shape
+    H = w_hh.shape[1] // cell.num_gates
+    acc, device = accumulator_dtype(grad_h.dtype), grad_h.device
+    plan = launch.plan(_shape(cell, T, B, D, H, P, grad_h.dtype, w_hr is not None), device, backward=True)
+    programs = plan.grid[1]
+    dh_carry = torch.zeros(B, D, P, dtype=acc, device=device)
+    dh0 = torch.zeros(B, D, P, dtype=acc, device=device)
+    dc_carry = dc0 = None
+    if cell.has_cell_state:
+        dc_carry = grad_c_n.transpose(0, 1).to(dtype=acc, memory_format=torch.contiguous_format, copy=True)
+        dc0 = torch.zeros(B, D, H, dtype=acc, device=device)
+    # Zeros: a program that owns no feature block (past P) leaves its parts at zero.
+    partial = torch.zeros(2, programs, B, D, P, dtype=acc, device=device)
+    partial_proj = torch.zeros(programs, B, D, H, dtype=acc, device=device) if w_hr is not None else None
+    launch.launch(
+        backward_kernel,
+        (grad_h.contiguous(), w_hh.contiguous(), w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c, h,
+         _none_if_empty(c), _none_if_empty(saved), dgates_x, _none_if_empty(dgates_h), _none_if_empty(grad_h_proj),
+         dh_carry, dh0, dc_carry, dc0, partial, partial_proj, T, B, H, P, float(zoneout_p)),
+        plan, T, CELL_BACKWARD=cell.backward, NUM_GATES=cell.num_gates, GATE_SLOTS=cell.gate_slots,
+    )
+    # What the first step (t = 0) sends through W_hh reaches h_0.
+    incoming = partial[(T - 1) % 2].sum(0)
+    if h_mask is not None:
+        incoming = incoming * h_mask
+    dh0 = (dh0 + dh_carry + incoming).transpose(0, 1).to(grad_h.dtype, memory_format=torch.contiguous_format)
+    if cell.has_cell_state:
+        dc0 = (dc0 + dc_carry).transpose(0, 1).to(grad_h.dtype, memory_format=torch.contiguous_format)
+    else:
+        dc0 = launch.empty(0, dtype=grad_h.dtype, device=device)
+    return dgates_x, dgates_h, grad_h_proj, dh0, dc0
