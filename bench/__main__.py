@@ -3,7 +3,9 @@
 On a GPU it runs the default grid (or ``--headline``, or the subset the flags choose), prints a
 table and writes ``bench/results/<gpu>-<date>.json`` and ``.png`` (or into ``--out``). Without a
 GPU, or with ``--smoke``, it checks a tiny configuration on the CPU in Triton's interpreter and
-writes files only into an explicit ``--out``.
+writes files only into an explicit ``--out``. With ``--cpu`` it times fused_rnn's CPU path
+(PyTorch's native RNN operator) against torch.nn on the CPU, in one thread unless ``--threads``
+says otherwise, and writes files only into an explicit ``--out``.
 """
 
 import argparse
@@ -41,6 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the headline preset instead of the grid: LSTM B=16 T=1024 H=768, fp16 and bf16")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny CPU check in Triton's interpreter (automatic without CUDA); times are meaningless")
+    parser.add_argument("--cpu", action="store_true",
+                        help="time the CPU path (no TRITON_INTERPRET) against torch.nn: LSTM and GRU at "
+                             "B16 T100 H128 and B64 T200 H256, fp32")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of a --cpu run (default: 1)")
     parser.add_argument("--out", help="directory for the JSON and PNG (default on a GPU: bench/results; "
                                       "a CPU run writes files only when --out is given)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -71,27 +77,34 @@ def results_tag(preset: str, subset: bool, scheme: Optional[str] = None):
 def main(argv=None) -> int:
     """Run the suite; the exit status is 1 when some config disagrees with torch."""
     args = parse_args(argv)
-    smoke = args.smoke or not torch.cuda.is_available()
+    if args.cpu and (args.smoke or args.headline):
+        sys.exit("--cpu times the native CPU path; it does not combine with --smoke or --headline")
+    if args.cpu and os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("--cpu times PyTorch's native operator, which TRITON_INTERPRET=1 replaces by the "
+                 "interpreted kernels: run it without TRITON_INTERPRET")
+    smoke = not args.cpu and (args.smoke or not torch.cuda.is_available())
     if smoke:
         interpret_kernels("--smoke", "python -m bench --smoke")
     from bench import suite
 
     if smoke and not args.smoke:
         print("No CUDA device: running the CPU smoke configuration in Triton's interpreter.")
-    preset = "smoke" if smoke else "headline" if args.headline else "grid"
+    if args.cpu:
+        torch.set_num_threads(args.threads)
+    preset = "cpu" if args.cpu else "smoke" if smoke else "headline" if args.headline else "grid"
     overrides = axis_overrides(args)
     configs = suite.select_configs(preset, **overrides)
-    device = "cpu" if smoke else "cuda"
+    device = "cpu" if smoke or args.cpu else "cuda"
     header = suite.environment(device)
     print(f"device {header['device']}, torch {header['torch']}, triton {header['triton']}, cuDNN {header['cudnn']}")
-    print(f"fused_rnn launch scheme: {suite.launch_scheme()}; {len(configs)} configs ({preset})")
+    print(f"fused_rnn launch scheme: {header['scheme']}; {len(configs)} configs ({preset})")
 
     rows = suite.run_suite(configs, device, progress=not args.no_progress)
-    print(suite.format_table(rows))
-    print(suite.summary(rows))
+    print(suite.format_cpu_table(rows) if args.cpu else suite.format_table(rows))
+    print(suite.cpu_summary(rows) if args.cpu else suite.summary(rows))
     if smoke:
         print(CPU_NOTE)
-    if args.out is None and smoke:
+    if args.out is None and device == "cpu":
         print("Nothing written: a CPU run writes its JSON and PNG only into an explicit --out DIR.")
     else:
         subset = any(values is not None for values in overrides.values())

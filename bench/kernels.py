@@ -4,14 +4,24 @@ what the compiler made of it.
 Triton compiles ahead of time for a named target (``GPUTarget``) with the ``ptxas`` it ships, so
 the GPU compiler's verdict - ``tl.dot`` shapes, registers, spills to local memory, shared memory,
 which matrix instructions were emitted - is available on a machine without a GPU. That is what
-the interpreter cannot check. Each variant is a (kernel, dtype, optional inputs, launch scheme)
-with the block sizes ``kernel_options`` picks for a shape.
+the interpreter cannot check. A variant is (cell, forward or backward, dtype, optional inputs,
+batch, hidden, directions) with the plan ``launch.gpu_plan`` makes for an H100/H200 (132 SMs).
 
-Run it with ``TRITON_INTERPRET`` unset. ``--check`` exits non-zero if any variant fails to compile
-or spills. ``--json`` writes the table.
+For each variant the report also counts the loads of the weights that sit inside the time loop
+(``W_hh in loop``, ``W_hr in loop``): the resident plans load their block of ``W_hh`` once, before
+it; the streaming ones (weights too large for the chip) read it every step, and so does the
+forward's projection (see ``launch._options``). Its last column compares the shared
+memory the plan counted (``launch.resident_bytes``) with what the compiler allocated.
+
+Run it with ``TRITON_INTERPRET`` unset. ``--check`` exits non-zero if a variant fails to compile,
+spills, or needs more shared memory than an H100 gives a program; ``--all`` compiles the full grid
+(B 1/16/64/256 x H 256/768/1024 x fp16/bf16/fp32/tf32, every cell, both directions of time);
+``--json`` writes the table.
 """
 
 import argparse
+import concurrent.futures
+import inspect
 import json
 import os
 import re
@@ -22,95 +32,121 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from bench import text_table
+
 DTYPES = {
-    "float32": (torch.float32, False),
-    "tf32": (torch.float32, True),
     "float16": (torch.float16, False),
     "bfloat16": (torch.bfloat16, False),
+    "float32": (torch.float32, False),
+    "tf32": (torch.float32, True),
     "float64": (torch.float64, False),
 }
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
-# Buffers kept in the accumulator dtype (fp32, or fp64 for fp64), whatever the input dtype.
-ACCUMULATOR_BUFFERS = {"c_ptr", "dh_carry_ptr", "dc_carry_ptr"}
-# (batch, hidden) shapes whose block sizes are compiled: the headline's and a large batch.
-SHAPES = [(16, 768), (256, 1024)]
-# SMs of an H100 SXM: the persistent scheme's BLOCK_H depends on them (see kernel_options).
+# Buffers kept in the accumulator dtype (fp32, or fp64 for fp64), whatever the layer's dtype.
+ACCUMULATOR_BUFFERS = {"c_ptr", "dh_carry_ptr", "dh0_ptr", "dc_carry_ptr", "dc0_ptr", "partial_ptr", "partial_proj_ptr"}
+# SMs of an H100 SXM / H200, and the shared memory one program may use there.
 MULTIPROCESSORS = 132
+SHARED_MEMORY_LIMIT = 227 * 1024
+HEADLINE = (16, 768)
+GRID_BATCHES, GRID_HIDDENS = (1, 16, 64, 256), (256, 768, 1024)
+CELLS = ("lstm", "lstm_proj", "gru", "rnn_tanh")
+# Pointers each cell leaves None, and the optional inputs (the kernels' flags) of each direction.
+CELL_POINTERS = {
+    "lstm": {"b_hh_ptr", "dgates_h_ptr", "w_hr_ptr", "h_raw_ptr", "grad_h_proj_ptr", "partial_proj_ptr"},
+    "gru": {"c_ptr", "zoneout_c_ptr", "dc_carry_ptr", "dc0_ptr", "w_hr_ptr", "h_raw_ptr", "grad_h_proj_ptr",
+            "partial_proj_ptr"},
+    "rnn_tanh": {"b_hh_ptr", "c_ptr", "zoneout_c_ptr", "dgates_h_ptr", "dc_carry_ptr", "dc0_ptr", "w_hr_ptr",
+                 "h_raw_ptr", "grad_h_proj_ptr", "partial_proj_ptr"},
+}
+CELL_POINTERS["lstm_proj"] = CELL_POINTERS["lstm"] - {"w_hr_ptr", "h_raw_ptr", "grad_h_proj_ptr", "partial_proj_ptr"}
+OPTIONAL = {"lengths_ptr", "resets_ptr", "h_mask_ptr", "zoneout_h_ptr", "zoneout_c_ptr"}
 
 
 @dataclass
 class Variant:
-    kernel: str
+    cell: str
+    kernel: str  # forward / backward
     dtype: str
-    optional: str  # which optional inputs are present
-    scheme: str
+    options: str  # "all": lengths, resets, recurrent dropout, zoneout; "none"
     batch: int
     hidden: int
+    directions: int = 1
 
 
 @dataclass
 class Report:
     variant: Variant
     ok: bool
-    blocks: str = ""  # BLOCK_B x BLOCK_H x BLOCK_K
+    plan: str = ""  # resident/streaming, grid, BLOCK_B x BLOCK_U
     registers: int = 0
     spill_bytes: int = 0  # bytes a thread spills to local memory: registers the compiler could not keep
     shared_bytes: int = 0
-    matrix_instructions: str = ""  # e.g. "HMMA x96"; empty when none (fp64 multiplies and reduces)
+    planned_bytes: int = 0  # launch.resident_bytes: what the plan counted (0 when streaming)
+    matrix_instructions: str = ""  # e.g. "HMMA x64", "HGMMA x16" (wgmma), "DMMA x16" (fp64)
+    w_hh_loads_in_loop: int = 0  # loads of W_hh inside the time loop
+    w_hr_loads_in_loop: int = 0  # and of W_hr (the LSTM projection)
     error: str = ""
 
 
-def kernels():
-    """``{name: (kernel, optional)}`` for the four kernels; ``optional`` lists the pointers a
-    launch may leave None (the kernels' heuristics turn each into a flag)."""
-    from fused_rnn.ops import gru, lstm
+def cell_of(name: str):
+    from fused_rnn.ops import gru, lstm, rnn
 
-    return {
-        "lstm_forward": (lstm.lstm_forward_kernel, {"w_hr_ptr", "h_raw_ptr", "lengths_ptr", "gates_ptr"}),
-        "lstm_backward": (lstm.lstm_backward_kernel, {"w_hr_ptr", "grad_h_proj_ptr", "lengths_ptr"}),
-        "gru_forward": (gru.gru_forward_kernel, {"b_hh_ptr", "lengths_ptr", "gates_ptr"}),
-        "gru_backward": (gru.gru_backward_kernel, {"lengths_ptr"}),
-    }
+    return {"lstm": lstm.CELL, "lstm_proj": lstm.CELL, "gru": gru.CELL, "rnn_tanh": rnn.CELLS["tanh"]}[name]
 
 
-# Pointers only the LSTM projection uses; the stepwise scheme cannot run it.
-PROJECTION_POINTERS = {"w_hr_ptr", "h_raw_ptr", "grad_h_proj_ptr"}
+def shape_of(variant: Variant):
+    from fused_rnn.ops.launch import Shape
+
+    features = variant.hidden // 2 if variant.cell == "lstm_proj" else variant.hidden
+    return Shape(dtype=DTYPES[variant.dtype][0], batch=variant.batch, hidden=variant.hidden, features=features,
+                 directions=variant.directions, num_gates=cell_of(variant.cell).num_gates,
+                 has_proj=variant.cell == "lstm_proj", steps=1024)
 
 
 def variants(full: bool):
-    """Every kernel in every dtype, with all optional inputs and with none, in both schemes
-    (``full``), or the subset CI compiles: all optional inputs, persistent, plus one minimal."""
-    for name in kernels():
-        for dtype in DTYPES:
-            for batch, hidden in SHAPES if full else SHAPES[:1]:
-                for optional in ("all", "none"):
-                    for scheme in ("persistent", "stepwise"):
-                        keep = optional == "all" and scheme == "persistent"
-                        if full or keep or (dtype == "float16" and optional == "none"):
-                            yield Variant(name, dtype, optional, scheme, batch, hidden)
+    """The subset CI compiles - every cell and kernel at the headline shape with every option in
+    fp16, tf32 and fp64, the LSTM also in bf16, fp32, without options and bidirectional (at H=512)
+    - or the full grid."""
+    for cell in CELLS:
+        for kernel in ("forward", "backward"):
+            for dtype in DTYPES if full or cell == "lstm" else ("float16", "tf32", "float64"):
+                yield Variant(cell, kernel, dtype, "all", *HEADLINE)
+            if full or cell == "lstm":
+                yield Variant(cell, kernel, "float16", "none", *HEADLINE)
+                yield Variant(cell, kernel, "float16", "all", HEADLINE[0], 512, directions=2)
+            if full:
+                # Both directions of the headline need 64-row blocks, which spill (docs/design.md).
+                yield Variant(cell, kernel, "float16", "all", *HEADLINE, directions=2)
+            if full:
+                for batch in GRID_BATCHES:
+                    for hidden in GRID_HIDDENS:
+                        for dtype in ("float16", "bfloat16", "float32", "tf32"):
+                            if (batch, hidden) != HEADLINE:
+                                yield Variant(cell, kernel, dtype, "all", batch, hidden)
 
 
-def signature(variant: Variant, heuristics, optional: set):
-    """Triton types of the arguments and the values of the constexpr ones: the options
-    ``kernel_options`` picks, None for absent pointers, and the flags the kernel's own
-    ``heuristics`` derive from which pointers are None."""
-    from fused_rnn.ops.launch import accumulator_dtype, kernel_options
+def signature(variant: Variant, kernel, plan):
+    """Triton types of the kernel's arguments and the values of its constexprs: the plan's options,
+    the cell, None for absent pointers and the flags the kernel's heuristics derive from them."""
+    from fused_rnn.ops.launch import accumulator_dtype
 
-    dtype, tf32 = DTYPES[variant.dtype]
-    torch.backends.cudnn.allow_tf32 = tf32
-    multiprocessors = MULTIPROCESSORS if variant.scheme == "persistent" else 0
-    constants = kernel_options(dtype, variant.batch, variant.hidden, variant.hidden, multiprocessors)
-    jit_function = heuristics.fn
-    lstm_stepwise = variant.kernel.startswith("lstm") and variant.scheme == "stepwise"
-    absent = {
-        name for name in jit_function.arg_names
-        if (variant.optional == "none" and name in optional)
-        or (lstm_stepwise and name in PROJECTION_POINTERS)  # stepwise cannot run the projection
-        or (variant.scheme == "stepwise" and name == "barrier_ptr")
-    }
-    arguments = {name: None if name in absent else object() for name in jit_function.arg_names}
-    constants.update({name: None for name in absent})
-    constants.update({flag: flag_of(arguments) for flag, flag_of in heuristics.values.items()})
+    dtype = DTYPES[variant.dtype][0]
+    cell = cell_of(variant.cell)
+    absent = CELL_POINTERS[variant.cell] | (OPTIONAL if variant.options == "none" else set())
+    jit_function = kernel.fn
+    constants = dict(plan.options, CELL_FORWARD=cell.forward, CELL_BACKWARD=cell.backward,
+                     NUM_GATES=cell.num_gates, GATE_SLOTS=cell.gate_slots, STEP_PHASE=0)
+    arguments = {}
+    for name in jit_function.arg_names:
+        if name in absent:
+            arguments[name] = None
+        elif name == "zoneout_p":
+            arguments[name] = 0.25 if variant.options == "all" else 0.0
+        else:
+            arguments[name] = object()
+    constants.update({flag: flag_of(arguments) for flag, flag_of in kernel.values.items()})
+    constants.update({name: None for name in absent if name in jit_function.arg_names})
+    constants = {name: value for name, value in constants.items() if name in jit_function.arg_names}
     types = {}
     for name in jit_function.arg_names:
         if name in constants:
@@ -119,8 +155,12 @@ def signature(variant: Variant, heuristics, optional: set):
             types[name] = "*i64"
         elif name == "barrier_ptr":
             types[name] = "*i32"
+        elif name in ("resets_ptr", "zoneout_h_ptr", "zoneout_c_ptr"):
+            types[name] = "*i1"
         elif name.endswith("_ptr"):
             types[name] = "*" + TRITON_TYPES[accumulator_dtype(dtype) if name in ACCUMULATOR_BUFFERS else dtype]
+        elif name == "zoneout_p":
+            types[name] = "fp32"
         else:
             types[name] = "i32"
     return types, constants
@@ -131,30 +171,80 @@ def compile_variant(variant: Variant, arch: int) -> Report:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fused_rnn.ops.launch import COMPILE_OPTIONS
+    from fused_rnn.ops import launch, recurrence
 
-    heuristics, optional = kernels()[variant.kernel]
-    jit_function = heuristics.fn
-    types, constants = signature(variant, heuristics, optional)
+    torch.backends.cudnn.allow_tf32 = DTYPES[variant.dtype][1]
+    kernel = recurrence.forward_kernel if variant.kernel == "forward" else recurrence.backward_kernel
+    shape = shape_of(variant)
+    backward = variant.kernel == "backward"
+    plan = launch.gpu_plan(shape, MULTIPROCESSORS, backward)
+    options = plan.options
+    description = (f"{'resident' if plan.resident else 'streaming'} {plan.grid[0]}x{plan.grid[1]}x{plan.grid[2]} "
+                   f"B{options['BLOCK_B']}xU{options['BLOCK_U']}")
+    planned = launch.resident_bytes(shape, options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"], backward)
+    types, constants = signature(variant, kernel, plan)
     # Pointers from torch allocations are 16-byte aligned; the launches specialise on that too.
-    alignment = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(jit_function.arg_names)
+    alignment = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.fn.arg_names)
                  if types[name].startswith("*")}
-    source = ASTSource(fn=jit_function, signature=types, constexprs=constants, attrs=alignment)
-    blocks = "x".join(str(constants[name]) for name in ("BLOCK_B", "BLOCK_H", "BLOCK_K"))
+    source = ASTSource(fn=kernel.fn, signature=types, constexprs=constants, attrs=alignment)
     try:
-        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                  options=COMPILE_OPTIONS)
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=launch.COMPILE_OPTIONS)
     except Exception as error:  # noqa: BLE001 - every compiler failure is what this tool reports
         first_line = str(error).splitlines()[0][:300]
-        return Report(variant, ok=False, blocks=blocks, error=f"{type(error).__name__}: {first_line}")
+        return Report(variant, ok=False, plan=description, error=f"{type(error).__name__}: {first_line}")
     registers, spill = _resource_usage(compiled.asm["ptx"], arch)
-    return Report(variant, ok=True, blocks=blocks, registers=registers, spill_bytes=spill,
-                  shared_bytes=compiled.metadata.shared,
-                  matrix_instructions=_matrix_instructions(compiled.asm["cubin"]))
+    w_hh_loads, w_hr_loads = weight_loads_in_time_loop(compiled.asm["ttgir"])
+    return Report(variant, ok=True, plan=description, registers=registers, spill_bytes=spill,
+                  shared_bytes=compiled.metadata.shared, planned_bytes=planned if plan.resident else 0,
+                  matrix_instructions=_matrix_instructions(compiled.asm["cubin"]),
+                  w_hh_loads_in_loop=w_hh_loads, w_hr_loads_in_loop=w_hr_loads)
+
+
+def _source_lines(function, text: str) -> list:
+    """``recurrence.py:<line>:`` markers of the lines of a jit function's source holding ``text``."""
+    while hasattr(function, "fn"):  # heuristics -> jit -> the Python function
+        function = function.fn
+    lines, first = inspect.getsourcelines(function)
+    return [f'recurrence.py":{first + i}:' for i, line in enumerate(lines) if text in line]
+
+
+def weight_loads_in_time_loop(ttgir: str) -> tuple:
+    """``(W_hh, W_hr)``: loads of a weight block inside the kernel's time loop (``for step in``),
+    from the compiler's TTGIR. They are the ops nested in that ``scf.for`` whose source location
+    is the ``tl.load`` of ``weight_block``; those called by the projection (``w_hr, w_hr_ptr``)
+    read ``W_hr``."""
+    from fused_rnn.ops import recurrence
+
+    aliases = dict(re.findall(r"^(#loc\d*) = (.*)$", ttgir, re.MULTILINE))
+
+    def location_text(text: str, depth: int = 0) -> str:
+        if depth > 30:
+            return text
+        return re.sub(r"#loc\d*", lambda m: location_text(aliases[m.group(0)], depth + 1)
+                      if m.group(0) in aliases else m.group(0), text)
+
+    weight_load = _source_lines(recurrence.weight_block, "tl.load(")
+    projection_calls = (_source_lines(recurrence.forward_kernel, "w_hr, w_hr_ptr")
+                        + _source_lines(recurrence.backward_kernel, "w_hr, w_hr_ptr"))
+    lines = ttgir.splitlines()
+    start = next((i for i, line in enumerate(lines) if re.search(r"scf\.for %step", line)), None)
+    counts = [0, 0]
+    if start is None:
+        return tuple(counts)
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    for line in lines[start + 1:]:
+        if line.strip() == "}" and len(line) - len(line.lstrip()) == indent:
+            break
+        found = re.search(r"tt\.load .* loc\((#loc\d*)\)", line)
+        if found:
+            where = location_text(found.group(1))
+            if any(marker in where for marker in weight_load):
+                counts[any(marker in where for marker in projection_calls)] += 1
+    return tuple(counts)
 
 
 def _resource_usage(ptx: str, arch: int):
-    """Registers, spill bytes (stores) and stack-frame bytes, from ``ptxas -v`` on the kernel's PTX."""
+    """Registers and spill bytes (stores), from ``ptxas -v`` on the kernel's PTX."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     target = re.search(r"^\.target\s+(\w+)", ptx, re.MULTILINE).group(1)
@@ -185,35 +275,59 @@ def _matrix_instructions(cubin: bytes) -> str:
     return " ".join(f"{opcode} x{count}" for opcode, count in sorted(counts.items()))
 
 
+def failures(report: Report) -> list:
+    """What ``--check`` refuses in a report."""
+    problems = []
+    if not report.ok:
+        problems.append("does not compile")
+    if report.spill_bytes:
+        problems.append(f"spills {report.spill_bytes} bytes")
+    if report.shared_bytes > SHARED_MEMORY_LIMIT:
+        problems.append(f"needs {report.shared_bytes} bytes of shared memory")
+    if report.ok and report.plan.startswith("resident") and report.w_hh_loads_in_loop:
+        problems.append("loads W_hh inside the time loop")
+    return problems
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
-    parser.add_argument("--all", action="store_true", help="every variant (default: the subset CI compiles)")
-    parser.add_argument("--check", action="store_true", help="exit 1 if a variant fails to compile or spills")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200)")
+    parser.add_argument("--all", action="store_true", help="the full grid (default: the subset CI compiles)")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 if a variant fails to compile, spills, or overflows shared memory")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiler processes")
     parser.add_argument("--json", help="write the reports to this file")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter does not compile")
 
-    reports = [compile_variant(variant, args.arch) for variant in variants(args.all)]
-    print(f"{'kernel':14} {'dtype':9} {'optional':8} {'scheme':10} {'B':>4} {'H':>5} {'blocks':>9} {'regs':>4} "
-          f"{'spill':>5} {'shared':>6}  matrix")
+    todo = list(variants(args.all))
+    with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
+        reports = list(pool.map(compile_variant, todo, [args.arch] * len(todo)))
+    rows = []
     for report in reports:
         v = report.variant
-        row = f"{v.kernel:14} {v.dtype:9} {v.optional:8} {v.scheme:10} {v.batch:4} {v.hidden:5} {report.blocks:>9} "
+        row = [v.cell, v.kernel, v.dtype, v.options, v.batch, v.hidden, v.directions, report.plan]
         if report.ok:
-            row += f"{report.registers:4} {report.spill_bytes:5} {report.shared_bytes:6}  "
-            row += report.matrix_instructions or "-"
+            row += [report.registers, report.spill_bytes, report.shared_bytes, report.planned_bytes,
+                    report.matrix_instructions or "-", report.w_hh_loads_in_loop, report.w_hr_loads_in_loop]
         else:
-            row += f"FAILED: {report.error}"
-        print(row)
+            row += ["FAILED: " + report.error, "", "", "", "", "", ""]
+        rows.append(row)
+    header = ["cell", "kernel", "dtype", "options", "B", "H", "D", "plan", "regs", "spill", "shared", "planned",
+              "matrix", "W_hh in loop", "W_hr in loop"]
+    print(text_table([header] + [[str(cell) for cell in row] for row in rows]))
+    import triton
+
     if args.json:
         with open(args.json, "w") as file:
-            json.dump({"arch": args.arch, "reports": [asdict(report) for report in reports]}, file, indent=1)
-    failed = [r for r in reports if not r.ok or r.spill_bytes]
+            json.dump({"arch": args.arch, "triton": triton.__version__, "multiprocessors": MULTIPROCESSORS,
+                       "reports": [asdict(report) for report in reports]}, file, indent=1)
+    failed = [(report, failures(report)) for report in reports if failures(report)]
+    for report, problems in failed:
+        print(f"FAILED {report.variant}: {', '.join(problems)}", file=sys.stderr)
     if args.check and failed:
-        print(f"{len(failed)} variant(s) failed to compile or spill", file=sys.stderr)
         return 1
     return 0
 

@@ -6,12 +6,14 @@ a mode. For each config ``run_config``
 1. builds ``torch.nn.LSTM`` / ``nn.GRU`` and the fused module with the same weights,
 2. checks that both agree: outputs and final states, and in ``forward_backward`` also the input
    and weight gradients. A config that disagrees (or raises) is reported and not timed;
-3. times both: ``triton.testing.do_bench`` (median) on a GPU, a few ``time.perf_counter``
-   repetitions on the CPU; on a GPU also the peak memory of one call;
+3. times both: ``triton.testing.do_bench`` (median) on a GPU, ``time.perf_counter`` in turns
+   (median) on the CPU; on a GPU also the peak memory of one call;
 
 and returns one result row. Without CUDA the kernels run in Triton's interpreter
 (``TRITON_INTERPRET=1``, which must be set before triton is first imported: ``bench.__main__``
-does it). Those times measure the interpreter, not the kernels.
+does it). Those times measure the interpreter, not the kernels. Without the interpreter
+(``python -m bench --cpu``) CPU tensors take fused_rnn's CPU path, PyTorch's native RNN operator,
+and the times compare it with torch.nn.
 """
 
 import contextlib
@@ -21,6 +23,8 @@ import importlib.util
 import itertools
 import json
 import math
+import os
+import platform
 import re
 import statistics
 import time
@@ -33,7 +37,7 @@ import triton.testing
 
 from bench import text_table
 import fused_rnn
-from fused_rnn.ops.launch import choose_scheme, interpreting
+from fused_rnn.ops.launch import interpreting
 
 try:
     from tqdm import tqdm
@@ -45,6 +49,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 MODES = ("forward", "forward_backward")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CPU_DEVICE = "cpu (Triton interpreter)"
+NATIVE_SCHEME = "native (PyTorch's RNN operator on the CPU)"
 
 # Largest accepted max |ours - torch| / max |torch| over each compared tensor. fp32 runs as TF32
 # on a GPU (as cuDNN runs it), which is why its tolerance is loose.
@@ -57,6 +62,8 @@ ROW_KEYS = (
 )
 HEADER_KEYS = ("device", "torch", "triton", "cudnn", "scheme", "rows")
 MiB = 2**20
+# Seconds of timing turns per config on the CPU path (python -m bench --cpu).
+CPU_BUDGET_S = 4.0
 CPU_PLOT_NOTE = "CPU, Triton interpreter: these times say nothing about speed"
 
 
@@ -126,23 +133,31 @@ PRESETS = {
     "headline": Axes(cells=("lstm",), batches=(16,), hiddens=(768,), seqs=(1024,), dtypes=("float16", "bfloat16")),
     # What runs without a GPU, in Triton's interpreter.
     "smoke": Axes(batches=(2,), hiddens=(16,), seqs=(4,), dtypes=("float32",)),
+    # The CPU path (PyTorch's native operator) against torch.nn, fp32; CPU_LARGE is appended.
+    "cpu": Axes(batches=(16,), hiddens=(128,), seqs=(100,), dtypes=("float32",)),
 }
 # Appended to the grid: 2 layers, bidirectional, B=64, H=768, every cell, dtype and mode (12 configs).
 DEEP = Axes(batches=(64,), hiddens=(768,), layers=(2,), bidirectional=(True,))
+# Appended to the CPU run: B=64, T=200, H=256, both cells and modes (4 configs).
+CPU_LARGE = Axes(batches=(64,), hiddens=(256,), seqs=(200,), dtypes=("float32",))
+APPENDED = {"grid": DEEP, "cpu": CPU_LARGE}
 SHAPE_AXES = frozenset({"batches", "hiddens", "inputs", "layers", "bidirectional"})
+# The CPU path is expected within this factor of torch.nn's time (it runs the same operator).
+CPU_RATIO_GOAL = 1.05
 
 
 def select_configs(preset: str = "grid", **overrides) -> list:
-    """The configs of ``preset`` ("grid", "headline" or "smoke") with axes replaced by ``overrides``.
+    """The configs of ``preset`` ("grid", "headline", "smoke" or "cpu") with axes replaced by ``overrides``.
 
     ``overrides`` are ``Axes`` fields; ``None`` values are ignored. The grid also holds the
-    2-layer bidirectional ``DEEP`` configs: they follow overrides of cells, seqs, dtypes and modes,
-    and are left out once a shape axis (batches, hiddens, inputs, layers, bidirectional) is given.
+    2-layer bidirectional ``DEEP`` configs, the CPU run the ``CPU_LARGE`` ones (``APPENDED``):
+    they follow overrides of cells, seqs, dtypes and modes, and are left out once a shape axis
+    (batches, hiddens, inputs, layers, bidirectional) is given.
     """
     overrides = {name: tuple(values) for name, values in overrides.items() if values is not None}
     configs = dataclasses.replace(PRESETS[preset], **overrides).configs()
-    if preset == "grid" and not SHAPE_AXES & overrides.keys():
-        configs += dataclasses.replace(DEEP, **overrides).configs()
+    if preset in APPENDED and not SHAPE_AXES & overrides.keys():
+        configs += dataclasses.replace(APPENDED[preset], **overrides).configs()
     return configs
 
 
@@ -219,15 +234,33 @@ def time_gpu_ms(fn: Callable[[], None], grad_to_none) -> float:
     return triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median")
 
 
-def time_cpu_ms(fn: Callable[[], None], reps: int = 3) -> float:
-    """Median of ``reps`` wall-clock calls of ``fn`` after one warm-up, in ms: a crude figure."""
-    fn()
-    times = []
-    for _ in range(reps):
+def time_cpu_ms(ours: Callable[[], None], theirs: Callable[[], None], grads_to_none, min_reps: int = 3,
+                budget_s: float = 0.0):
+    """Median wall-clock times of ``ours`` and ``theirs`` in ms, timed in turns after a warm-up call each.
+
+    Taking turns lets a change in the machine's speed (other processes, clock) reach both alike,
+    and each turn swaps which goes first, so that neither always finds the caches as the other
+    left them. At least ``min_reps`` turns, more until ``budget_s`` seconds have passed. The
+    tensors of ``grads_to_none`` get ``grad = None`` before each call, as ``do_bench`` does on a GPU.
+    """
+    def call(fn):
+        for tensor in grads_to_none:
+            tensor.grad = None
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        return time.perf_counter() - start
+
+    call(ours), call(theirs)
+    ours_s, theirs_s = [], []
+    began = time.perf_counter()
+    while len(ours_s) < min_reps or time.perf_counter() - began < budget_s:
+        if len(ours_s) % 2:
+            theirs_s.append(call(theirs))
+            ours_s.append(call(ours))
+        else:
+            ours_s.append(call(ours))
+            theirs_s.append(call(theirs))
+    return statistics.median(ours_s) * 1e3, statistics.median(theirs_s) * 1e3
 
 
 def peak_mb(fn: Callable[[], None]) -> float:
@@ -267,7 +300,11 @@ def run_config(config: Config, device: str):
         return make_row(config, correct=False), f"{config.label()} {config.dtype} {config.mode}: {problem}; not timed"
     ours, theirs = step(fused, x, upstream, config.mode), step(reference, x, upstream, config.mode)
     if device == "cpu":
-        return make_row(config, time_cpu_ms(ours), time_cpu_ms(theirs)), None
+        # The interpreter is slow and its times mean nothing: three turns. The native path is
+        # compared with torch.nn within a few percent, which takes more.
+        timing = dict(min_reps=3) if interpreting() else dict(min_reps=10, budget_s=CPU_BUDGET_S)
+        ours_ms, torch_ms = time_cpu_ms(ours, theirs, [x, *fused.parameters(), *reference.parameters()], **timing)
+        return make_row(config, ours_ms, torch_ms), None
     ours_ms = time_gpu_ms(ours, [x, *fused.parameters()])
     cudnn_ms = time_gpu_ms(theirs, [x, *reference.parameters()])
     peaks = []
@@ -305,15 +342,36 @@ def run_suite(configs, device: str, progress: bool = True) -> list:
 
 
 def environment(device: str) -> dict:
-    """The results file's header: device name, the torch, triton and cuDNN versions, the launch scheme."""
-    on_gpu = device == "cuda"
+    """The results file's header: device name, the torch, triton and cuDNN versions, the launch scheme.
+
+    On the CPU without the interpreter fused_rnn runs PyTorch's native RNN operator: the device
+    names the processor and the threads torch uses, the scheme is ``NATIVE_SCHEME``.
+    """
+    on_gpu, native = device == "cuda", device == "cpu" and not interpreting()
+    if on_gpu:
+        name = torch.cuda.get_device_name()
+    elif native:
+        threads = torch.get_num_threads()
+        name = f"cpu {cpu_model()}, {threads} thread{'s' if threads > 1 else ''}"
+    else:
+        name = CPU_DEVICE
     return {
-        "device": torch.cuda.get_device_name() if on_gpu else CPU_DEVICE,
+        "device": name,
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cudnn": torch.backends.cudnn.version() if on_gpu else None,
-        "scheme": launch_scheme(),
+        "scheme": NATIVE_SCHEME if native else launch_scheme(),
     }
+
+
+def cpu_model() -> str:
+    """The processor's model name from /proc/cpuinfo (Linux), else ``platform.processor()``."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
 
 
 def slug(name: str) -> str:
@@ -345,7 +403,7 @@ def write_results(header: dict, rows: list, out_dir: Path, date: Optional[dateti
     if importlib.util.find_spec("matplotlib") is None:
         print("matplotlib is not installed (pip install -e '.[bench]'): no plot written")
         return json_path, None
-    title = f"fused_rnn vs torch (cuDNN) on {header['device']}"
+    title = f"fused_rnn vs torch{' (cuDNN)' if header['cudnn'] is not None else ''} on {header['device']}"
     plot_speedups(rows, png_path, title if header["device"] != CPU_DEVICE else f"{title}\n{CPU_PLOT_NOTE}")
     return json_path, png_path
 
@@ -418,6 +476,34 @@ def summary(rows: list) -> str:
     return text
 
 
+def format_cpu_table(rows: list) -> str:
+    """The rows of a CPU run as a text table: ours and torch.nn's ms, and their ratio (1.0: as fast)."""
+    lines = [("cell", "B", "T", "H", "in", "L", "bi", "dtype", "mode", "ours ms", "torch ms", "ours/torch", "ok")]
+    for row in rows:
+        ratio = None if row["speedup"] is None else 1 / row["speedup"]
+        lines.append((
+            row["cell"], str(row["batch"]), str(row["seq"]), str(row["hidden"]), str(row["input"]),
+            str(row["layers"]), "y" if row["bidirectional"] else "n", row["dtype"], row["mode"],
+            *("-" if value is None else f"{value:.3f}" for value in (row["ours_ms"], row["cudnn_ms"], ratio)),
+            "yes" if row["correct"] else "NO",
+        ))
+    return text_table(lines)
+
+
+def cpu_summary(rows: list) -> str:
+    """One line: agreement, and the largest and median ours/torch time ratio against ``CPU_RATIO_GOAL``."""
+    ratios = [1 / row["speedup"] for row in rows if row["speedup"] is not None]
+    text = f"{sum(row['correct'] for row in rows)}/{len(rows)} configs agree with torch"
+    if ratios:
+        within = sum(ratio <= CPU_RATIO_GOAL for ratio in ratios)
+        text += (f"; ours/torch max {max(ratios):.3f}, median {statistics.median(ratios):.3f}, "
+                 f"{within}/{len(ratios)} timed configs within {CPU_RATIO_GOAL}x")
+    return text
+
+
 def launch_scheme() -> str:
-    """The fused kernels' launch scheme for these runs (``FUSED_RNN_SCHEME`` overrides it)."""
-    return choose_scheme(has_projection=False) + (" (Triton interpreter)" if interpreting() else "")
+    """The fused kernels' launch scheme and weights for these runs, as ``FUSED_RNN_SCHEME`` and
+    ``FUSED_RNN_WEIGHTS`` force them (by default: persistent, weights resident where they fit)."""
+    scheme = os.environ.get("FUSED_RNN_SCHEME", "persistent")
+    weights = os.environ.get("FUSED_RNN_WEIGHTS", "resident where they fit")
+    return f"{scheme}, weights {weights}" + (" (Triton interpreter)" if interpreting() else "")

@@ -15,6 +15,7 @@ import torch
 
 from bench import drift, suite
 from bench.__main__ import axis_overrides, main, parse_args, results_tag
+from fused_rnn.ops import launch
 from fused_rnn.ops.launch import interpreting
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,13 +168,45 @@ def test_cpu_run_without_out_writes_nothing(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "results").exists()
 
 
+def test_cpu_preset_is_both_cells_and_modes_at_two_shapes():
+    configs = suite.select_configs("cpu")
+    assert len(configs) == 2 * 2 * 2
+    assert {(c.batch, c.seq, c.hidden) for c in configs} == {(16, 100, 128), (64, 200, 256)}
+    assert {(c.cell, c.mode) for c in configs} == {(cell, mode) for cell in suite.CELLS for mode in suite.MODES}
+    assert all(c.dtype == "float32" and c.input == c.hidden and c.layers == 1 for c in configs)
+
+
+def test_cpu_run_refuses_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(SystemExit, match="without TRITON_INTERPRET"):
+        main(["--cpu"])
+
+
+def test_cpu_run_times_the_native_path_and_writes_the_documented_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(launch, "_INTERPRETING", False)
+    monkeypatch.setattr(suite, "CPU_BUDGET_S", 0.0)
+    threads = torch.get_num_threads()
+    try:
+        flags = ["--cpu", "--batch", "2", "--seq", "3", "--hidden", "4", "--out", str(tmp_path), "--no-progress"]
+        assert main(flags) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "ours/torch" in printed and ", 1 thread" in printed
+    (json_path,) = tmp_path.glob("*.json")
+    assert json_path.stem.endswith("-cpu-subset")
+    check_results(json_path, num_rows=4, on_gpu=False)
+    assert json.loads(json_path.read_text())["scheme"] == suite.NATIVE_SCHEME
+
+
 def test_help_runs():
     result = subprocess.run(
         [sys.executable, "-m", "bench", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr
     for flag in ("--cell", "--batch", "--hidden", "--seq", "--input", "--layers", "--bidirectional",
-                 "--dtype", "--mode", "--out", "--smoke", "--headline"):
+                 "--dtype", "--mode", "--out", "--smoke", "--headline", "--cpu", "--threads"):
         assert flag in result.stdout
 
 

@@ -208,10 +208,13 @@ def test_compile_inductor_matches_eager(fresh_dynamo):
 
 
 OPCHECK_CASES = {
-    "lstm-float32": dict(cell="lstm", proj=False, lengths=False, reverse=False, dtype=torch.float32),
-    "lstm-proj4-lengths-reverse-bfloat16": dict(cell="lstm", proj=True, lengths=True, reverse=True, dtype=torch.bfloat16),
-    "gru-float32": dict(cell="gru", proj=False, lengths=False, reverse=False, dtype=torch.float32),
-    "gru-lengths-reverse-bfloat16": dict(cell="gru", proj=False, lengths=True, reverse=True, dtype=torch.bfloat16),
+    "lstm-float32": dict(cell="lstm", proj=False, options=False, directions=1, dtype=torch.float32),
+    "lstm-proj4-options-bidirectional-bfloat16": dict(cell="lstm", proj=True, options=True, directions=2,
+                                                      dtype=torch.bfloat16),
+    "gru-float32": dict(cell="gru", proj=False, options=False, directions=1, dtype=torch.float32),
+    "gru-options-bidirectional-bfloat16": dict(cell="gru", proj=False, options=True, directions=2,
+                                               dtype=torch.bfloat16),
+    "rnn-options-float32": dict(cell="rnn", proj=False, options=True, directions=2, dtype=torch.float32),
 }
 
 
@@ -220,24 +223,40 @@ OPCHECK_CASES = {
 def test_custom_ops_fake_impls_match_real_outputs(case, save_for_backward):
     # torch.compile traces the layers through the fake impls: shapes, dtypes and strides of what
     # they return must be those the kernels return.
-    cell, proj, lengths, reverse, dtype = OPCHECK_CASES[case].values()
+    cell, proj, options, D, dtype = OPCHECK_CASES[case].values()
     ops, P = torch.ops.fused_rnn, 4 if proj else HID
 
     def randn(*shape):
         return torch.randn(*shape, dtype=dtype, device=KERNEL_DEVICE)
 
-    lengths = torch.tensor([T, 2, T - 1], device=KERNEL_DEVICE) if lengths else None
-    gates = 4 if cell == "lstm" else 3
-    gates_x, w_hh, h0 = randn(T, B, gates * HID), randn(gates * HID, P), randn(B, P)
+    def keep(*shape):
+        return torch.rand(*shape, device=KERNEL_DEVICE) < 0.3
+
+    lengths = torch.tensor([T, 2, T - 1], device=KERNEL_DEVICE) if options else None
+    resets = keep(T, B) if options else None
+    h_mask = randn(B, D, P) if options else None
+    zoneout_h = keep(T, B, D, P) if options else None
+    zoneout_p = 0.3 if options else 0.0
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}[cell]
+    gates_x, w_hh, h0 = randn(T, B, D, gates * HID), randn(D, gates * HID, P), randn(D, B, P)
+    grad_h = randn(T, B, D, P)
     if cell == "lstm":
-        w_hr = randn(P, HID) if proj else None
-        forward_args = (gates_x, w_hh, w_hr, h0, randn(B, HID), lengths, reverse, save_for_backward)
-        h, c, _, saved_gates = ops.lstm_forward(*forward_args)
-        backward_args = (randn(T, B, P), randn(B, HID), w_hh, w_hr, lengths, reverse, saved_gates, c)
+        w_hr = randn(D, P, HID) if proj else None
+        zoneout_c = keep(T, B, D, HID) if options else None
+        forward_args = (gates_x, w_hh, w_hr, h0, randn(D, B, HID), lengths, resets, h_mask, zoneout_h, zoneout_c,
+                        zoneout_p, save_for_backward)
+        h, c, _, saved = ops.lstm_forward(*forward_args)
+        backward_args = (grad_h, randn(D, B, HID), w_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c,
+                         zoneout_p, h, c, saved)
+    elif cell == "gru":
+        forward_args = (gates_x, w_hh, randn(D, gates * HID), h0, lengths, resets, h_mask, zoneout_h, zoneout_p,
+                        save_for_backward)
+        h, saved = ops.gru_forward(*forward_args)
+        backward_args = (grad_h, w_hh, lengths, resets, h_mask, zoneout_h, zoneout_p, h, saved)
     else:
-        forward_args = (gates_x, w_hh, randn(gates * HID), h0, lengths, reverse, save_for_backward)
-        h, saved_gates = ops.gru_forward(*forward_args)
-        backward_args = (randn(T, B, HID), w_hh, lengths, reverse, saved_gates, h)
+        forward_args = (gates_x, w_hh, h0, lengths, resets, h_mask, zoneout_h, zoneout_p, "tanh", save_for_backward)
+        h, saved = ops.rnn_forward(*forward_args)
+        backward_args = (grad_h, w_hh, lengths, resets, h_mask, zoneout_h, zoneout_p, h, saved, "tanh")
     checks = ("test_schema", "test_faketensor")
     torch.library.opcheck(getattr(ops, f"{cell}_forward").default, forward_args, test_utils=checks)
     if save_for_backward:

@@ -184,6 +184,11 @@ def resident_bytes(shape: Shape, block_b: int, block_u: int, block_p: int, backw
 
 
 def _fits(shape: Shape, block_b: int, block_u: int, block_p: int, backward: bool) -> bool:
+    if _precision(shape.dtype)["DOT_PRECISION"] == "ieee" and shape.dtype == torch.float32:
+        # Exact fp32 products run on the FMA units, whose tl.dot holds both operands whole in
+        # registers: a resident block does not fit there. (TF32, fp16, bf16, fp64 use the tensor
+        # cores, which read the weight block from shared memory.)
+        return False
     if resident_bytes(shape, block_b, block_u, block_p, backward) > SHARED_MEMORY_BUDGET:
         return False
     # The backward holds its part of dL/dh (all P or H features) in registers.
@@ -207,14 +212,19 @@ def plan(shape: Shape, device: torch.device, backward: bool) -> Plan:
 def gpu_plan(shape: Shape, multiprocessors: int, backward: bool, scheme: str = "persistent",
              weights: str | None = None) -> Plan:
     """``plan`` for a GPU with ``multiprocessors`` SMs (``python -m bench.kernels`` asks without one)."""
-    if scheme == "persistent":
-        found = None if weights == "streaming" else _resident_persistent_plan(shape, multiprocessors, backward)
-        found = found or _streaming_persistent_plan(shape, multiprocessors, backward)
-        # The int32 arrival counters are never reset: they reach n_u * 2 * steps (two barriers a
-        # step with a projection). Sequences that long launch step by step instead.
-        if found.grid[1] * 2 * shape.steps < 2**31:
-            return found
-    return _stepwise_plan(shape, backward, weights)
+    found = None if weights == "streaming" else _resident_persistent_plan(shape, multiprocessors, backward)
+    found = found or _streaming_persistent_plan(shape, multiprocessors, backward)
+    # The int32 arrival counters are never reset: they reach n_u * 2 * steps (two barriers a step
+    # with a projection). Sequences that long launch step by step instead.
+    if scheme == "persistent" and found.grid[1] * 2 * shape.steps < 2**31:
+        return found
+    # The same blocks, so the same rounding: one program per block and batch tile, a launch a step.
+    options = found.options
+    programs = triton.cdiv(shape.hidden, options["BLOCK_U"])
+    grid = (triton.cdiv(shape.batch, options["BLOCK_B"]), programs, shape.directions)
+    options = _options(shape, found.resident, options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"], programs,
+                       _chunk(shape.dtype), backward)
+    return Plan("stepwise", grid, options, shape.has_proj)
 
 
 def _interpreter_plan(shape: Shape, scheme: str, resident: bool, backward: bool) -> Plan:
@@ -253,8 +263,8 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
 
 
 def _chunk(dtype: torch.dtype) -> int:
-    """K chunk of a streamed weight block: 128 bytes of a row."""
-    return max(16, 128 // torch.empty((), dtype=dtype).element_size())
+    """K chunk of a streamed weight block: 64 bytes of a row."""
+    return max(16, 64 // torch.empty((), dtype=dtype).element_size())
 
 
 def _streaming_persistent_plan(shape: Shape, multiprocessors: int, backward: bool) -> Plan:
@@ -265,16 +275,6 @@ def _streaming_persistent_plan(shape: Shape, multiprocessors: int, backward: boo
     groups = max(1, min(triton.cdiv(shape.batch, block_b), per_direction // programs))
     options = _options(shape, False, block_b, block_u, 16, programs, _chunk(shape.dtype), backward)
     return Plan("persistent", (groups, programs, shape.directions), options, shape.has_proj)
-
-
-def _stepwise_plan(shape: Shape, backward: bool, weights: str | None) -> Plan:
-    block_u = max(shape.smallest_block, STREAMING_ROWS // shape.gate_slots)
-    block_b = _block_b(shape.batch, 64)
-    programs = triton.cdiv(shape.hidden, block_u)
-    block_p = _pow2(triton.cdiv(shape.features, programs))
-    resident = weights != "streaming" and _fits(shape, block_b, block_u, block_p, backward)
-    options = _options(shape, resident, block_b, block_u, block_p, programs, _chunk(shape.dtype), backward)
-    return Plan("stepwise", (triton.cdiv(shape.batch, block_b), programs, shape.directions), options, shape.has_proj)
 
 
 # The interpreter swaps parts of triton.language process-wide while a kernel runs, so two threads

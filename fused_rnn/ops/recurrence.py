@@ -177,28 +177,14 @@ def weight_block(w_ptr, first_unit, H, K, ks, NUM_GATES: tl.constexpr, GATE_SLOT
 
 
 @triton.jit
-def recurrent_input(x_ptr, x_mask_ptr, rows, init_rows, state_rows, ks, K, row_mask, reset,
-                    HAS_RESETS: tl.constexpr, HAS_X_MASK: tl.constexpr):
-    """``x^T`` for the features ``ks``: the ``(len(ks), BLOCK_B)`` right operand of a recurrent
-    matmul. For ``W_hh`` it is ``h_{t-1}``, as the step sees it: the initial state in the rows that
-    reset here, times the recurrent-dropout mask."""
-    mask = (ks < K)[:, None] & row_mask[None, :]
-    x = load_fresh_tile(x_ptr, rows, K, ks, mask)
-    if HAS_RESETS:
-        x = tl.where(reset[None, :], load_tile(x_ptr, init_rows, K, ks, mask & reset[None, :]), x)
-    if HAS_X_MASK:
-        x = x * load_tile(x_mask_ptr, state_rows, K, ks, mask)
-    return x
-
-
-@triton.jit
 def recurrent_matmul(
-    w, w_ptr, first_unit, H, K, x_ptr, x_mask_ptr, rows, init_rows, state_rows, row_mask, reset,
+    w, w_ptr, first_unit, H, K, x_ptr, x_rows, row_mask,
     NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_X_MASK: tl.constexpr,
+    BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
-    """``W_block @ x^T``: ``(GATE_SLOTS * BLOCK_U, BLOCK_B)``, every gate of the block's units.
+    """``W_block @ x^T``: ``(GATE_SLOTS * BLOCK_U, BLOCK_B)``, every gate of the block's units, for
+    ``x = x_ptr[x_rows, :K]``, which other programs wrote in the previous step (hence ``.cg``).
 
     ``RESIDENT``: ``w`` is the whole block (``BLOCK_K >= K``), loaded before the time loop, and
     ``x`` comes in one piece. Otherwise the block streams from ``w_ptr`` in ``BLOCK_K`` chunks.
@@ -206,17 +192,29 @@ def recurrent_matmul(
     acc = tl.zeros((GATE_SLOTS * BLOCK_U, BLOCK_B), dtype=ACC_DTYPE)
     if RESIDENT:
         ks = tl.arange(0, BLOCK_K)
-        x = recurrent_input(x_ptr, x_mask_ptr, rows, init_rows, state_rows, ks, K, row_mask, reset,
-                            HAS_RESETS, HAS_X_MASK)
+        x = load_fresh_tile(x_ptr, x_rows, K, ks, (ks < K)[:, None] & row_mask[None, :])
         acc = matmul(w, x, acc, DOT_PRECISION, DOT_UPCAST)
     else:
         for k_start in range(0, K, BLOCK_K):
             ks = k_start + tl.arange(0, BLOCK_K)
-            x = recurrent_input(x_ptr, x_mask_ptr, rows, init_rows, state_rows, ks, K, row_mask, reset,
-                                HAS_RESETS, HAS_X_MASK)
+            x = load_fresh_tile(x_ptr, x_rows, K, ks, (ks < K)[:, None] & row_mask[None, :])
             w_chunk = weight_block(w_ptr, first_unit, H, K, ks, NUM_GATES, GATE_SLOTS, BLOCK_U)
             acc = matmul(w_chunk, x, acc, DOT_PRECISION, DOT_UPCAST)
     return acc
+
+
+@triton.jit
+def store_recurrent_input(h, h_ptr, h_mask_ptr, recurrent_ptr, recurrent_rows, init_rows, state_rows, P, features,
+                          mask, reset_next, HAS_RESETS: tl.constexpr, HAS_H_MASK: tl.constexpr):
+    """Write what the next step multiplies by ``W_hh`` for these features: ``h_t``, or ``h_0`` in
+    the rows that reset there, times the recurrent-dropout mask. Done once here, on the producer's
+    small tile, so that the next step's matmul reads one plain operand whatever the options."""
+    if HAS_RESETS:
+        initial = load_tile(h_ptr, init_rows, P, features, mask & reset_next[None, :])
+        h = tl.where(reset_next[None, :], initial, h)
+    if HAS_H_MASK:
+        h = h * load_tile(h_mask_ptr, state_rows, P, features, mask)
+    store_tile(recurrent_ptr, recurrent_rows, P, features, mask, h)
 
 
 @triton.jit
@@ -316,7 +314,7 @@ def step_rows(t, T, first_row, lengths_ptr, resets_ptr, B, D, direction,
 @triton.jit(do_not_specialize=["T", "step_begin", "step_end"])
 def forward_kernel(
     gates_x_ptr, w_hh_ptr, b_hh_ptr, w_hr_ptr, lengths_ptr, resets_ptr, h_mask_ptr, zoneout_h_ptr, zoneout_c_ptr,
-    h_ptr, c_ptr, h_raw_ptr, saved_ptr,
+    h_ptr, c_ptr, h_raw_ptr, saved_ptr, recurrent_ptr,
     T, B, H, P, zoneout_p, barrier_ptr, step_begin, step_end,
     CELL_FORWARD: tl.constexpr, NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr, HAS_HH_BIAS: tl.constexpr,
     HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_H_MASK: tl.constexpr,
@@ -340,8 +338,11 @@ def forward_kernel(
     [recurrent dropout], the zoneout keep masks ``zoneout_h (T, B, D, P)`` and ``zoneout_c
     (T, B, D, H)`` [LSTM] in training (``zoneout_p`` in eval) and the initial states in ``h``/``c``. Writes ``h (T+2, B, D, P)``,
     ``c (T+2, B, D, H)`` [LSTM], ``h_raw (T, B, D, H)`` [proj] and what the cell saves for the
-    backward into ``saved (T, B, D, S*H)``.
+    backward into ``saved (T, B, D, S*H)``. With resets or recurrent dropout, the matmul's operand
+    ``h_{t-1}`` (reset and masked) goes through ``recurrent (2, B, D, P)``, alternating slots by
+    step parity (slot 0 holds the first step's, written by the launcher).
     """
+    RECURRENT_COPY: tl.constexpr = HAS_RESETS or HAS_H_MASK
     direction = tl.program_id(2)
     D = tl.num_programs(2)
     w_hh_ptr += direction.to(tl.int64) * NUM_GATES * H * P
@@ -353,24 +354,34 @@ def forward_kernel(
     w_hr = 0.0
     if HAS_PROJ:
         w_hr_ptr += direction.to(tl.int64) * P * H
-    if RESIDENT:
+    # A stepwise launch of one phase loads only the block that phase multiplies by.
+    if RESIDENT and STEP_PHASE != 2:
         w_hh = weight_block(w_hh_ptr, first_unit, H, P, tl.arange(0, BLOCK_K), NUM_GATES, GATE_SLOTS, BLOCK_U)
-    if RESIDENT_PROJ:
+    if RESIDENT_PROJ and STEP_PHASE != 1:
         w_hr = weight_block(w_hr_ptr, first_feature, P, H, tl.arange(0, BLOCK_KP), 1, 1, BLOCK_P)
     arrivals = 0
     for step in range(step_begin, step_end):
         t = step + direction * (T - 1 - 2 * step)
+        t_next = t + 1 - 2 * direction
         if STEP_PHASE != 2:
             for first_row in range(tl.program_id(0) * BLOCK_B, B, tl.num_programs(0) * BLOCK_B):
                 batch_rows, row_mask, x_rows, prev_rows, out_rows, init_rows, state_rows, active, reset = step_rows(
                     t, T, first_row, lengths_ptr, resets_ptr, B, D, direction, HAS_LENGTHS, HAS_RESETS, BLOCK_B)
+                _, _, _, _, _, _, _, _, reset_next = step_rows(
+                    t_next, T, first_row, lengths_ptr, resets_ptr, B, D, direction, HAS_LENGTHS, HAS_RESETS, BLOCK_B)
+                if RECURRENT_COPY:
+                    operand_ptr = recurrent_ptr
+                    operand_rows = buffer_rows(step % 2, batch_rows, B, D, direction)
+                else:
+                    operand_ptr = h_ptr
+                    operand_rows = prev_rows
                 for block_start in range(first_unit, H, tl.num_programs(1) * BLOCK_U):
                     units = block_start + tl.arange(0, BLOCK_U)
                     mask = (units < H)[:, None] & row_mask[None, :]
                     gates_h = recurrent_matmul(
-                        w_hh, w_hh_ptr, block_start, H, P, h_ptr, h_mask_ptr, prev_rows, init_rows, state_rows,
-                        row_mask, reset, NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_B, BLOCK_K, RESIDENT,
-                        HAS_RESETS, HAS_H_MASK, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
+                        w_hh, w_hh_ptr, block_start, H, P, operand_ptr, operand_rows, row_mask,
+                        NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_B, BLOCK_K, RESIDENT,
+                        ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
                     h = CELL_FORWARD(
                         gates_h, gates_x_ptr, b_hh_ptr, h_ptr, c_ptr, saved_ptr, zoneout_c_ptr, zoneout_p,
                         x_rows, prev_rows, init_rows, out_rows, row_mask, active, reset, block_start, H, P,
@@ -385,6 +396,10 @@ def forward_kernel(
                             # Past a sequence's end the state passes through unchanged.
                             h = tl.where(active[None, :], h, load_tile(h_ptr, prev_rows, P, units, mask))
                         store_tile(h_ptr, out_rows, P, units, mask, h)
+                        if RECURRENT_COPY:
+                            store_recurrent_input(
+                                h, h_ptr, h_mask_ptr, recurrent_ptr, buffer_rows((step + 1) % 2, batch_rows, B, D, direction),
+                                init_rows, state_rows, P, units, mask, reset_next, HAS_RESETS, HAS_H_MASK)
         if HAS_PROJ:
             if STEP_PHASE == 0:
                 # The projection needs every unit of o * tanh(c_t): wait for all programs.
@@ -393,19 +408,24 @@ def forward_kernel(
                 for first_row in range(tl.program_id(0) * BLOCK_B, B, tl.num_programs(0) * BLOCK_B):
                     batch_rows, row_mask, x_rows, prev_rows, out_rows, init_rows, state_rows, active, reset = step_rows(
                         t, T, first_row, lengths_ptr, resets_ptr, B, D, direction, HAS_LENGTHS, HAS_RESETS, BLOCK_B)
+                    _, _, _, _, _, _, _, _, reset_next = step_rows(
+                        t_next, T, first_row, lengths_ptr, resets_ptr, B, D, direction, HAS_LENGTHS, HAS_RESETS, BLOCK_B)
                     for block_start in range(first_feature, P, tl.num_programs(1) * BLOCK_P):
                         features = block_start + tl.arange(0, BLOCK_P)
                         mask = (features < P)[:, None] & row_mask[None, :]
                         h = recurrent_matmul(
-                            w_hr, w_hr_ptr, block_start, P, H, h_raw_ptr, h_raw_ptr, x_rows, x_rows, x_rows,
-                            row_mask, reset, 1, 1, BLOCK_P, BLOCK_B, BLOCK_KP, RESIDENT_PROJ, False, False,
-                            ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
+                            w_hr, w_hr_ptr, block_start, P, H, h_raw_ptr, x_rows, row_mask, 1, 1, BLOCK_P, BLOCK_B,
+                            BLOCK_KP, RESIDENT_PROJ, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
                         if ZONEOUT != 0:
                             h_prev = previous_state(h_ptr, prev_rows, init_rows, P, features, mask, reset, HAS_RESETS)
                             h = zoneout(h, h_prev, zoneout_h_ptr, x_rows, P, features, mask, zoneout_p, ZONEOUT)
                         if HAS_LENGTHS:
                             h = tl.where(active[None, :], h, load_tile(h_ptr, prev_rows, P, features, mask))
                         store_tile(h_ptr, out_rows, P, features, mask, h)
+                        if RECURRENT_COPY:
+                            store_recurrent_input(
+                                h, h_ptr, h_mask_ptr, recurrent_ptr, buffer_rows((step + 1) % 2, batch_rows, B, D, direction),
+                                init_rows, state_rows, P, features, mask, reset_next, HAS_RESETS, HAS_H_MASK)
         # The next step reads h_t from every program.
         arrivals = sync_programs(barrier_ptr, arrivals, GRID_SYNC)
 
@@ -488,9 +508,10 @@ def backward_kernel(
     w_hr = 0.0
     if HAS_PROJ:
         w_hr_ptr += direction.to(tl.int64) * P * H
-    if RESIDENT:
+    # A stepwise launch of one phase loads only the block that phase multiplies by.
+    if RESIDENT and STEP_PHASE != 1:
         w_hh = weight_block(w_hh_ptr, first_unit, H, P, tl.arange(0, BLOCK_K), NUM_GATES, GATE_SLOTS, BLOCK_U)
-    if RESIDENT_PROJ:
+    if RESIDENT_PROJ and STEP_PHASE != 2:
         w_hr = weight_block(w_hr_ptr, first_feature, P, H, tl.arange(0, BLOCK_KP), 1, 1, BLOCK_P)
     arrivals = 0
     for step in range(step_begin, step_end):
@@ -641,11 +662,16 @@ def forward(cell: Cell, gates_x, w_hh, b_hh, w_hr, h0, c0, lengths, resets, h_ma
     _write_initial_state(h, h0, T)
     if cell.has_cell_state:
         _write_initial_state(c, c0, T)
+    recurrent = None
+    if resets is not None or h_mask is not None:
+        # The first step's operand; the kernel writes each next one (``store_recurrent_input``).
+        recurrent = torch.empty(2, B, D, P, dtype=h.dtype, device=h.device)
+        recurrent[0] = h0.transpose(0, 1) if h_mask is None else h0.transpose(0, 1) * h_mask
     plan = launch.plan(_shape(cell, T, B, D, H, P, gates_x.dtype, w_hr is not None), gates_x.device, backward=False)
     launch.launch(
         forward_kernel,
         (gates_x.contiguous(), w_hh.contiguous(), b_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c,
-         h, _none_if_empty(c), _none_if_empty(h_raw), _none_if_empty(saved), T, B, H, P, float(zoneout_p)),
+         h, _none_if_empty(c), _none_if_empty(h_raw), _none_if_empty(saved), recurrent, T, B, H, P, float(zoneout_p)),
         plan, T, CELL_FORWARD=cell.forward, NUM_GATES=cell.num_gates, GATE_SLOTS=cell.gate_slots,
     )
     return h, c, h_raw, saved
@@ -699,9 +725,9 @@ def backward(cell: Cell, grad_h, grad_c_n, w_hh, w_hr, lengths, resets, h_mask, 
     incoming = partial[(T - 1) % 2].sum(0)
     if h_mask is not None:
         incoming = incoming * h_mask
-    dh0 = (dh0 + dh_carry + incoming).transpose(0, 1).to(grad_h.dtype, memory_format=torch.contiguous_format)
+    dh0 = (dh0 + dh_carry + incoming).transpose(0, 1).to(grad_h.dtype).contiguous()
     if cell.has_cell_state:
-        dc0 = (dc0 + dc_carry).transpose(0, 1).to(grad_h.dtype, memory_format=torch.contiguous_format)
+        dc0 = (dc0 + dc_carry).transpose(0, 1).to(grad_h.dtype).contiguous()
     else:
         dc0 = launch.empty(0, dtype=grad_h.dtype, device=device)
     return dgates_x, dgates_h, grad_h_proj, dh0, dc0

@@ -1,0 +1,134 @@
+"""``python -m bench.model``: a per-step cost model of the persistent kernels on H100 / H200.
+
+A model, not a measurement: it takes the plan the launcher makes for a GPU (``launch.gpu_plan``:
+programs, blocks, resident or streamed weights) and the bytes each program moves per step (the
+buffers ``python -m bench.traffic`` attributes: the ``h_{t-1}`` operand, ``gates_x``, the states,
+the saved activations, the backward's partial sums, the weights when they stream) and turns them
+into a lower bound in microseconds per step:
+
+    step = round_trips * L2_LATENCY + max(L2 bytes of all programs / L2 bandwidth,
+                                          L2 bytes of one program / one SM's L2 bandwidth)
+           [+ the weights' bytes from HBM per step, streaming plans]
+
+``round_trips`` counts the dependent trips to L2 on a step's critical path: the barrier (an
+arrival and the poll that sees the last one), the operand load, and the stores the next step
+reads. Tensor-core time (about 0.1 us at the headline) and the elementwise math hide under them.
+The forward is timed in inference (nothing saved), the backward adds the saved tensors.
+
+Assumed constants (public figures; what the GPU gives in practice is for a GPU session to
+measure): 132 SMs; L2 about 5.5 TB/s in all and 64 bytes per clock per SM at 1.755 GHz; an L2 round
+trip about 0.25 us; HBM 3.35 TB/s (H100 SXM) and 4.8 TB/s (H200).
+"""
+
+import argparse
+import dataclasses
+import math
+import sys
+
+import torch
+
+from bench import text_table
+
+GPUS = {"H100": 3.35e12, "H200": 4.8e12}  # HBM bytes per second
+MULTIPROCESSORS = 132
+L2_BANDWIDTH = 5.5e12
+SM_L2_BANDWIDTH = 64 * 1.755e9
+L2_ROUND_TRIP = 0.25e-6
+FORWARD_ROUND_TRIPS = 4  # barrier arrival + poll, operand load, state store
+BACKWARD_ROUND_TRIPS = 5  # barrier arrival + poll, partial sums load, partial store, carries
+CUDNN_US_PER_STEP = 2.0  # cuDNN, LSTM B=16 H=768 fp16 (../shared/NOTES.md: 2.01 ms at T=1024)
+CELLS = {"lstm": (4, 4, True), "gru": (3, 4, False)}  # gates, saved gates, cell state
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclasses.dataclass
+class Row:
+    cell: str
+    batch: int
+    hidden: int
+    dtype: str
+    forward_plan: str
+    backward_plan: str
+    forward_us: dict
+    backward_us: dict
+
+
+def _plan(cell: str, dtype, batch: int, hidden: int, backward: bool):
+    from fused_rnn.ops.launch import Shape, gpu_plan
+
+    shape = Shape(dtype=dtype, batch=batch, hidden=hidden, features=hidden, directions=1,
+                  num_gates=CELLS[cell][0], has_proj=False, steps=1024)
+    return shape, gpu_plan(shape, MULTIPROCESSORS, backward)
+
+
+def _describe(plan) -> str:
+    kind = "resident" if plan.resident else "streaming"
+    return f"{kind} {plan.grid[0]}x{plan.grid[1]} U{plan.options['BLOCK_U']}"
+
+
+def step_seconds(cell: str, dtype, batch: int, hidden: int, backward: bool, hbm: float) -> float:
+    """The modelled lower bound of one step, in seconds."""
+    gates, saved_gates, has_cell_state = CELLS[cell]
+    shape, plan = _plan(cell, dtype, batch, hidden, backward)
+    size = torch.empty((), dtype=dtype).element_size()
+    groups, programs, _ = plan.grid
+    block_b, block_u = plan.options["BLOCK_B"], plan.options["BLOCK_U"]
+    rows = math.ceil(math.ceil(batch / block_b) / groups) * block_b  # batch rows a program walks
+    units = block_u * math.ceil(math.ceil(hidden / block_u) / programs)  # units a program owns
+    states = (2 * 4 if has_cell_state else 0) + size  # c in fp32 read and written, h written
+    if backward:
+        per_program = rows * (
+            hidden * 4                       # partial sums of dL/dh_{t-1}, written (fp32)
+            + programs * units * 4           # every program's parts for my units, read
+            + units * (saved_gates + gates) * size      # saved activations read, gate gradients written
+            + units * (size + states + 8))              # grad_h, states, carries
+        round_trips = BACKWARD_ROUND_TRIPS
+    else:
+        per_program = rows * (hidden * size + units * (gates * size + states))
+        round_trips = FORWARD_ROUND_TRIPS
+    weights = 0.0
+    if not plan.resident:  # every program reads its blocks again for every batch tile, every step
+        weights = 4 * hidden * hidden * size * groups * math.ceil(batch / block_b) / groups
+        per_program += weights / (groups * programs)
+    bandwidth = max(groups * programs * per_program / L2_BANDWIDTH, per_program / SM_L2_BANDWIDTH)
+    return round_trips * L2_ROUND_TRIP + bandwidth + (weights / hbm if weights > 50e6 else 0.0)
+
+
+def rows(cells, batches, hiddens, dtypes):
+    for cell in cells:
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            for batch in batches:
+                for hidden in hiddens:
+                    forward = {gpu: step_seconds(cell, dtype, batch, hidden, False, hbm) * 1e6 for gpu, hbm in GPUS.items()}
+                    backward = {gpu: step_seconds(cell, dtype, batch, hidden, True, hbm) * 1e6 for gpu, hbm in GPUS.items()}
+                    yield Row(cell, batch, hidden, dtype_name, _describe(_plan(cell, dtype, batch, hidden, False)[1]),
+                              _describe(_plan(cell, dtype, batch, hidden, True)[1]), forward, backward)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.model", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table (docs/performance.md)")
+    args = parser.parse_args(argv)
+    torch.backends.cudnn.allow_tf32 = True  # fp32 runs as TF32, as cuDNN runs it
+    header = ["cell", "B", "H", "dtype", "forward plan", "backward plan", "fwd us/step H100", "fwd H200",
+              "bwd us/step H100", "bwd H200"]
+    table = [[row.cell, str(row.batch), str(row.hidden), row.dtype, row.forward_plan, row.backward_plan,
+              f"{row.forward_us['H100']:.2f}", f"{row.forward_us['H200']:.2f}",
+              f"{row.backward_us['H100']:.2f}", f"{row.backward_us['H200']:.2f}"]
+             for row in rows(CELLS, (1, 16, 64, 256), (256, 768, 1024), DTYPES)]
+    if args.markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for line in table:
+            print("| " + " | ".join(line) + " |")
+    else:
+        print(text_table([header] + table))
+    print(f"\nModel, not measured. cuDNN measured elsewhere: about {CUDNN_US_PER_STEP} us per step "
+          "(LSTM B16 H768 fp16, forward).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
