@@ -54,8 +54,9 @@ def requiring_grad(inputs):
     return inputs
 
 
-def gradcheck_through_one_input(fn, inputs):
-    """``gradcheck`` of ``fn(*inputs)`` w.r.t. every floating-point input (``None`` stays ``None``).
+def gradcheck_through_one_input(fn, inputs, check=torch.autograd.gradcheck):
+    """``gradcheck`` of ``fn(*inputs)`` w.r.t. every floating-point input (``None`` stays ``None``);
+    ``check=torch.autograd.gradgradcheck`` checks the second derivatives instead.
 
     The inputs travel as one flat tensor: fast-mode gradcheck then needs two forward runs in all
     instead of two per tensor, which is what keeps it affordable under the interpreter.
@@ -67,7 +68,7 @@ def gradcheck_through_one_input(fn, inputs):
         pieces = iter(x.view_as(part) for x, part in zip(flat.split([p.numel() for p in parts]), parts))
         return fn(*[next(pieces) if x is not None and x.is_floating_point() else x for x in inputs])
 
-    return torch.autograd.gradcheck(fn_of_flat, (flat,), fast_mode=True)
+    return check(fn_of_flat, (flat,), fast_mode=True)
 
 
 class CountingKernel:

@@ -1,23 +1,47 @@
-"""Launch schemes: which scheme runs, and how many programs the persistent scheme may start.
+"""Launch plans and launches (``ops.launch``), without a GPU.
 
-The persistent scheme's programs wait for each other, so its grid must never exceed what can be
-resident at once; these tests pin down that arithmetic without a GPU. Its kernels themselves are
-tested under both schemes in ``test_ops_lstm`` / ``test_ops_gru`` (and on a GPU in ``test_gpu``).
+A persistent launch's programs wait for each other at a barrier every step, so its grid must never
+exceed what the GPU keeps resident at once, one program per SM; a resident program's weight block
+must fit in shared memory and its backward's partial-sum tile in registers. ``gpu_plan`` computes
+a GPU's plan from its SM count alone, so these tests pin that arithmetic down on the CPU. The
+kernels themselves run under every plan in ``test_ops_lstm`` / ``gru`` / ``rnn`` (and on a GPU in
+``test_gpu``).
 """
 
+import itertools
 from types import SimpleNamespace
 
 import pytest
 import torch
+import triton
 
 from fused_rnn.ops import launch
 
+H100_SMS = 132
 CUDA = torch.device("cuda", 0)
+CPU = torch.device("cpu")
+# (name, G, has a projection): the cells as the plans see them.
+CELLS = {"lstm": (4, False), "lstm-proj": (4, True), "gru": (3, False), "rnn": (1, False)}
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def shape(cell="lstm", dtype=torch.float16, batch=16, hidden=768, directions=1, steps=100, proj=None):
+    """A layer's ``launch.Shape``; with a projection ``proj`` features (H / 2 unless given)."""
+    num_gates, has_proj = CELLS[cell]
+    features = (proj or hidden // 2) if has_proj else hidden
+    return launch.Shape(dtype=dtype, batch=batch, hidden=hidden, features=features, directions=directions,
+                        num_gates=num_gates, has_proj=has_proj, steps=steps)
+
+
+@pytest.fixture
+def no_forced_plan(monkeypatch):
+    for variable in ("FUSED_RNN_SCHEME", "FUSED_RNN_WEIGHTS"):
+        monkeypatch.delenv(variable, raising=False)
 
 
 @pytest.fixture
 def multiprocessors(monkeypatch):
-    """Pretend the GPU has a given number of usable SMs."""
+    """Pretend a GPU with a given number of usable SMs is device 0."""
 
     def set_count(count):
         monkeypatch.setattr(launch, "_usable_multiprocessors", lambda index: count)
@@ -25,27 +49,152 @@ def multiprocessors(monkeypatch):
     return set_count
 
 
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_headline_plan_gives_96_programs_of_8_units_each_an_sm(backward):
+    # LSTM fp16, B=16, H=P=768 on 132 SMs: blocks of 4 units would need 192 programs.
+    plan = launch.gpu_plan(shape(), H100_SMS, backward)
+    assert plan.scheme == "persistent" and plan.resident
+    assert plan.grid == (1, 96, 1)
+    assert plan.options["BLOCK_U"] == 8 and plan.options["BLOCK_B"] == 16
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_bidirectional_headline_plan_shares_the_sms_between_directions(backward):
+    # Two directions at 96 programs each would need 192 SMs: blocks of 16 units, 48 programs each.
+    plan = launch.gpu_plan(shape(directions=2), H100_SMS, backward)
+    assert plan.scheme == "persistent" and plan.resident
+    assert plan.grid == (1, 48, 2)
+    assert plan.options["BLOCK_U"] == 16
+    groups, programs, directions = plan.grid
+    assert groups * programs * directions <= H100_SMS
+
+
+def resident_fits(plan, layer, backward):
+    """A resident plan's blocks fit the chip: shared memory for the weight blocks and dot operands,
+    registers for the backward's partial-sum tile over every feature (``PARTIAL_TILE_ELEMENTS``);
+    and each program owns exactly one block of units (and of the projection's features)."""
+    options = plan.options
+    size = launch.resident_bytes(layer, options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"], backward)
+    widest = max(layer.features, layer.hidden if layer.has_proj else 0)
+    programs = plan.grid[1]
+    return (size <= launch.SHARED_MEMORY_BUDGET
+            and (not backward or triton.next_power_of_2(widest) * options["BLOCK_B"] <= launch.PARTIAL_TILE_ELEMENTS)
+            and programs == triton.cdiv(layer.hidden, options["BLOCK_U"])
+            and (not layer.has_proj or programs * options["BLOCK_P"] >= layer.features))
+
+
+@pytest.mark.parametrize("sms", [H100_SMS, 108])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda dtype: str(dtype).removeprefix("torch."))
+@pytest.mark.parametrize("cell", CELLS)
+def test_every_persistent_plan_fits_the_gpu(cell, dtype, sms):
+    violations = []
+    for batch, hidden, directions, backward in itertools.product((1, 16, 64, 256), (256, 768, 1024, 4096), (1, 2),
+                                                                 (False, True)):
+        layer = shape(cell, dtype, batch, hidden, directions)
+        plan = launch.gpu_plan(layer, sms, backward)
+        groups, programs, grid_directions = plan.grid
+        where = f"B={batch} H={hidden} D={directions} {'backward' if backward else 'forward'}: {plan}"
+        if plan.scheme != "persistent" or grid_directions != directions:
+            violations.append(f"not a persistent plan over D directions, {where}")
+        if groups * programs * directions > sms:
+            violations.append(f"{groups * programs * directions} programs, {where}")
+        if plan.resident and not resident_fits(plan, layer, backward):
+            violations.append(f"resident blocks do not fit, {where}")
+        stepwise = launch.gpu_plan(layer, sms, backward, scheme="stepwise")
+        if stepwise.resident and not resident_fits(stepwise, layer, backward):
+            violations.append(f"stepwise resident blocks do not fit, {where}")
+    assert not violations, "\n".join(violations)
+
+
 @pytest.mark.parametrize(
-    "batch_tiles, hidden_tiles, sms, programs",
+    "layer",
     [
-        pytest.param(1, 24, 132, 24, id="every-hidden-tile-its-own-program"),
-        pytest.param(2, 100, 132, 66, id="programs-share-tiles-when-the-sms-run-out"),
-        pytest.param(4, 33, 132, 33, id="exactly-fills-the-sms"),
-        pytest.param(200, 4, 132, 1, id="more-batch-tiles-than-sms-one-program-each"),
-        pytest.param(3, 8, 2, 1, id="tiny-gpu"),
+        pytest.param(shape(dtype=torch.float16, hidden=4096), id="fp16-H4096"),
+        pytest.param(shape(dtype=torch.float32, hidden=2048), id="fp32-H2048"),
+        pytest.param(shape(dtype=torch.float16, hidden=4096, directions=2), id="fp16-H4096-bidirectional"),
+        pytest.param(shape("lstm-proj", torch.float32, hidden=2048, proj=1024), id="fp32-H2048-P1024"),
     ],
 )
-def test_persistent_grid_never_exceeds_the_usable_sms(multiprocessors, batch_tiles, hidden_tiles, sms, programs):
-    multiprocessors(sms)
-    assert launch.persistent_programs(batch_tiles, hidden_tiles, CUDA) == programs
-    # With more than one program per batch tile, all of them must be resident at once.
-    assert programs == 1 or batch_tiles * programs <= sms
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_large_weights_stream_through_a_persistent_launch(layer, backward):
+    plan = launch.gpu_plan(layer, H100_SMS, backward)
+    assert plan.scheme == "persistent"
+    assert not plan.resident and not plan.options["RESIDENT_PROJ"]
+    groups, programs, directions = plan.grid
+    assert groups * programs * directions <= H100_SMS
 
 
-def test_persistent_scheme_runs_one_program_per_batch_tile_in_the_interpreter():
-    # The interpreter runs programs one after another: a second program of the same batch tile
-    # would wait forever for the first.
-    assert launch.persistent_programs(3, 50, torch.device("cpu")) == 1
+def test_small_weights_stay_resident():
+    # The counterpart of the streaming test: H=1024 fp16 still fits.
+    assert launch.gpu_plan(shape(hidden=1024), H100_SMS, backward=True).resident
+
+
+@pytest.mark.parametrize("has_proj", [False, True], ids=["no-proj", "proj"])
+def test_sequences_past_the_barrier_counters_int32_range_launch_stepwise(has_proj):
+    """The persistent barrier counters reach n_u * 2 * steps; from 2**31 on they would wrap."""
+    layer = shape("lstm-proj" if has_proj else "lstm")
+    programs = launch.gpu_plan(layer, H100_SMS, backward=False).grid[1]
+    longest = (2**31 - 1) // (2 * programs)
+    below = launch.gpu_plan(shape("lstm-proj" if has_proj else "lstm", steps=longest), H100_SMS, backward=False)
+    beyond = launch.gpu_plan(shape("lstm-proj" if has_proj else "lstm", steps=longest + 1), H100_SMS, backward=False)
+    assert programs * 2 * longest < 2**31 <= programs * 2 * (longest + 1)
+    assert below.scheme == "persistent" and below.grid[1] == programs
+    assert beyond.scheme == "stepwise"
+
+
+@pytest.mark.parametrize("directions", [1, 2])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "lstm-proj"])
+def test_interpreter_persistent_plan_runs_one_program_per_direction(no_forced_plan, cell, directions):
+    # The interpreter runs a grid's programs one after another: a second program of the same batch
+    # group would wait forever at the first barrier.
+    for backward in (False, True):
+        plan = launch.plan(shape(cell, torch.float32, batch=67, hidden=70, directions=directions, proj=65), CPU,
+                           backward)
+        assert plan.scheme == "persistent" and plan.resident
+        assert plan.grid == (1, 1, directions)
+        assert plan.options["BLOCK_U"] >= 70 and plan.options["BLOCK_B"] == 64
+
+
+@pytest.mark.parametrize(
+    "cell, units_per_block",
+    [("lstm", 8), ("gru", 8), ("rnn", 16)],  # at least 16 rows of W_hh per block for tl.dot
+)
+def test_interpreter_stepwise_plan_runs_several_programs(monkeypatch, cell, units_per_block):
+    monkeypatch.setenv("FUSED_RNN_SCHEME", "stepwise")
+    monkeypatch.delenv("FUSED_RNN_WEIGHTS", raising=False)
+    plan = launch.plan(shape(cell, torch.float32, batch=67, hidden=70, directions=2), CPU, backward=True)
+    assert plan.scheme == "stepwise" and plan.resident
+    assert plan.options["BLOCK_U"] == units_per_block and plan.options["BLOCK_B"] == 64
+    assert plan.grid == (2, triton.cdiv(70, units_per_block), 2)
+
+
+@pytest.mark.parametrize(
+    "scheme, weights",
+    [("persistent", "streaming"), ("stepwise", "resident"), ("stepwise", "streaming"), ("persistent", "resident")],
+)
+@pytest.mark.parametrize("device", [CPU, CUDA], ids=["interpreter", "gpu"])
+def test_environment_forces_the_plan(monkeypatch, multiprocessors, device, scheme, weights):
+    multiprocessors(H100_SMS)
+    monkeypatch.setenv("FUSED_RNN_SCHEME", scheme)
+    monkeypatch.setenv("FUSED_RNN_WEIGHTS", weights)
+    for backward in (False, True):
+        plan = launch.plan(shape(hidden=256), device, backward)
+        assert plan.scheme == scheme
+        assert plan.resident == (weights == "resident")
+
+
+def test_without_the_environment_the_gpu_plan_is_persistent_and_resident(no_forced_plan, multiprocessors):
+    multiprocessors(H100_SMS)
+    plan = launch.plan(shape(), CUDA, backward=False)
+    assert plan == launch.gpu_plan(shape(), H100_SMS, backward=False)
+    assert plan.scheme == "persistent" and plan.resident
+
+
+@pytest.mark.parametrize("variable", ["FUSED_RNN_SCHEME", "FUSED_RNN_WEIGHTS"])
+def test_unknown_forced_value_is_rejected_naming_the_variable(no_forced_plan, monkeypatch, variable):
+    monkeypatch.setenv(variable, "sequential")
+    with pytest.raises(ValueError, match=f"{variable} must be one of .*'sequential'"):
+        launch.plan(shape(), CPU, backward=False)
 
 
 @pytest.mark.parametrize("share, usable", [(None, 132), ("50", 66), ("1", 1)])
@@ -58,51 +207,42 @@ def test_mps_thread_percentage_limits_the_usable_sms(monkeypatch, share, usable)
     assert launch._usable_multiprocessors.__wrapped__(0) == usable
 
 
-@pytest.mark.parametrize(
-    "forced, has_projection, scheme",
-    [
-        (None, False, "persistent"),
-        ("stepwise", False, "stepwise"),
-        ("stepwise", True, "persistent"),  # the projection needs a barrier inside the step
-        ("persistent", False, "persistent"),
-    ],
-)
-def test_choose_scheme(monkeypatch, forced, has_projection, scheme):
-    if forced is None:
-        monkeypatch.delenv("FUSED_RNN_SCHEME", raising=False)
-    else:
-        monkeypatch.setenv("FUSED_RNN_SCHEME", forced)
-    assert launch.choose_scheme(has_projection) == scheme
+class FakeKernel:
+    """Stands in for a Triton kernel: records ``(grid, args, kwargs)`` of every launch."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
 
 
-def test_unknown_scheme_is_rejected(monkeypatch):
-    monkeypatch.setenv("FUSED_RNN_SCHEME", "sequential")
-    with pytest.raises(ValueError, match="FUSED_RNN_SCHEME must be one of"):
-        launch.choose_scheme(False)
+def fake_launch(scheme, two_phases, num_steps=3, grid=(2, 3, 2)):
+    kernel, x = FakeKernel(), torch.randn(4)
+    plan = launch.Plan(scheme, grid, {"RESIDENT": True, "BLOCK_U": 8}, two_phases)
+    launch.launch(kernel, (x, 7), plan, num_steps, NUM_GATES=4)
+    for grid_launched, args, kwargs in kernel.launches:
+        assert grid_launched == grid
+        assert args[:2] == (x, 7)
+        assert kwargs["RESIDENT"] is True and kwargs["BLOCK_U"] == 8 and kwargs["NUM_GATES"] == 4
+        assert all(kwargs[name] == value for name, value in launch.COMPILE_OPTIONS.items())
+    return kernel.launches
 
 
-@pytest.mark.parametrize(
-    "batch, hidden, block_h",
-    [
-        pytest.param(16, 768, 16, id="headline-48-tiles-of-16-each-get-an-sm"),
-        pytest.param(16, 4096, 32, id="256-tiles-of-16-would-not"),
-        pytest.param(256, 768, 32, id="many-batch-tiles"),
-    ],
-)
-def test_persistent_block_h_is_the_smallest_that_gives_every_tile_an_sm(batch, hidden, block_h):
-    assert launch.kernel_options(torch.float16, batch, hidden, hidden, multiprocessors=132)["BLOCK_H"] == block_h
+@pytest.mark.parametrize("two_phases", [False, True], ids=["no-proj", "proj"])
+def test_stepwise_launches_each_step_without_a_barrier(two_phases):
+    launches = fake_launch("stepwise", two_phases)
+    phases = (1, 2) if two_phases else (0,)
+    expected = [(None, step, step + 1, phase) for step in range(3) for phase in phases]
+    assert [(*args[2:], kwargs["STEP_PHASE"]) for _, args, kwargs in launches] == expected
 
 
-def test_persistent_launch_keeps_the_arrival_counters_below_2_31(monkeypatch):
-    """Past 2**31 arrivals the int32 counters would wrap; such a launch runs one program per batch tile."""
-    monkeypatch.setattr(launch, "persistent_programs", lambda batch_tiles, hidden_tiles, device: 8)
-    grids = []
-
-    class Kernel:
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return lambda *args, **kwargs: None
-
-    for num_steps in (2**27 - 1, 2**27):  # 8 programs * 2 barriers * 2**27 steps = 2**31
-        launch.launch(Kernel(), (torch.empty(1, 1, 1),), num_steps, 1, 128, 128, has_projection=True)
-    assert grids == [(1, 8), (1, 1)]
+@pytest.mark.parametrize("two_phases", [False, True], ids=["no-proj", "proj"])
+def test_persistent_launches_once_with_a_zeroed_barrier_per_batch_group_and_direction(two_phases):
+    launches = fake_launch("persistent", two_phases, num_steps=5)
+    assert len(launches) == 1
+    _, args, kwargs = launches[0]
+    barrier, step_begin, step_end = args[2:]
+    assert (step_begin, step_end, kwargs["STEP_PHASE"]) == (0, 5, 0)
+    assert barrier.dtype == torch.int32 and torch.equal(barrier, torch.zeros(2 * 2, dtype=torch.int32))
+    assert kwargs["launch_cooperative_grid"] is False  # cooperative launches are for CUDA

@@ -656,7 +656,8 @@ def forward(cell: Cell, gates_x, w_hh, b_hh, w_hr, h0, c0, lengths, resets, h_ma
             zoneout_p: float, save_for_backward: bool):
     """Run ``forward_kernel`` for ``cell``; returns ``forward_outputs``, filled. The zoneout keep
     masks are given in training; in eval ``zoneout_p`` alone (0: no zoneout)."""
-    h, c, h_raw, saved = forward_outputs(cell, gates_x, w_hh, w_hr, save_for_backward, zoneout_p > 0)
+    h, c, h_raw, saved = forward_outputs(cell, gates_x, w_hh, w_hr, save_for_backward,
+                                         zoneout_h is not None or zoneout_p > 0)
     T, B, D, _ = gates_x.shape
     H, P = gates_x.shape[3] // cell.num_gates, h.shape[3]
     _write_initial_state(h, h0, T)
