@@ -200,21 +200,42 @@ def compile_variant(variant: Variant, arch: int) -> Report:
                   w_hh_loads_in_loop=w_hh_loads, w_hr_loads_in_loop=w_hr_loads)
 
 
-def _source_lines(function, text: str) -> list:
-    """``recurrence.py:<line>:`` markers of the lines of a jit function's source holding ``text``."""
-    while hasattr(function, "fn"):  # heuristics -> jit -> the Python function
-        function = function.fn
-    lines, first = inspect.getsourcelines(function)
-    return [f'recurrence.py":{first + i}:' for i, line in enumerate(lines) if text in line]
+def _call_spans(source: list, is_call) -> set:
+    """Line numbers (1-based) of every line of the calls in ``source`` whose opening line or
+    first argument line satisfies ``is_call``: compilers put a call's location on its first line
+    (Triton 3.9) or its last (3.6)."""
+    lines = set()
+    for index, line in enumerate(source):
+        if not is_call(line):
+            continue
+        start = index
+        while not source[start].rstrip().endswith("(") and start > 0 and "(" not in source[start]:
+            start -= 1
+        if not source[start].rstrip().endswith("(") and "(" not in source[start]:
+            continue
+        depth, end = 0, start
+        for end in range(start, len(source)):
+            depth += source[end].count("(") - source[end].count(")")
+            if depth <= 0:
+                break
+        lines.update(range(start + 1, end + 2))
+    return lines
 
 
 def weight_loads_in_time_loop(ttgir: str) -> tuple:
     """``(W_hh, W_hr)``: loads of a weight block inside the kernel's time loop (``for step in``),
-    from the compiler's TTGIR. They are the ops nested in that ``scf.for`` whose source location
-    is the ``tl.load`` of ``weight_block``; those called by the projection (``w_hr, w_hr_ptr``)
-    read ``W_hr``."""
+    from the compiler's TTGIR. They are the ``tt.load`` ops nested in that ``scf.for`` whose
+    source location (the chain of inlined calls) passes through ``weight_block``; those reached
+    through the projection's calls (``w_hr, w_hr_ptr, ...``) read ``W_hr``."""
     from fused_rnn.ops import recurrence
 
+    path = inspect.getsourcefile(recurrence)
+    with open(path) as file:
+        source = file.read().splitlines()
+    body, first = inspect.getsourcelines(recurrence.weight_block.fn)
+    weight_lines = set(range(first, first + len(body))) | _call_spans(source, lambda line: "weight_block(" in line)
+    projection_lines = _call_spans(
+        source, lambda line: line.strip().startswith("w_hr, w_hr_ptr") or "w_hr = weight_block(" in line)
     aliases = dict(re.findall(r"^(#loc\d*) = (.*)$", ttgir, re.MULTILINE))
 
     def location_text(text: str, depth: int = 0) -> str:
@@ -223,9 +244,9 @@ def weight_loads_in_time_loop(ttgir: str) -> tuple:
         return re.sub(r"#loc\d*", lambda m: location_text(aliases[m.group(0)], depth + 1)
                       if m.group(0) in aliases else m.group(0), text)
 
-    weight_load = _source_lines(recurrence.weight_block, "tl.load(")
-    projection_calls = (_source_lines(recurrence.forward_kernel, "w_hr, w_hr_ptr")
-                        + _source_lines(recurrence.backward_kernel, "w_hr, w_hr_ptr"))
+    def source_lines(text: str) -> set:
+        return {int(line) for line in re.findall(r'recurrence\.py":(\d+):', text)}
+
     lines = ttgir.splitlines()
     start = next((i for i, line in enumerate(lines) if re.search(r"scf\.for %step", line)), None)
     counts = [0, 0]
@@ -237,9 +258,9 @@ def weight_loads_in_time_loop(ttgir: str) -> tuple:
             break
         found = re.search(r"tt\.load .* loc\((#loc\d*)\)", line)
         if found:
-            where = location_text(found.group(1))
-            if any(marker in where for marker in weight_load):
-                counts[any(marker in where for marker in projection_calls)] += 1
+            where = source_lines(location_text(found.group(1)))
+            if where & weight_lines:
+                counts[bool(where & projection_lines)] += 1
     return tuple(counts)
 
 

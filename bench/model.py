@@ -11,8 +11,8 @@ into a lower bound in microseconds per step:
            [+ the weights' bytes from HBM per step, streaming plans]
 
 ``round_trips`` counts the dependent trips to L2 on a step's critical path: the barrier (an
-arrival and the poll that sees the last one), the operand load, and the stores the next step
-reads. Tensor-core time (about 0.1 us at the headline) and the elementwise math hide under them.
+arrival and the poll that sees the last one), the operand load, the stores the next step reads,
+and in the backward one per chunk of programs whose parts ``reduce_partials`` sums. Tensor-core time (about 0.1 us at the headline) and the elementwise math hide under them.
 The forward is timed in inference (nothing saved), the backward adds the saved tensors.
 
 Assumed constants (public figures; what the GPU gives in practice is for a GPU session to
@@ -35,7 +35,7 @@ L2_BANDWIDTH = 5.5e12
 SM_L2_BANDWIDTH = 64 * 1.755e9
 L2_ROUND_TRIP = 0.25e-6
 FORWARD_ROUND_TRIPS = 4  # barrier arrival + poll, operand load, state store
-BACKWARD_ROUND_TRIPS = 5  # barrier arrival + poll, partial sums load, partial store, carries
+BACKWARD_ROUND_TRIPS = 4  # barrier arrival + poll, partial store, carries; plus one per chunk of parts
 CUDNN_US_PER_STEP = 2.0  # cuDNN, LSTM B=16 H=768 fp16 (../shared/NOTES.md: 2.01 ms at T=1024)
 CELLS = {"lstm": (4, 4, True), "gru": (3, 4, False)}  # gates, saved gates, cell state
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -82,7 +82,8 @@ def step_seconds(cell: str, dtype, batch: int, hidden: int, backward: bool, hbm:
             + programs * units * 4           # every program's parts for my units, read
             + units * (saved_gates + gates) * size      # saved activations read, gate gradients written
             + units * (size + states + 8))              # grad_h, states, carries
-        round_trips = BACKWARD_ROUND_TRIPS
+        # reduce_partials loads REDUCE_CHUNK programs' parts at a time, one dependent trip each.
+        round_trips = BACKWARD_ROUND_TRIPS + math.ceil(programs / plan.options["REDUCE_CHUNK"])
     else:
         per_program = rows * (hidden * size + units * (gates * size + states))
         round_trips = FORWARD_ROUND_TRIPS

@@ -334,9 +334,12 @@ def _run(mode, input, hx, params, has_biases, num_layers, dropout, train, bidire
     if lengths is not None:
         lengths = _check_lengths(lengths, num_steps, batch).to(device=x.device, dtype=torch.int64)
     resets = None if reset is None else _check_reset(reset, batch_first, num_steps, batch, x)
-    recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout) if train else 0.0
-    weight_drop = _check_probability("weight_drop", weight_drop) if train else 0.0
+    recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout)
+    weight_drop = _check_probability("weight_drop", weight_drop)
     zoneout = _check_probability("zoneout", zoneout)
+    if not train:
+        # Recurrent dropout and weight drop act in training only; zoneout uses its expectation in eval.
+        recurrent_dropout = weight_drop = 0.0
     if weight_drop > 0:
         # DropConnect on W_hh (Merity et al.): a fresh mask each call, through autograd.
         per_group = len(params) // groups
@@ -353,6 +356,11 @@ def _run(mode, input, hx, params, has_biases, num_layers, dropout, train, bidire
         # PyTorch's own RNN operator on plain CPU tensors: nn.LSTM's speed.
         layers = native.layers
     else:
+        if options and native.handles(x) and torch.compiler.is_exporting():
+            raise RuntimeError(
+                f"{mode}: reset=, recurrent_dropout and zoneout run the reference recurrence on plain CPU "
+                "tensors, whose time loop an export would unroll at the example's length; export the "
+                "model on CUDA, or without them")
         layers = _layers
     output, finals = layers(mode, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, lengths,
                             **(dict(resets=resets, recurrent_dropout=recurrent_dropout, zoneout=zoneout) if options else {}))

@@ -82,13 +82,17 @@ class _FusedRNNBase(nn.modules.rnn.RNNBase):
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{self.mode}: input must be a Tensor or PackedSequence, got {type(input).__name__}")
         if input.dim() not in (2, 3):
-            raise ValueError(f"{self.mode}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            raise ValueError(f"{type(self).__name__}: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
         is_batched = input.dim() == 3
         if not is_batched:
             if lengths is not None:
                 raise ValueError("lengths needs batched 3-D input")
             input = input.unsqueeze(0 if self.batch_first else 1)
             if isinstance(reset, torch.Tensor):
+                steps = input.shape[1 if self.batch_first else 0]
+                if tuple(reset.shape) != (steps,):
+                    raise ValueError(f"reset must have shape ({steps},) for unbatched input of {steps} steps, "
+                                     f"got {list(reset.shape)}")
                 reset = reset.unsqueeze(0 if self.batch_first else 1)
         if hx is not None:
             hx = check_batched_hx(hx, is_batched)

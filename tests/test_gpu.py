@@ -3,14 +3,15 @@
 Every test here needs a GPU and is skipped with the reason 'needs CUDA' elsewhere. The reference
 is ``nn.LSTM`` / ``nn.GRU`` in float64 on the CPU with the tested dtype's rounded weights and inputs
 (see ``test_modules``); exact fp32 is compared with cuDNN too, with TF32 off in both. Each test
-runs under both launch schemes (``FUSED_RNN_SCHEME``; LSTM with ``proj_size`` always runs the
-persistent one).
+runs under both launch schemes (``FUSED_RNN_SCHEME``). The option grid of the kernel tests
+(``test_ops_*``) runs here on the GPU's plans too, since those tests use CUDA when present.
 """
 
 import pytest
 import torch
 from helpers import TF32_TOLERANCE, TOLERANCES, assert_close
-from test_modules import FUSED, TORCH, assert_matches, draw_inputs, hx_of, make_pair, run_module
+from ops_cases import ALL_EVAL, ALL_TRAINING, Case, check_against_reference, params, use_plan
+from test_modules import TORCH, assert_matches, draw_inputs, hx_of, is_fused, make_pair, run_module
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -21,12 +22,12 @@ SHAPES = {
     "B4-T6-H48-I20-2layers-bidirectional": dict(batch=4, steps=6, input_size=20, hidden_size=48,
                                                num_layers=2, bidirectional=True),
     "B5-T9-H64-I40-proj24": dict(batch=5, steps=9, input_size=40, hidden_size=64, proj_size=24),
-    # More tiles than SMs: each persistent program walks several hidden tiles.
+    # More batch tiles than one group: batch groups and each program walking several tiles.
     "B600-T5-H1024-I64": dict(batch=600, steps=5, input_size=64, hidden_size=1024),
 }
 CASES = [
     pytest.param(cell, SHAPES[shape], id=f"{cell}-{shape}")
-    for cell in ("LSTM", "GRU")
+    for cell in ("LSTM", "GRU", "RNN_TANH")
     for shape in SHAPES
     if cell == "LSTM" or "proj" not in shape
 ]
@@ -57,7 +58,7 @@ def build(cell, dtype, config):
     reference, fused = make_pair(cell, dtype, **options)
     cudnn = TORCH[cell](device="cuda", dtype=dtype, **options)
     cudnn.load_state_dict(reference.state_dict())
-    assert type(fused) is FUSED[cell] and fused.weight_ih_l0.is_cuda
+    assert is_fused(fused, cell) and fused.weight_ih_l0.is_cuda
     tensors = draw_inputs(reference, dtype, batch=config["batch"], steps=config["steps"])
     return reference, fused, cudnn, tensors
 
@@ -169,3 +170,23 @@ def test_persistent_and_stepwise_schemes_agree_bitwise(cell, config, dtype, monk
     for run in results["persistent"]:
         for name, value in expected.items():
             assert torch.equal(run[name], value), f"{name} differs between the schemes"
+
+
+# The persistent kernels at sizes where many programs share W_hh and meet at the grid barrier:
+# the headline's 96 programs of 8 units, both directions in one launch (48 x 2 programs of 16
+# units), a batch past one tile, and every option, against the float64 reference.
+GPU_LAYER_CASES = [
+    Case("LSTM", 16, 16, 768, D=1, options=ALL_TRAINING),
+    Case("LSTM", 8, 16, 768, D=2, options=ALL_TRAINING),
+    Case("LSTM", 8, 40, 256, 128, D=2, options=ALL_EVAL),
+    Case("GRU", 16, 16, 768, D=2, options=ALL_TRAINING),
+    Case("RNN_TANH", 16, 16, 1024, D=2, options=ALL_TRAINING),
+    Case("LSTM", 6, 16, 4096, D=1),  # streams W_hh: too large for the chip
+]
+
+
+@pytest.mark.parametrize("plan", ["default", "stepwise-resident"])
+@pytest.mark.parametrize("case", params(GPU_LAYER_CASES))
+def test_persistent_kernels_match_fp64_reference_with_every_option(case, plan, monkeypatch):
+    use_plan(monkeypatch, plan)
+    check_against_reference(case)

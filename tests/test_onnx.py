@@ -177,7 +177,7 @@ def test_lstm_with_projection_exports_scan_with_dynamic_time_and_batch(name):
 
 def call_onnx_layers(rnn, x, h0, lengths):
     """``fused_rnn.onnx.layers`` on an ``nn.RNN``'s weights, zeroing the output past each
-    sequence's end as ``functional`` does (there is no fused RNN module yet)."""
+    sequence's end as ``functional`` does."""
     if h0 is None:
         h0 = torch.zeros(rnn.num_layers * (2 if rnn.bidirectional else 1), x.shape[1], rnn.hidden_size)
     cell = "RNN_TANH" if rnn.nonlinearity == "tanh" else "RNN_RELU"

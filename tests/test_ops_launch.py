@@ -71,14 +71,16 @@ def test_bidirectional_headline_plan_shares_the_sms_between_directions(backward)
 
 def resident_fits(plan, layer, backward):
     """A resident plan's blocks fit the chip: shared memory for the weight blocks and dot operands,
-    registers for the backward's partial-sum tile over every feature (``PARTIAL_TILE_ELEMENTS``);
-    and each program owns exactly one block of units (and of the projection's features)."""
+    registers for the (features, batch) tile - the forward's operand, the backward's partial sums
+    over every feature (``TILE_ELEMENTS``); batch tiles of at most ``LARGEST_BLOCK_B`` rows; and
+    each program owns exactly one block of units (and of the projection's features)."""
     options = plan.options
     size = launch.resident_bytes(layer, options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"], backward)
-    widest = max(layer.features, layer.hidden if layer.has_proj else 0)
+    widest = max(layer.features, layer.hidden if layer.has_proj and backward else 0)
     programs = plan.grid[1]
     return (size <= launch.SHARED_MEMORY_BUDGET
-            and (not backward or triton.next_power_of_2(widest) * options["BLOCK_B"] <= launch.PARTIAL_TILE_ELEMENTS)
+            and triton.next_power_of_2(widest) * options["BLOCK_B"] <= launch.TILE_ELEMENTS
+            and options["BLOCK_B"] <= launch.LARGEST_BLOCK_B
             and programs == triton.cdiv(layer.hidden, options["BLOCK_U"])
             and (not layer.has_proj or programs * options["BLOCK_P"] >= layer.features))
 

@@ -15,8 +15,9 @@ Launch schemes (both run the same kernels, which take the steps ``[step_begin, s
   interpreter runs the many-program tiling of the GPU (partial sums across programs included),
   and a baseline to compare the persistent scheme with on a GPU.
 
-``FUSED_RNN_SCHEME`` (``persistent`` / ``stepwise``) and ``FUSED_RNN_WEIGHTS`` (``resident`` /
-``streaming``) force a choice; the tests use them to run every path on the CPU.
+``FUSED_RNN_SCHEME`` (``persistent`` / ``stepwise``) forces a scheme; ``FUSED_RNN_WEIGHTS=streaming``
+forces streamed weights (``resident``, the default, keeps them on chip where they fit). The tests
+use them to run every path on the CPU.
 """
 
 import contextlib
@@ -43,9 +44,11 @@ COMPILE_OPTIONS = dict(num_warps=8, num_stages=1, maxnreg=255)
 # Shared memory a program may use on an H100/H200 is 227 KB; what the plan counts (the weight
 # blocks and the dot operand tiles) leaves room for the compiler's layout-conversion scratch.
 SHARED_MEMORY_BUDGET = 200 * 1024
-# fp32 elements of a backward program's partial-sum tile, (features, batch), kept in registers:
-# 64 a thread at 8 warps.
-PARTIAL_TILE_ELEMENTS = 64 * 256
+# Elements of a program's (features, batch) tile in registers: the forward's h_{t-1} operand on its
+# way to shared memory, the backward's fp32 part of dL/dh. 64 a thread at 8 warps.
+TILE_ELEMENTS = 64 * 256
+# Batch rows of a tile on a GPU: wider tiles make the operand and the partial sums spill.
+LARGEST_BLOCK_B = 32
 # Elements of the (parts, features, batch) tile ``reduce_partials`` loads at once.
 REDUCE_ELEMENTS = 1024
 # Units per block of the streaming path: the gate-major block then has 64 rows.
@@ -184,16 +187,17 @@ def resident_bytes(shape: Shape, block_b: int, block_u: int, block_p: int, backw
 
 
 def _fits(shape: Shape, block_b: int, block_u: int, block_p: int, backward: bool) -> bool:
-    if _precision(shape.dtype)["DOT_PRECISION"] == "ieee" and shape.dtype == torch.float32:
-        # Exact fp32 products run on the FMA units, whose tl.dot holds both operands whole in
-        # registers: a resident block does not fit there. (TF32, fp16, bf16, fp64 use the tensor
-        # cores, which read the weight block from shared memory.)
+    if shape.dtype == torch.float64 or (shape.dtype == torch.float32 and _precision(shape.dtype)["DOT_PRECISION"] == "ieee"):
+        # Exact fp32 and fp64 products run on the FMA units, which hold both operands whole in
+        # registers (fp64 multiplies and reduces, see recurrence.matmul): a resident block does not
+        # fit there. TF32, fp16 and bf16 use the tensor cores, which read the block from shared memory.
         return False
     if resident_bytes(shape, block_b, block_u, block_p, backward) > SHARED_MEMORY_BUDGET:
         return False
-    # The backward holds its part of dL/dh (all P or H features) in registers.
-    widest = max(shape.features, shape.hidden if shape.has_proj else 0)
-    return not backward or _pow2(widest) * block_b <= PARTIAL_TILE_ELEMENTS
+    # The forward stages its (P, BLOCK_B) operand through registers, the backward holds its part of
+    # dL/dh (all P, or H with a projection, features) there.
+    widest = max(shape.features, shape.hidden if shape.has_proj and backward else 0)
+    return _pow2(widest) * block_b <= TILE_ELEMENTS
 
 
 def _block_b(batch: int, largest: int) -> int:
@@ -253,8 +257,8 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
         programs = triton.cdiv(shape.hidden, block_u)
         block_p = _pow2(triton.cdiv(shape.features, programs))
         if shape.directions * programs <= multiprocessors:
-            for block_b in (64, 32, 16):
-                if block_b <= _block_b(shape.batch, 64) and _fits(shape, block_b, block_u, block_p, backward):
+            for block_b in (32, 16):
+                if block_b <= _block_b(shape.batch, LARGEST_BLOCK_B) and _fits(shape, block_b, block_u, block_p, backward):
                     groups = min(triton.cdiv(shape.batch, block_b), multiprocessors // (shape.directions * programs))
                     options = _options(shape, True, block_b, block_u, block_p, programs, _chunk(shape.dtype), backward)
                     return Plan("persistent", (groups, programs, shape.directions), options, shape.has_proj)
@@ -263,13 +267,16 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
 
 
 def _chunk(dtype: torch.dtype) -> int:
-    """K chunk of a streamed weight block: 64 bytes of a row."""
+    """K chunk of a streamed weight block: 64 bytes of a row; for fp64, whose product is a
+    (rows, chunk, batch) tile in registers, 8 elements."""
+    if dtype == torch.float64:
+        return 8
     return max(16, 64 // torch.empty((), dtype=dtype).element_size())
 
 
 def _streaming_persistent_plan(shape: Shape, multiprocessors: int, backward: bool) -> Plan:
     block_u = max(shape.smallest_block, STREAMING_ROWS // shape.gate_slots)
-    block_b = _block_b(shape.batch, 64)
+    block_b = _block_b(shape.batch, LARGEST_BLOCK_B)
     per_direction = max(1, multiprocessors // shape.directions)
     programs = min(triton.cdiv(shape.hidden, block_u), per_direction)
     groups = max(1, min(triton.cdiv(shape.batch, block_b), per_direction // programs))

@@ -158,12 +158,18 @@ def zoneout_grad(grad, keep_ptr, rows, row_length, features, mask, p, ZONEOUT: t
 @triton.jit
 def matmul(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """``acc + a @ b`` on the tensor cores (``DOT_PRECISION``: "tf32" or "ieee")."""
-    if DOT_UPCAST:
-        # The interpreter's fp16/bf16 tl.dot is wrong (triton-lang/triton#11584); fp32 operands give
-        # the exact products that tensor cores accumulate in fp32.
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    if acc.dtype == tl.float64:
+        # fp64 multiplies and reduces in registers: Triton 3.6 (the GPU machines') cannot lower most
+        # fp64 dots ("fp64 don't support largeK MMA"). The launcher keeps fp64 blocks small for it.
+        acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        if DOT_UPCAST:
+            # The interpreter's fp16/bf16 tl.dot is wrong (triton-lang/triton#11584); fp32 operands
+            # give the exact products that tensor cores accumulate in fp32.
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -201,6 +207,23 @@ def recurrent_matmul(
             w_chunk = weight_block(w_ptr, first_unit, H, K, ks, NUM_GATES, GATE_SLOTS, BLOCK_U)
             acc = matmul(w_chunk, x, acc, DOT_PRECISION, DOT_UPCAST)
     return acc
+
+
+@triton.jit
+def resident_blocks(w_hh_ptr, w_hr_ptr, H, P, LOAD_HH: tl.constexpr, LOAD_HR: tl.constexpr,
+                    NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr, BLOCK_U: tl.constexpr,
+                    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KP: tl.constexpr):
+    """This program's blocks of its direction's ``W_hh`` and ``W_hr``, loaded once before the time
+    loop to stay on chip for the whole launch (0.0 for a block the launch streams or a stepwise
+    phase does not use). The pointers are already offset to the program's direction."""
+    w_hh = 0.0
+    w_hr = 0.0
+    if LOAD_HH:
+        w_hh = weight_block(w_hh_ptr, tl.program_id(1) * BLOCK_U, H, P, tl.arange(0, BLOCK_K),
+                            NUM_GATES, GATE_SLOTS, BLOCK_U)
+    if LOAD_HR:
+        w_hr = weight_block(w_hr_ptr, tl.program_id(1) * BLOCK_P, P, H, tl.arange(0, BLOCK_KP), 1, 1, BLOCK_P)
+    return w_hh, w_hr
 
 
 @triton.jit
@@ -350,15 +373,12 @@ def forward_kernel(
     first_feature = tl.program_id(1) * BLOCK_P
     if HAS_HH_BIAS:
         b_hh_ptr += direction * NUM_GATES * H
-    w_hh = 0.0
-    w_hr = 0.0
     if HAS_PROJ:
         w_hr_ptr += direction.to(tl.int64) * P * H
-    # A stepwise launch of one phase loads only the block that phase multiplies by.
-    if RESIDENT and STEP_PHASE != 2:
-        w_hh = weight_block(w_hh_ptr, first_unit, H, P, tl.arange(0, BLOCK_K), NUM_GATES, GATE_SLOTS, BLOCK_U)
-    if RESIDENT_PROJ and STEP_PHASE != 1:
-        w_hr = weight_block(w_hr_ptr, first_feature, P, H, tl.arange(0, BLOCK_KP), 1, 1, BLOCK_P)
+    # A stepwise launch of one phase (1: the cell, 2: the projection) loads only the block it uses.
+    w_hh, w_hr = resident_blocks(w_hh_ptr, w_hr_ptr, H, P, RESIDENT and STEP_PHASE != 2,
+                                 RESIDENT_PROJ and STEP_PHASE != 1, NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_P,
+                                 BLOCK_K, BLOCK_KP)
     arrivals = 0
     for step in range(step_begin, step_end):
         t = step + direction * (T - 1 - 2 * step)
@@ -504,15 +524,12 @@ def backward_kernel(
     first_unit = tl.program_id(1) * BLOCK_U
     first_feature = tl.program_id(1) * BLOCK_P
     num_parts = tl.num_programs(1)
-    w_hh = 0.0
-    w_hr = 0.0
     if HAS_PROJ:
         w_hr_ptr += direction.to(tl.int64) * P * H
-    # A stepwise launch of one phase loads only the block that phase multiplies by.
-    if RESIDENT and STEP_PHASE != 1:
-        w_hh = weight_block(w_hh_ptr, first_unit, H, P, tl.arange(0, BLOCK_K), NUM_GATES, GATE_SLOTS, BLOCK_U)
-    if RESIDENT_PROJ and STEP_PHASE != 2:
-        w_hr = weight_block(w_hr_ptr, first_feature, P, H, tl.arange(0, BLOCK_KP), 1, 1, BLOCK_P)
+    # A stepwise launch of one phase (1: the projection, 2: the cell) loads only the block it uses.
+    w_hh, w_hr = resident_blocks(w_hh_ptr, w_hr_ptr, H, P, RESIDENT and STEP_PHASE != 1,
+                                 RESIDENT_PROJ and STEP_PHASE != 2, NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_P,
+                                 BLOCK_K, BLOCK_KP)
     arrivals = 0
     for step in range(step_begin, step_end):
         # Walking time backwards: T-1, ..., 0 for the forward direction; 0, ..., T-1 in reverse.
