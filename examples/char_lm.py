@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import inspect
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -50,12 +51,13 @@ def corpus(modules=MODULES, held_out: float = 0.1):
 
 
 class CharLM(nn.Module):
-    """Embedding, multi-layer RNN, linear read-out; returns the logits and the RNN state."""
+    """Embedding, multi-layer RNN, linear read-out; returns the logits and the RNN state.
+    ``rnn_options`` go to the RNN's constructor (fused_rnn's regularizers, for instance)."""
 
-    def __init__(self, rnn_cls: type, vocab: int, hidden: int):
+    def __init__(self, rnn_cls: type, vocab: int, hidden: int, layers: int = LAYERS, **rnn_options):
         super().__init__()
         self.embed = nn.Embedding(vocab, hidden)
-        self.rnn = rnn_cls(hidden, hidden, num_layers=LAYERS, batch_first=True)
+        self.rnn = rnn_cls(hidden, hidden, num_layers=layers, batch_first=True, **rnn_options)
         self.head = nn.Linear(hidden, vocab)
 
     def forward(self, tokens: torch.Tensor, state=None):  # tokens: (B, T)
@@ -89,54 +91,78 @@ def generate(model, prompt: torch.Tensor, length: int, generator: torch.Generato
     return drawn
 
 
+@dataclass
+class Corpus:
+    """The text as character indices: ``chars[i]`` is character ``i``."""
+
+    chars: list
+    train: torch.Tensor  # (N_train,) int64
+    val: torch.Tensor  # (N_val,) int64
+
+    def encode(self, text: str) -> torch.Tensor:
+        index = {c: i for i, c in enumerate(self.chars)}
+        return torch.tensor([index[c] for c in text])
+
+    def decode(self, indices) -> str:
+        return "".join(self.chars[i] for i in indices)
+
+
+def load(modules=MODULES, held_out: float = 0.1) -> Corpus:
+    """``corpus(modules, held_out)`` encoded; prints its size and hash."""
+    train_text, val_text = corpus(modules, held_out)
+    data = Corpus(sorted(set(train_text + val_text + PROMPT)), torch.tensor([]), torch.tensor([]))
+    data.train, data.val = data.encode(train_text), data.encode(val_text)
+    digest = hashlib.sha256((train_text + val_text).encode()).hexdigest()[:12]
+    print(f"corpus: {len(modules)} stdlib module{'s' * (len(modules) > 1)}, {len(data.train)} training and "
+          f"{len(data.val)} validation characters, {len(data.chars)} distinct, sha256 {digest}")
+    return data
+
+
+def bits_per_character(text: torch.Tensor, count: int, args):
+    """A function of a model: its bits per character on ``count`` evenly spaced windows of ``text``."""
+    starts = torch.linspace(0, len(text) - args.seq_len - 1, count).long()
+    batches = [tuple(tensor.to(args.device) for tensor in windows(text, chunk, args.seq_len))
+               for chunk in starts.split(args.batch)]
+
+    def bits(model) -> float:
+        nats = sum(cross_entropy(model, batch).item() * len(batch[0]) for batch in batches)
+        return nats / count / math.log(2)
+
+    return bits
+
+
+def make_task(args, data: Corpus, name: str = "char_lm", title: str = "Char LM", layers: int = LAYERS) -> common.Task:
+    """Next-character prediction on random training windows, validation bits per character."""
+    return common.Task(
+        name=name,
+        title=f"{title}, {layers} layer{'s' * (layers > 1)}, H={args.hidden}",
+        metric="bits per character",
+        build=lambda rnn_cls: CharLM(rnn_cls, len(data.chars), args.hidden, layers),
+        sample=lambda generator: windows(
+            data.train, torch.randint(0, len(data.train) - args.seq_len, (args.batch,), generator=generator),
+            args.seq_len,
+        ),
+        loss=cross_entropy,
+        evaluate=bits_per_character(data.val, args.val_windows, args),
+        eval_name="val",
+        baseline=math.log2(len(data.chars)),
+        baseline_label=f"uniform over {len(data.chars)} characters",
+        scale=1 / math.log(2),
+    )
+
+
 def main(argv=None) -> list:
     args = common.parse_args(__doc__, argv, DEFAULTS, SMOKE, {
         "val_windows": (int, "validation windows of --seq-len characters"),
         "sample_len": (int, "characters each fused model writes at the end"),
     })
-    train_text, val_text = corpus()
-    chars = sorted(set(train_text + val_text + PROMPT))
-    index = {c: i for i, c in enumerate(chars)}
-
-    def encode(text: str) -> torch.Tensor:
-        return torch.tensor([index[c] for c in text])
-
-    train, val = encode(train_text), encode(val_text)
-    digest = hashlib.sha256((train_text + val_text).encode()).hexdigest()[:12]
-    print(f"corpus: {len(MODULES)} stdlib modules, {len(train)} training and {len(val)} validation characters, "
-          f"{len(chars)} distinct, sha256 {digest}")
-
-    val_starts = torch.linspace(0, len(val) - args.seq_len - 1, args.val_windows).long()
-    val_batches = [
-        tuple(tensor.to(args.device) for tensor in windows(val, starts, args.seq_len))
-        for starts in val_starts.split(args.batch)
-    ]
-
-    def val_bits(model):
-        nats = sum(cross_entropy(model, batch).item() * len(batch[0]) for batch in val_batches)
-        return nats / args.val_windows / math.log(2)
-
-    task = common.Task(
-        name="char_lm",
-        title=f"Char LM, {LAYERS} layers, H={args.hidden}",
-        metric="bits per character",
-        build=lambda rnn_cls: CharLM(rnn_cls, len(chars), args.hidden),
-        sample=lambda generator: windows(
-            train, torch.randint(0, len(train) - args.seq_len, (args.batch,), generator=generator), args.seq_len,
-        ),
-        loss=cross_entropy,
-        evaluate=val_bits,
-        eval_name="val",
-        baseline=math.log2(len(chars)),
-        baseline_label=f"uniform over {len(chars)} characters",
-        scale=1 / math.log(2),
-    )
-    runs = common.run_task(task, args)
+    data = load()
+    runs = common.run_task(make_task(args, data), args)
     for run in runs:
         if run.label.startswith("fused_rnn"):
             generator = torch.Generator().manual_seed(args.seed)
-            drawn = generate(run.model, encode(PROMPT).to(args.device), args.sample_len, generator)
-            print(f"\n--- {run.label} writes (temperature {TEMPERATURE}):\n{PROMPT}{''.join(chars[i] for i in drawn)}")
+            drawn = generate(run.model, data.encode(PROMPT).to(args.device), args.sample_len, generator)
+            print(f"\n--- {run.label} writes (temperature {TEMPERATURE}):\n{PROMPT}{data.decode(drawn)}")
     return runs
 
 

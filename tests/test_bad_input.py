@@ -1,5 +1,5 @@
-"""Bad input: what ``nn.LSTM`` / ``nn.GRU`` reject, the fused modules reject with the same exception
-type and a message that says what is wrong, and a module that refused an input keeps working.
+"""Bad input: what ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` reject, the fused modules reject with the same
+exception type and a message that says what is wrong, and a module that refused an input keeps working.
 
 Each case runs the bad call on the torch module first, to check that torch raises the type the
 table expects (the table is PyTorch's behaviour, not ours), then on the fused module with
@@ -9,14 +9,11 @@ table expects (the table is PyTorch's behaviour, not ours), then on the fused mo
 import pytest
 import torch
 from helpers import KERNEL_DEVICE
-from torch import nn
+from test_modules import CELLS, FUSED, TORCH
 from torch.nn.utils.rnn import pack_padded_sequence
 
-import fused_rnn
-
-FUSED = {"LSTM": fused_rnn.LSTM, "GRU": fused_rnn.GRU}
-TORCH = {"LSTM": nn.LSTM, "GRU": nn.GRU}
-CELLS = list(FUSED)
+SINGLE_STATE_CELLS = [cell for cell in CELLS if cell != "LSTM"]
+RNN_CELLS = ["RNN_TANH", "RNN_RELU"]
 
 INPUT_SIZE, HIDDEN_SIZE, STEPS, BATCH = 5, 7, 4, 2
 
@@ -30,7 +27,7 @@ def good_input():
 
 
 def states(module, *shape, dtype=torch.float32, device=KERNEL_DEVICE):
-    """An ``hx`` of state shape ``shape`` for ``module``: ``(h_0, c_0)`` for LSTM, ``h_0`` for GRU."""
+    """An ``hx`` of state shape ``shape`` for ``module``: ``(h_0, c_0)`` for LSTM, ``h_0`` otherwise."""
     if module.mode == "LSTM":
         return rand(*shape, dtype=dtype, device=device), rand(*shape, dtype=dtype, device=device)
     return rand(*shape, dtype=dtype, device=device)
@@ -54,7 +51,7 @@ def case(call, error, match, name, cells=CELLS):
 
 BOTH_DEVICES = rf"{torch.device(KERNEL_DEVICE).type}.*meta|meta.*{torch.device(KERNEL_DEVICE).type}"
 
-# Rejected by nn.LSTM / nn.GRU with ``error``; ``match`` is a meaningful part of our message.
+# Rejected by nn.LSTM / nn.GRU / nn.RNN with ``error``; ``match`` is a meaningful part of our message.
 REJECTED_BY_TORCH = [
     *case(lambda m: m(rand(STEPS, BATCH, 4)), RuntimeError,
           r"input.size\(-1\) must be equal to input_size. Expected 5, got 4", "wrong_input_features"),
@@ -103,7 +100,7 @@ REJECTED_BY_US = [
     *case(lambda m: m(good_input(), (rand(1, BATCH, HIDDEN_SIZE),)), TypeError,
           r"hx must be a tuple \(h_0, c_0\), got tuple", "hx_tuple_of_one", cells=["LSTM"]),
     *case(lambda m: m(good_input(), (rand(1, BATCH, HIDDEN_SIZE),)), TypeError,
-          r"hx must be a tensor h_0, got tuple", "hx_given_as_tuple", cells=["GRU"]),
+          r"hx must be a tensor h_0, got tuple", "hx_given_as_tuple", cells=SINGLE_STATE_CELLS),
     # torch permutes an unsorted PackedSequence's hx with index_select and ignores the extra row.
     *case(lambda m: m(packed(STEPS, BATCH, INPUT_SIZE, enforce_sorted=False), states(m, 1, 3, HIDDEN_SIZE)),
           RuntimeError, r"Expected hidden(\[0\])? size \(1, 2, 7\), got \[1, 3, 7\]",
@@ -172,7 +169,9 @@ CONSTRUCTOR_ERRORS = [
     *case(dict(proj_size=HIDDEN_SIZE + 2), ValueError, r"proj_size has to be smaller than hidden_size",
           "proj_size_above_hidden_size", cells=["LSTM"]),
     *case(dict(proj_size=3), ValueError, r"proj_size argument is only supported for LSTM", "proj_size",
-          cells=["GRU"]),
+          cells=SINGLE_STATE_CELLS),
+    *case(dict(nonlinearity="sigmoid"), ValueError, r"Unknown nonlinearity 'sigmoid'", "nonlinearity_sigmoid",
+          cells=RNN_CELLS),
 ]
 
 

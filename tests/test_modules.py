@@ -1,15 +1,17 @@
-"""``fused_rnn.LSTM`` / ``fused_rnn.GRU`` against ``torch.nn.LSTM`` / ``nn.GRU`` holding the same weights.
+"""``fused_rnn.LSTM`` / ``GRU`` / ``RNN`` against ``torch.nn.LSTM`` / ``GRU`` / ``RNN`` holding the same weights.
 
 The oracle is the torch module in float64, loaded with the fused module's weights (rounded to the
 fused dtype first, as are the inputs and upstream gradients, so that both compute from identical
 values). Compared: the output, the final states, and the gradients of a random upstream gradient
 on every output w.r.t. the input, the initial states and every parameter. Then the module's
 surroundings: packing, ``lengths=``, dropout, state dicts, ``repr``, ``convert()``, dtype moves and
-a short training run.
+a short training run. The Elman RNN is two cells here, ``RNN_TANH`` and ``RNN_RELU`` (nn.RNNBase's
+modes), one per nonlinearity.
 """
 
 import copy
 import io
+from functools import partial
 
 import pytest
 import torch
@@ -20,9 +22,26 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 import fused_rnn
 from fused_rnn import reference
 
-FUSED = {"LSTM": fused_rnn.LSTM, "GRU": fused_rnn.GRU}
-TORCH = {"LSTM": nn.LSTM, "GRU": nn.GRU}
-CELLS = list(FUSED)
+# Cells by nn.RNNBase's ``mode``: the Elman RNN's two nonlinearities are two cells.
+CELLS = ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]
+FUSED_CLASS = {"LSTM": fused_rnn.LSTM, "GRU": fused_rnn.GRU, "RNN_TANH": fused_rnn.RNN, "RNN_RELU": fused_rnn.RNN}
+TORCH_CLASS = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN_TANH": nn.RNN, "RNN_RELU": nn.RNN}
+
+
+def _constructor(cls, cell):
+    """``cls``, with the nonlinearity of an ``RNN_*`` cell bound."""
+    return partial(cls, nonlinearity=cell.removeprefix("RNN_").lower()) if cell.startswith("RNN_") else cls
+
+
+# Constructors taking the torch module's arguments, one per cell.
+FUSED = {cell: _constructor(FUSED_CLASS[cell], cell) for cell in CELLS}
+TORCH = {cell: _constructor(TORCH_CLASS[cell], cell) for cell in CELLS}
+
+
+def is_fused(module, cell):
+    """Whether ``module`` is exactly the fused module of ``cell`` (class and, for the RNN, nonlinearity)."""
+    return type(module) is FUSED_CLASS[cell] and module.mode == cell
+
 
 INPUT_SIZE, HIDDEN_SIZE = 5, 7
 STEPS, BATCH = 5, 3
@@ -318,7 +337,10 @@ def test_training_dropout_one_zeroes_inner_layer_outputs_like_torch(cell):
     oracle, fused = make_pair(cell, num_layers=2, dropout=1.0)
     oracle.train(), fused.train()
     actual = compare_with_oracle(oracle, fused, draw_inputs(oracle, torch.float64))
-    assert actual["output"].abs().min() > 0
+    if cell == "RNN_RELU":  # ReLU zeroes units of its own: every step and row keeps some
+        assert (actual["output"] != 0).any(dim=-1).all()
+    else:
+        assert actual["output"].abs().min() > 0
 
 
 @pytest.mark.parametrize("cell, options", ALL_CASES)
@@ -415,23 +437,25 @@ def test_functional_call_deepcopy_and_save_load_behave_like_torch(cell):
     torch.save(fused, buffer)
     buffer.seek(0)
     for twin in (copy.deepcopy(fused), torch.load(buffer, weights_only=False)):
-        assert type(twin) is FUSED[cell]
+        assert is_fused(twin, cell)
         assert_close(twin(x.to(KERNEL_DEVICE))[0], oracle(x)[0], name="output of a copy")
 
 
 class Seq2Seq(nn.Module):
-    """An encoder (GRU inside an nn.Sequential) and a decoder LSTM held as a plain attribute."""
+    """An encoder (GRU inside an nn.Sequential), a decoder LSTM held as a plain attribute and a
+    ReLU RNN before the head."""
 
     def __init__(self):
         super().__init__()
         self.encoder = nn.Sequential(nn.Linear(INPUT_SIZE, 6), nn.Tanh(), nn.GRU(6, HIDDEN_SIZE, batch_first=True))
         self.decoder = nn.LSTM(HIDDEN_SIZE, 6, proj_size=4, bidirectional=True, batch_first=True)
-        self.head = nn.Linear(8, 1)
+        self.post = nn.RNN(8, 5, nonlinearity="relu", batch_first=True)
+        self.head = nn.Linear(5, 1)
 
     def forward(self, x):
         encoded, _ = self.encoder(x)
         decoded, (h_n, c_n) = self.decoder(encoded)
-        return self.head(decoded), h_n, c_n
+        return self.head(self.post(decoded)[0]), h_n, c_n
 
 
 def seq2seq_forward(model, inputs):
@@ -447,6 +471,7 @@ def test_convert_replaces_nested_rnns_sharing_parameters():
     assert fused_rnn.convert(model) is model
     assert type(model.encoder[2]) is fused_rnn.GRU
     assert type(model.decoder) is fused_rnn.LSTM
+    assert is_fused(model.post, "RNN_RELU")
     assert [id(param) for param in model.parameters()] == [id(param) for param in parameters]
     model.to(KERNEL_DEVICE)
     assert_matches(run_module(model, {"input": x}, torch.float64, seq2seq_forward), expected, torch.float64)
@@ -459,7 +484,7 @@ def test_convert_of_a_bare_rnn_returns_its_fused_twin(cell):
         options["proj_size"] = 3
     original = TORCH[cell](INPUT_SIZE, HIDDEN_SIZE, **options)
     converted = fused_rnn.convert(original)
-    assert type(converted) is FUSED[cell]
+    assert is_fused(converted, cell)
     assert repr(converted) == repr(original)
     converted_parameters, original_parameters = dict(converted.named_parameters()), dict(original.named_parameters())
     assert list(converted_parameters) == list(original_parameters)
@@ -493,7 +518,7 @@ def test_optimizer_made_before_convert_updates_the_converted_module(cell):
     twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.5)
     fused_rnn.convert(model)
     model.to(KERNEL_DEVICE)
-    assert type(model[0]) is FUSED[cell]
+    assert is_fused(model[0], cell)
     initial = [param.detach().clone() for param in model.parameters()]
     x = draw(STEPS, BATCH, INPUT_SIZE, dtype=torch.float64)
     for module, opt, device in ((model, optimizer, KERNEL_DEVICE), (twin, twin_optimizer, "cpu")):
@@ -549,6 +574,19 @@ def test_module_runs_the_triton_kernels_not_the_reference(cell, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the module fell back to the PyTorch reference recurrence")
 
-    monkeypatch.setattr(reference, "lstm_recurrence", refuse)
-    monkeypatch.setattr(reference, "gru_recurrence", refuse)
+    monkeypatch.setattr(reference, "layer", refuse)
+    for name in ("lstm_recurrence", "gru_recurrence", "rnn_recurrence"):
+        monkeypatch.setattr(reference, name, refuse)
     check_against_torch(cell, torch.float32, dict(bidirectional=True))
+
+
+def test_rnn_takes_torch_positional_arguments_and_rejects_other_nonlinearities():
+    args = (INPUT_SIZE, HIDDEN_SIZE, 2, "relu", False, True, 0.25, True)
+    fused, torch_module = fused_rnn.RNN(*args), nn.RNN(*args)
+    for name in ("mode", "nonlinearity", "num_layers", "bias", "batch_first", "dropout", "bidirectional"):
+        assert getattr(fused, name) == getattr(torch_module, name), name
+    assert fused_rnn.RNN(INPUT_SIZE, HIDDEN_SIZE).mode == "RNN_TANH"
+    with pytest.raises(ValueError):
+        nn.RNN(INPUT_SIZE, HIDDEN_SIZE, nonlinearity="sigmoid")
+    with pytest.raises(ValueError, match="Unknown nonlinearity 'sigmoid'"):
+        fused_rnn.RNN(INPUT_SIZE, HIDDEN_SIZE, nonlinearity="sigmoid")

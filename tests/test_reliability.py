@@ -1,11 +1,12 @@
-"""Reliability: ``fused_rnn.LSTM`` / ``fused_rnn.GRU`` against ``torch.nn`` beyond the hand-picked cases.
+"""Reliability: ``fused_rnn.LSTM`` / ``GRU`` / ``RNN`` against ``torch.nn`` beyond the hand-picked cases.
 
 - randomly drawn valid configurations (sizes, layers, directions, layouts, packing, dtypes)
   compared with the float64 torch oracle on outputs, states and every gradient;
 - randomly drawn malformed calls: fused raises whenever torch does and keeps working afterwards;
 - NaN and +-Inf in the input propagate exactly as in torch;
 - determinism, freeing of saved tensors, flat memory over 1,000 training steps, thread safety;
-- a long sequence in fp16 / bf16 within the documented drift of float64 (``bench.drift``);
+- a long sequence in fp16 / bf16 within the documented drift of float64 (``bench.drift``; LSTM and
+  GRU, the cells it measures);
 - on a GPU only: buffers past 2**31 elements, H = 4096, and T = 100,000 against float64.
 
 Every random draw comes from a fixed seed (for the random configurations, also the test id).
@@ -276,6 +277,8 @@ def poison(x, kind, row):
     return x
 
 
+# NumPy's own warning when the interpreter multiplies an infinite ReLU state by a zero.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("kind", NONFINITE)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("cell", CELLS)
@@ -299,7 +302,7 @@ def test_nan_and_inf_in_input_propagate_like_torch(cell, dtype, kind):
         assert torch.isfinite(output[:, others]).all(), "a NaN in one row reached the other rows' outputs"
         assert torch.isfinite(h_n[:, others]).all(), "a NaN in one row reached the other rows' states"
         assert torch.isnan(output[:, row]).any()
-    if "inf" in kind:
+    if "inf" in kind and cell != "RNN_RELU":  # ReLU does not saturate: an infinite input stays infinite
         assert torch.isfinite(results["torch"][0]).all(), "saturating gates keep torch's output finite"
 
 
@@ -353,7 +356,7 @@ def test_saved_tensors_are_released_after_backward(cell):
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         output, _ = fused(x)
     alive = sum(ref() is not None for ref in markers)
-    # Each of the 4 recurrences saves its own tensors (4 for GRU, 7 for LSTM) besides the GEMMs.
+    # Each of the 2 layers saves its input, initial states, state buffers and both directions' weights.
     assert alive >= 4 * (7 if cell == "LSTM" else 4), f"only {alive} tensors saved"
     output.sum().backward()
     gc.collect()
@@ -399,17 +402,18 @@ MEMORY_STEPS = 1000
 
 
 def alternating_training_step(device):
-    """``step(index)``: forward + backward of a tiny LSTM (even ``index``) or GRU (odd ``index``),
-    both with ``lengths=``, whose gradients are then dropped as a training loop drops them.
+    """``step(index)``: forward + backward of a tiny module of each cell in turn (``index`` modulo
+    the number of cells), all with ``lengths=``, whose gradients are then dropped as a training
+    loop drops them.
 
     Tiny sizes: under the interpreter every kernel launch costs tens of milliseconds.
     """
-    modules = [FUSED["LSTM"](2, 3, device=device), FUSED["GRU"](2, 3, device=device)]
+    modules = [FUSED[cell](2, 3, device=device) for cell in CELLS]
     x = torch.randn(1, 2, 2, device=device)
     lengths = torch.tensor([1, 1], device=device)
 
     def step(index):
-        module = modules[index % 2]
+        module = modules[index % len(modules)]
         inp = x.clone().requires_grad_()
         output, state = module(inp, lengths=lengths)
         (output.sum() + outputs_of((output, state))[1].sum()).backward()
@@ -457,10 +461,11 @@ def test_many_training_steps_do_not_grow_cuda_allocated_memory():
 RUNS_PER_THREAD = 10
 
 
-def test_two_threads_running_lstm_and_gru_match_single_threaded_results():
+def test_threads_running_lstm_gru_and_rnn_match_single_threaded_results():
     modules = {
         "LSTM": make_pair("LSTM", torch.float32, bidirectional=True, proj_size=3)[1],
         "GRU": make_pair("GRU", torch.float32, num_layers=2)[1],
+        "RNN_RELU": make_pair("RNN_RELU", torch.float32, num_layers=2, bidirectional=True)[1],
     }
     tensors = {cell: draw_inputs(module, torch.float32) for cell, module in modules.items()}
     expected = {cell: run_module(module, tensors[cell], torch.float32) for cell, module in modules.items()}
@@ -552,22 +557,26 @@ def outputs_and_input_grads(module, inputs, upstream):
     return results
 
 
-# B*T*4H = 2.36e9 > 2**31 elements; about 15 GB of GPU memory at the peak (gates_x, gates, dgates).
-BIG_BATCH, BIG_STEPS, BIG_INPUT, BIG_HIDDEN = 36_000, 64, 64, 256
-SAMPLED_ROWS = [0, 1, BIG_BATCH // 2, BIG_BATCH - 1]
+# Per cell, the batch that makes T*B*G*H = 2.36e9 > 2**31 elements (G gates: 4 LSTM, 3 GRU, 1 RNN);
+# about 15 GB of GPU memory at the peak (gates_x, gates, dgates).
+BIG_STEPS, BIG_INPUT, BIG_HIDDEN = 64, 64, 256
+BIG_BATCH = {"LSTM": 36_000, "GRU": 48_000, "RNN_TANH": 144_000, "RNN_RELU": 144_000}
+GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
 
 @gpu_only
 @pytest.mark.parametrize("cell", CELLS)
 def test_buffers_past_2_31_elements_match_float64_reference_on_sampled_rows(cell):
-    """bf16, B=36,000, T=64, H=256: the saved gates ``(T, B, 4H)`` (and the LSTM backward's
-    ``dgates``) hold more than 2**31 elements, so the last rows' offsets need 64 bits.
+    """bf16, T=64, H=256 and B from 36,000 (LSTM) to 144,000 (RNN): the gates ``(T, B, G*H)`` (and
+    the backward's ``dgates``) hold more than 2**31 elements, so the last rows' offsets need 64 bits.
 
     Every output and input gradient is finite (the buffers start as NaN, see conftest), and on the
     sampled batch rows (the last one included) every step matches float64 torch run on those rows
     alone: the rows of an RNN are independent, so the reference is exact for them.
     """
-    assert BIG_STEPS * BIG_BATCH * 4 * BIG_HIDDEN > 2**31
+    batch = BIG_BATCH[cell]
+    assert BIG_STEPS * batch * GATES[cell] * BIG_HIDDEN > 2**31
+    sampled_rows = [0, 1, batch // 2, batch - 1]
     dtype = torch.bfloat16
     oracle, fused = make_pair(cell, dtype, input_size=BIG_INPUT, hidden_size=BIG_HIDDEN)
     generator = torch.Generator("cuda").manual_seed(0)
@@ -575,22 +584,22 @@ def test_buffers_past_2_31_elements_match_float64_reference_on_sampled_rows(cell
     def randn(*shape):
         return torch.randn(*shape, generator=generator, device="cuda", dtype=dtype)
 
-    inputs = {"input": randn(BIG_STEPS, BIG_BATCH, BIG_INPUT), "h_0": randn(1, BIG_BATCH, BIG_HIDDEN)}
-    upstream = {"output": randn(BIG_STEPS, BIG_BATCH, BIG_HIDDEN), "h_n": randn(1, BIG_BATCH, BIG_HIDDEN)}
+    inputs = {"input": randn(BIG_STEPS, batch, BIG_INPUT), "h_0": randn(1, batch, BIG_HIDDEN)}
+    upstream = {"output": randn(BIG_STEPS, batch, BIG_HIDDEN), "h_n": randn(1, batch, BIG_HIDDEN)}
     if cell == "LSTM":
-        inputs["c_0"], upstream["c_n"] = randn(1, BIG_BATCH, BIG_HIDDEN), randn(1, BIG_BATCH, BIG_HIDDEN)
+        inputs["c_0"], upstream["c_n"] = randn(1, batch, BIG_HIDDEN), randn(1, batch, BIG_HIDDEN)
     actual = outputs_and_input_grads(fused, inputs, upstream)
     for name, value in actual.items():
         assert torch.isfinite(value).all(), f"{name} has non-finite elements"
 
-    rows = torch.tensor(SAMPLED_ROWS, device="cuda")
+    rows = torch.tensor(sampled_rows, device="cuda")
 
     def sampled(tensors):
         return {name: tensor.detach()[:, rows].double().cpu() for name, tensor in tensors.items()}
 
     expected = outputs_and_input_grads(oracle, sampled(inputs), sampled(upstream))
     for name, value in sampled(actual).items():
-        assert_close(value, expected[name], dtype=dtype, name=f"{name} at rows {SAMPLED_ROWS}")
+        assert_close(value, expected[name], dtype=dtype, name=f"{name} at rows {sampled_rows}")
 
 
 @gpu_only
