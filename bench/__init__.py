@@ -9,6 +9,10 @@ what the entry points (``bench``, ``bench.drift``) share and may use before fuse
 import os
 import sys
 
+# What a config times: the presets run MODES; gradient_penalty (second derivatives) when asked for.
+MODES = ("forward", "forward_backward")
+ALL_MODES = (*MODES, "gradient_penalty")
+
 
 def interpret_kernels(what: str, command: str) -> None:
     """Make fused_rnn's kernels run in Triton's interpreter (a CPU run of ``what``).

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from bench import interpret_kernels
+from bench import ALL_MODES, interpret_kernels
 
 CPU_NOTE = (
     "NOTE: these times were taken on the CPU with the Triton kernels running in Triton's interpreter. "
@@ -37,8 +37,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--bidirectional", action="store_true", help="bidirectional modules only")
     parser.add_argument("--dtype", nargs="+", choices=("float32", "float16", "bfloat16"),
                         help="dtypes (default: all three; float32 runs in TF32, as cuDNN does)")
-    parser.add_argument("--mode", nargs="+", choices=("forward", "forward_backward"),
-                        help="forward under no_grad, and/or forward + backward (default: both)")
+    parser.add_argument("--mode", nargs="+", choices=ALL_MODES,
+                        help="forward under no_grad, and/or forward + backward (default: both); "
+                             "gradient_penalty: a backward with create_graph=True, then the penalty's "
+                             "backward through it (second derivatives; torch.nn runs without cuDNN, "
+                             "which refuses them)")
     parser.add_argument("--headline", action="store_true",
                         help="the headline preset instead of the grid: LSTM B=16 T=1024 H=768, fp16 and bf16")
     parser.add_argument("--smoke", action="store_true",

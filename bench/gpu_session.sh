@@ -5,7 +5,9 @@
 #   headline   LSTM B=16 T=1024 H=768 fp16/bf16, persistent scheme, then stepwise for comparison
 #   grid       the full grid (persistent scheme)
 #   drift      |h - h_fp64| over T=10,000 steps in fp16/bf16/fp32 (python -m bench.drift)
-#   bash bench/gpu_session.sh                  all four (may not fit one 10-minute call)
+#   second_order  the headline shape at T=256: forward+backward and a gradient penalty (second
+#              derivatives, against torch.nn without cuDNN, which refuses them)
+#   bash bench/gpu_session.sh                  the first four (may not fit one 10-minute call)
 #   bash bench/gpu_session.sh tests headline   one call; then `... grid` in the next
 # Every stage runs under `timeout`, so a hung kernel costs minutes, not the session.
 set -uo pipefail
@@ -28,8 +30,11 @@ for stage in "${@:-tests headline grid drift}"; do
                 timeout 540 python3 -m bench --no-progress --out "$out" 2>&1 | tee "$out/bench-grid.log" | tail -n 60 ;;
             drift)
                 timeout 300 python3 -m bench.drift --out "$out" 2>&1 | tee "$out/drift.log" | tail -n 20 ;;
+            second_order)
+                timeout 240 python3 -m bench --headline --seq 256 --mode forward_backward gradient_penalty \
+                    --no-progress --out "$out" 2>&1 | tee "$out/bench-second-order.log" | tail -n 8 ;;
             *)
-                echo "unknown stage: $step (tests, headline, grid, drift)"; exit 2 ;;
+                echo "unknown stage: $step (tests, headline, grid, drift, second_order)"; exit 2 ;;
         esac
     done
 done

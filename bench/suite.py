@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.testing
 
-from bench import text_table
+from bench import MODES, text_table
 import fused_rnn
 from fused_rnn.ops.launch import interpreting
 
@@ -46,7 +46,6 @@ except ImportError:  # the bench extra is missing (the lent GPU machines reach n
 
 CELLS = ("lstm", "gru")
 DTYPES = ("float32", "float16", "bfloat16")
-MODES = ("forward", "forward_backward")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CPU_DEVICE = "cpu (Triton interpreter)"
 NATIVE_SCHEME = "native (PyTorch's RNN operator on the CPU)"
@@ -183,12 +182,16 @@ def make_inputs(config: Config, device: str):
 
 
 def step(module, x, upstream, mode: str) -> Callable[[], None]:
-    """What is timed: the forward under ``no_grad``, or forward + backward of ``sum(output * upstream)``."""
+    """What is timed: the forward under ``no_grad``; forward + backward of ``sum(output * upstream)``;
+    or a gradient penalty: that backward with ``create_graph=True``, then the backward of
+    ``|grad x|^2`` into the weights (second derivatives; see ``gradient_penalty``)."""
     if mode == "forward":
         def forward():
             with torch.no_grad():
                 module(x)
         return forward
+    if mode == "gradient_penalty":
+        return lambda: gradient_penalty(module, x, upstream)[-1].backward()
 
     def forward_backward():
         output = module(x)[0]
@@ -196,8 +199,28 @@ def step(module, x, upstream, mode: str) -> Callable[[], None]:
     return forward_backward
 
 
+def gradient_penalty(module, x, upstream):
+    """``(output, state, grad x, penalty)``: ``grad x`` of ``sum(output * upstream)`` with a graph,
+    and ``penalty = |grad x|^2``, whose backward reaches the weights through second derivatives.
+    cuDNN's RNN refuses double backward, so torch.nn runs here without cuDNN, as its users must."""
+    with torch.backends.cudnn.flags(enabled=False):
+        output, state = module(x)
+        (grad_x,) = torch.autograd.grad(output, x, upstream, create_graph=True)
+    return output, state, grad_x, grad_x.square().sum()
+
+
 def compared_tensors(module, x, upstream, mode: str) -> dict:
-    """Outputs and final states; in ``forward_backward`` also the gradients of ``x`` and every parameter."""
+    """Outputs and final states; in ``forward_backward`` also the gradients of ``x`` and every
+    parameter; in ``gradient_penalty`` the gradient of ``x`` and the penalty's weight gradients."""
+    if mode == "gradient_penalty":
+        output, state, grad_x, penalty = gradient_penalty(module, x, upstream)
+        names, params = zip(*module.named_parameters())
+        with torch.backends.cudnn.flags(enabled=False):
+            grads = torch.autograd.grad(penalty, params)
+        states = state if isinstance(state, tuple) else (state,)
+        tensors = {"output": output, **dict(zip(("h_n", "c_n"), states)), "grad input": grad_x}
+        tensors.update({f"penalty grad {name}": grad for name, grad in zip(names, grads)})
+        return {name: tensor.detach() for name, tensor in tensors.items()}
     with torch.set_grad_enabled(mode == "forward_backward"):
         output, state = module(x)
     states = state if isinstance(state, tuple) else (state,)

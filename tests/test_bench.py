@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import drift, suite
+from bench import ALL_MODES, drift, suite
 from bench.__main__ import axis_overrides, main, parse_args, results_tag
 from fused_rnn.ops import launch
 from fused_rnn.ops.launch import interpreting
@@ -39,7 +39,7 @@ def check_results(path: Path, num_rows: int, on_gpu: bool) -> list:
     assert len(rows) == num_rows
     for row in rows:
         assert list(row) == [*suite.ROW_KEYS, "correct"]
-        assert row["cell"] in suite.CELLS and row["dtype"] in suite.DTYPES and row["mode"] in suite.MODES
+        assert row["cell"] in suite.CELLS and row["dtype"] in suite.DTYPES and row["mode"] in ALL_MODES
         for key in ("batch", "seq", "hidden", "input", "layers"):
             assert type(row[key]) is int and row[key] > 0, key
         assert type(row["bidirectional"]) is bool
@@ -156,6 +156,21 @@ def test_smoke_run_writes_the_documented_json_and_png(tmp_path, capsys):
         (cell, mode) for cell in ("lstm", "gru") for mode in ("forward", "forward_backward")
     }
     check_png(png_path)
+
+
+@needs_interpreter
+def test_gradient_penalty_mode_checks_second_derivatives_against_torch(tmp_path):
+    """The penalty's weight gradients go through the kernels' create_graph backward; a run agrees
+    with torch and writes its rows."""
+    assert main(["--smoke", "--mode", "gradient_penalty", "--out", str(tmp_path), "--no-progress"]) == 0
+    (json_path,) = tmp_path.glob("*.json")
+    rows = check_results(json_path, num_rows=2, on_gpu=False)
+    assert {(row["cell"], row["mode"]) for row in rows} == {("lstm", "gradient_penalty"), ("gru", "gradient_penalty")}
+    config = suite.select_configs("smoke", cells=("lstm",), modes=("gradient_penalty",))[0]
+    reference, fused = suite.build_modules(config, "cpu")
+    x, upstream = suite.make_inputs(config, "cpu")
+    tensors = suite.compared_tensors(fused, x, upstream, "gradient_penalty")
+    assert {f"penalty grad {name}" for name, _ in fused.named_parameters()} <= tensors.keys()
 
 
 @needs_interpreter

@@ -45,7 +45,8 @@ def _backward(dh, h_ptr, saved_ptr, dgates_x_ptr, x_rows, out_rows, row_mask, ac
     else:
         h = load_tile(h_ptr, out_rows, P, units, mask).to(ACC_DTYPE)
     if RELU:
-        dgates = tl.where(h > 0.0, dh, 0.0)
+        # As torch's ReLU backward (threshold_backward): zero where h <= 0, so a NaN h passes dh.
+        dgates = tl.where(h <= 0.0, 0.0, dh)
     else:
         dgates = dh * (1.0 - h * h)
     if HAS_LENGTHS:
@@ -100,7 +101,7 @@ def rnn_relu_backward_cell(
     HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, ZONEOUT: tl.constexpr,
     BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """``dL/dpreactivation = dh`` where ``h_t > 0``, else 0."""
+    """``dL/dpreactivation = 0`` where ``h_t <= 0``, else ``dh``."""
     return _backward(dh, h_ptr, saved_ptr, dgates_x_ptr, x_rows, out_rows, row_mask, active, first_unit, H, P,
                      HAS_LENGTHS, True, ZONEOUT, BLOCK_U, ACC_DTYPE)
 
