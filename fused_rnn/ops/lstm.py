@@ -18,7 +18,8 @@ from torch import Tensor
 
 from . import recurrence
 from .recurrence import (
-    join_gates, load_gates, load_tile, previous_state, split_gates, store_gates, store_tile, tanh, zoneout, zoneout_grad,
+    join_gates, load_gates, load_tile, previous_state, route_to_initial, split_gates, store_gates, store_tile, tanh,
+    zoneout, zoneout_grad,
 )
 
 
@@ -91,10 +92,7 @@ def lstm_backward_cell(
     if HAS_LENGTHS:
         dgates = tl.where(active[None, :], dgates, 0.0)
         dc_prev = tl.where(active[None, :], dc_prev, dc_carry)
-    if HAS_RESETS:
-        dc0 = load_tile(dc0_ptr, state_rows, H, units, mask)
-        store_tile(dc0_ptr, state_rows, H, units, mask, dc0 + tl.where(reset[None, :], dc_prev, 0.0))
-        dc_prev = tl.where(reset[None, :], 0.0, dc_prev)
+    dc_prev = route_to_initial(dc_prev, dc0_ptr, state_rows, H, units, mask, reset, HAS_RESETS)
     store_tile(dc_carry_ptr, state_rows, H, units, mask, dc_prev)
     store_gates(dgates_x_ptr, x_rows, H, first_unit, row_mask, dgates, 4, 4, BLOCK_U)
     return dgates, tl.zeros_like(dh)

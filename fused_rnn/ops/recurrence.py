@@ -142,6 +142,20 @@ def zoneout(new, prev, keep_ptr, rows, row_length, features, mask, p, ZONEOUT: t
 
 
 @triton.jit
+def route_to_initial(grad, initial_grad_ptr, state_rows, row_length, features, mask, reset,
+                     HAS_RESETS: tl.constexpr):
+    """``grad``, what flows back to the previous step's state, except in the rows that ``reset``
+    here: the state they started from is the initial one, so their part is added to
+    ``initial_grad`` (``dh0`` / ``dc0``) and zeroed in what is returned."""
+    if HAS_RESETS:
+        initial = load_tile(initial_grad_ptr, state_rows, row_length, features, mask)
+        store_tile(initial_grad_ptr, state_rows, row_length, features, mask,
+                   initial + tl.where(reset[None, :], grad, 0.0))
+        grad = tl.where(reset[None, :], 0.0, grad)
+    return grad
+
+
+@triton.jit
 def zoneout_grad(grad, keep_ptr, rows, row_length, features, mask, p, ZONEOUT: tl.constexpr):
     """The backward of ``zoneout``: ``grad`` split into the parts reaching ``new`` and ``prev``."""
     to_prev = tl.zeros_like(grad)
@@ -238,6 +252,25 @@ def store_recurrent_input(h, h_ptr, h_mask_ptr, recurrent_ptr, recurrent_rows, i
     if HAS_H_MASK:
         h = h * load_tile(h_mask_ptr, state_rows, P, features, mask)
     store_tile(recurrent_ptr, recurrent_rows, P, features, mask, h)
+
+
+@triton.jit
+def store_hidden(h, h_ptr, zoneout_h_ptr, h_mask_ptr, recurrent_ptr, zoneout_p, x_rows, prev_rows, init_rows,
+                 out_rows, state_rows, recurrent_rows, P, features, mask, active, reset, reset_next,
+                 HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_H_MASK: tl.constexpr,
+                 ZONEOUT: tl.constexpr):
+    """Write ``h_t`` for these features, from the step's new value ``h``: zoneout keeps units of
+    ``h_{t-1}``, past a sequence's end the state passes through unchanged; then, with resets or
+    recurrent dropout, what the next step multiplies (``store_recurrent_input``)."""
+    if ZONEOUT != 0:
+        h_prev = previous_state(h_ptr, prev_rows, init_rows, P, features, mask, reset, HAS_RESETS)
+        h = zoneout(h, h_prev, zoneout_h_ptr, x_rows, P, features, mask, zoneout_p, ZONEOUT)
+    if HAS_LENGTHS:
+        h = tl.where(active[None, :], h, load_tile(h_ptr, prev_rows, P, features, mask))
+    store_tile(h_ptr, out_rows, P, features, mask, h)
+    if HAS_RESETS or HAS_H_MASK:
+        store_recurrent_input(h, h_ptr, h_mask_ptr, recurrent_ptr, recurrent_rows, init_rows, state_rows, P,
+                              features, mask, reset_next, HAS_RESETS, HAS_H_MASK)
 
 
 @triton.jit
@@ -409,17 +442,10 @@ def forward_kernel(
                     if HAS_PROJ:
                         store_tile(h_raw_ptr, x_rows, H, units, mask, h)
                     else:
-                        if ZONEOUT != 0:
-                            h_prev = previous_state(h_ptr, prev_rows, init_rows, P, units, mask, reset, HAS_RESETS)
-                            h = zoneout(h, h_prev, zoneout_h_ptr, x_rows, P, units, mask, zoneout_p, ZONEOUT)
-                        if HAS_LENGTHS:
-                            # Past a sequence's end the state passes through unchanged.
-                            h = tl.where(active[None, :], h, load_tile(h_ptr, prev_rows, P, units, mask))
-                        store_tile(h_ptr, out_rows, P, units, mask, h)
-                        if RECURRENT_COPY:
-                            store_recurrent_input(
-                                h, h_ptr, h_mask_ptr, recurrent_ptr, buffer_rows((step + 1) % 2, batch_rows, B, D, direction),
-                                init_rows, state_rows, P, units, mask, reset_next, HAS_RESETS, HAS_H_MASK)
+                        store_hidden(
+                            h, h_ptr, zoneout_h_ptr, h_mask_ptr, recurrent_ptr, zoneout_p, x_rows, prev_rows,
+                            init_rows, out_rows, state_rows, buffer_rows((step + 1) % 2, batch_rows, B, D, direction),
+                            P, units, mask, active, reset, reset_next, HAS_LENGTHS, HAS_RESETS, HAS_H_MASK, ZONEOUT)
         if HAS_PROJ:
             if STEP_PHASE == 0:
                 # The projection needs every unit of o * tanh(c_t): wait for all programs.
@@ -436,16 +462,10 @@ def forward_kernel(
                         h = recurrent_matmul(
                             w_hr, w_hr_ptr, block_start, P, H, h_raw_ptr, x_rows, row_mask, 1, 1, BLOCK_P, BLOCK_B,
                             BLOCK_KP, RESIDENT_PROJ, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
-                        if ZONEOUT != 0:
-                            h_prev = previous_state(h_ptr, prev_rows, init_rows, P, features, mask, reset, HAS_RESETS)
-                            h = zoneout(h, h_prev, zoneout_h_ptr, x_rows, P, features, mask, zoneout_p, ZONEOUT)
-                        if HAS_LENGTHS:
-                            h = tl.where(active[None, :], h, load_tile(h_ptr, prev_rows, P, features, mask))
-                        store_tile(h_ptr, out_rows, P, features, mask, h)
-                        if RECURRENT_COPY:
-                            store_recurrent_input(
-                                h, h_ptr, h_mask_ptr, recurrent_ptr, buffer_rows((step + 1) % 2, batch_rows, B, D, direction),
-                                init_rows, state_rows, P, features, mask, reset_next, HAS_RESETS, HAS_H_MASK)
+                        store_hidden(
+                            h, h_ptr, zoneout_h_ptr, h_mask_ptr, recurrent_ptr, zoneout_p, x_rows, prev_rows,
+                            init_rows, out_rows, state_rows, buffer_rows((step + 1) % 2, batch_rows, B, D, direction),
+                            P, features, mask, active, reset, reset_next, HAS_LENGTHS, HAS_RESETS, HAS_H_MASK, ZONEOUT)
         # The next step reads h_t from every program.
         arrivals = sync_programs(barrier_ptr, arrivals, GRID_SYNC)
 
@@ -469,12 +489,7 @@ def gather_hidden_grad(
                                    direction, P, features, mask, BLOCK_F, BLOCK_B, REDUCE_CHUNK, ACC_DTYPE)
         if HAS_H_MASK:
             incoming *= load_tile(h_mask_ptr, state_rows, P, features, mask)
-        if HAS_RESETS:
-            to_initial = reset_before[None, :]
-            dh0 = load_tile(dh0_ptr, state_rows, P, features, mask)
-            store_tile(dh0_ptr, state_rows, P, features, mask, dh0 + tl.where(to_initial, incoming, 0.0))
-            incoming = tl.where(to_initial, 0.0, incoming)
-        dh += incoming
+        dh += route_to_initial(incoming, dh0_ptr, state_rows, P, features, mask, reset_before, HAS_RESETS)
     return dh
 
 
@@ -556,11 +571,7 @@ def backward_kernel(
                             carry = tl.where(active[None, :], carry, dh)
                             dh_new = tl.where(active[None, :], dh_new, 0.0)
                         if HAS_LENGTHS or ZONEOUT != 0:
-                            if HAS_RESETS:
-                                dh0 = load_tile(dh0_ptr, state_rows, P, features, mask)
-                                store_tile(dh0_ptr, state_rows, P, features, mask,
-                                           dh0 + tl.where(reset[None, :], carry, 0.0))
-                                carry = tl.where(reset[None, :], 0.0, carry)
+                            carry = route_to_initial(carry, dh0_ptr, state_rows, P, features, mask, reset, HAS_RESETS)
                             store_tile(dh_carry_ptr, state_rows, P, features, mask, carry)
                         dh = dh_new
                         store_tile(grad_h_proj_ptr, x_rows, P, features, mask, dh)
@@ -601,11 +612,7 @@ def backward_kernel(
                         carry += carry_zoneout
                         if HAS_LENGTHS:
                             carry = tl.where(active[None, :], carry, dh_total)
-                        if HAS_RESETS:
-                            # h_{t-1} did not reach a step that reset: what flows back goes to h_0.
-                            dh0 = load_tile(dh0_ptr, state_rows, P, units, mask)
-                            store_tile(dh0_ptr, state_rows, P, units, mask, dh0 + tl.where(reset[None, :], carry, 0.0))
-                            carry = tl.where(reset[None, :], 0.0, carry)
+                        carry = route_to_initial(carry, dh0_ptr, state_rows, P, units, mask, reset, HAS_RESETS)
                         store_tile(dh_carry_ptr, state_rows, P, units, mask, carry)
                     write_partial(
                         w_hh, w_hh_ptr, block_start, H, P, dgates_h, partial_ptr,
