@@ -51,8 +51,11 @@ TILE_ELEMENTS = 64 * 256
 LARGEST_BLOCK_B = 32
 # Elements of the (parts, features, batch) tile ``reduce_partials`` loads at once.
 REDUCE_ELEMENTS = 1024
-# Units per block of the streaming path: the gate-major block then has 64 rows.
+# Units per block of the streaming path: the gate-major block has at most 64 rows (16 LSTM or GRU
+# units) and at most 32 units: with 64, the Elman RNN's exact-fp32 backward needs more than 255
+# registers a thread and spills (python -m bench.kernels --all).
 STREAMING_ROWS = 64
+STREAMING_UNITS = 32
 
 # Triton decides when a kernel is decorated whether it will be interpreted, so read it once too.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -275,7 +278,7 @@ def _chunk(dtype: torch.dtype) -> int:
 
 
 def _streaming_persistent_plan(shape: Shape, multiprocessors: int, backward: bool) -> Plan:
-    block_u = max(shape.smallest_block, STREAMING_ROWS // shape.gate_slots)
+    block_u = max(shape.smallest_block, min(STREAMING_UNITS, STREAMING_ROWS // shape.gate_slots))
     block_b = _block_b(shape.batch, LARGEST_BLOCK_B)
     per_direction = max(1, multiprocessors // shape.directions)
     programs = min(triton.cdiv(shape.hidden, block_u), per_direction)
