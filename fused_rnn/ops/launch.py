@@ -154,8 +154,9 @@ def _precision(dtype: torch.dtype) -> dict:
 
 def _options(shape: Shape, resident: bool, block_b: int, block_u: int, block_p: int, programs: int,
              chunk: int, backward: bool) -> dict:
-    """The block constexprs: resident blocks span all of K (``BLOCK_K = P`` padded, ``BLOCK_KP =
-    H`` padded for the projection); streamed ones go ``chunk`` at a time.
+    """The block constexprs: resident blocks span all of K (``BLOCK_K + BLOCK_K_TAIL >= P``, see
+    ``_resident_columns``; ``BLOCK_KP = H`` padded for the projection); streamed ones go ``chunk``
+    at a time.
 
     The forward streams ``W_hr``: its operands span all of ``H``, and held next to the cell's they
     overflow the register file (``python -m bench.kernels`` shows the spills); it is the smaller
@@ -163,23 +164,46 @@ def _options(shape: Shape, resident: bool, block_b: int, block_u: int, block_p: 
     """
     block_f = block_p if shape.has_proj else block_u
     resident_proj = resident and backward and shape.has_proj
-    return dict(
+    block_k, block_k_tail = _resident_columns(shape.features, backward) if resident else (chunk, 0)
+    options = dict(
         RESIDENT=resident,
         RESIDENT_PROJ=resident_proj,
         BLOCK_B=block_b,
         BLOCK_U=block_u,
         BLOCK_P=block_p,
-        BLOCK_K=_pow2(shape.features) if resident else chunk,
+        BLOCK_K=block_k,
         BLOCK_KP=_pow2(shape.hidden) if resident_proj else chunk,
         REDUCE_CHUNK=max(1, min(triton.next_power_of_2(programs), REDUCE_ELEMENTS // (block_f * block_b))),
         **_precision(shape.dtype),
     )
+    if backward:  # only the backward's resident W_hh block comes in two pieces
+        options["BLOCK_K_TAIL"] = block_k_tail
+    return options
+
+
+def _resident_columns(features: int, backward: bool) -> tuple:
+    """``(BLOCK_K, BLOCK_K_TAIL)``: the column pieces of a resident ``W_hh`` block, powers of two
+    (at least 16, ``tl.dot``'s least K; a tail of 0 is none) that cover ``features``.
+
+    The backward takes the largest power of two that fits, then the rest padded (768 = 512 + 256,
+    600 -> 512 + 128) where that is fewer columns than one padded piece (1000 -> 1024 in one): at
+    768, against one piece of 1024, a quarter less shared memory and matmul work, and its part of
+    ``dL/dh`` for one piece at a time in registers (``write_partial``): Triton 3.6 spills 8 bytes
+    there instead of 208, 3.9 none. The forward keeps one piece: two make its operand tiles spill
+    (``python -m bench.kernels``).
+    """
+    one_piece = (_pow2(features), 0)
+    if not backward:
+        return one_piece
+    head = max(16, 1 << (features.bit_length() - 1))
+    tail = 0 if head >= features else _pow2(features - head)
+    return (head, tail) if head + tail < _pow2(features) else one_piece
 
 
 def resident_bytes(shape: Shape, block_b: int, block_u: int, block_p: int, backward: bool) -> int:
     """Shared memory a resident program needs for its weight blocks and dot operands."""
     size = torch.empty((), dtype=shape.dtype).element_size()
-    features, hidden = _pow2(shape.features), _pow2(shape.hidden)
+    features, hidden = sum(_resident_columns(shape.features, backward)), _pow2(shape.hidden)
     if backward:  # the weight blocks (W_hr's too) and the gate gradients, the other operand
         weights = shape.gate_slots * block_u * features + (block_p * hidden if shape.has_proj else 0)
         operands = shape.gate_slots * block_u * block_b + (block_p * block_b if shape.has_proj else 0)

@@ -226,18 +226,28 @@ def recurrent_matmul(
 @triton.jit
 def resident_blocks(w_hh_ptr, w_hr_ptr, H, P, LOAD_HH: tl.constexpr, LOAD_HR: tl.constexpr,
                     NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr, BLOCK_U: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KP: tl.constexpr):
+                    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K_TAIL: tl.constexpr,
+                    BLOCK_KP: tl.constexpr):
     """This program's blocks of its direction's ``W_hh`` and ``W_hr``, loaded once before the time
     loop to stay on chip for the whole launch (0.0 for a block the launch streams or a stepwise
-    phase does not use). The pointers are already offset to the program's direction."""
+    phase does not use). The pointers are already offset to the program's direction.
+
+    ``W_hh``'s block comes in two column pieces, ``[0, BLOCK_K)`` and the tail ``[BLOCK_K,
+    BLOCK_K + BLOCK_K_TAIL)`` (0.0 when ``BLOCK_K_TAIL`` is 0, always in the forward), each a
+    power of two: in the backward at P = 768, 512 + 256 columns instead of 1024, and one piece's
+    part of ``dL/dh_{t-1}`` in registers at a time (``launch._resident_columns``)."""
     w_hh = 0.0
+    w_hh_tail = 0.0
     w_hr = 0.0
     if LOAD_HH:
-        w_hh = weight_block(w_hh_ptr, tl.program_id(1) * BLOCK_U, H, P, tl.arange(0, BLOCK_K),
-                            NUM_GATES, GATE_SLOTS, BLOCK_U)
+        first_unit = tl.program_id(1) * BLOCK_U
+        w_hh = weight_block(w_hh_ptr, first_unit, H, P, tl.arange(0, BLOCK_K), NUM_GATES, GATE_SLOTS, BLOCK_U)
+        if BLOCK_K_TAIL > 0:
+            w_hh_tail = weight_block(w_hh_ptr, first_unit, H, P, BLOCK_K + tl.arange(0, BLOCK_K_TAIL),
+                                     NUM_GATES, GATE_SLOTS, BLOCK_U)
     if LOAD_HR:
         w_hr = weight_block(w_hr_ptr, tl.program_id(1) * BLOCK_P, P, H, tl.arange(0, BLOCK_KP), 1, 1, BLOCK_P)
-    return w_hh, w_hr
+    return w_hh, w_hh_tail, w_hr
 
 
 @triton.jit
@@ -275,14 +285,14 @@ def store_hidden(h, h_ptr, zoneout_h_ptr, h_mask_ptr, recurrent_ptr, zoneout_p, 
 
 @triton.jit
 def write_partial(
-    w, w_ptr, first_unit, H, K, dgates, partial_ptr, partial_rows, row_mask, accumulate,
+    w, w_tail, w_ptr, first_unit, H, K, dgates, partial_ptr, partial_rows, row_mask, accumulate,
     NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_K_TAIL: tl.constexpr, RESIDENT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """This program's part of ``dL/dx`` for every feature of ``x``: ``W_block^T @ dgates``, written
     to ``partial[partial_rows, :K]``, or added to it (``accumulate``: a streaming program's later
-    blocks; a resident program has one block).
+    blocks; a resident program has one block, in the two pieces of ``recurrent_matmul``).
 
     ``dgates (GATE_SLOTS * BLOCK_U, BLOCK_B)`` is the gradient of ``W_block @ x^T``. It is rounded
     to the weight's dtype first, as a GEMM over stored gate gradients would see it.
@@ -293,6 +303,12 @@ def write_partial(
         mask = (ks < K)[:, None] & row_mask[None, :]
         part = matmul(tl.trans(w), dgates, tl.zeros((BLOCK_K, BLOCK_B), dtype=ACC_DTYPE), DOT_PRECISION, DOT_UPCAST)
         store_tile(partial_ptr, partial_rows, K, ks, mask, part)
+        if BLOCK_K_TAIL > 0:
+            ks = BLOCK_K + tl.arange(0, BLOCK_K_TAIL)
+            mask = (ks < K)[:, None] & row_mask[None, :]
+            part = matmul(tl.trans(w_tail), dgates, tl.zeros((BLOCK_K_TAIL, BLOCK_B), dtype=ACC_DTYPE),
+                          DOT_PRECISION, DOT_UPCAST)
+            store_tile(partial_ptr, partial_rows, K, ks, mask, part)
     else:
         for k_start in range(0, K, BLOCK_K):
             ks = k_start + tl.arange(0, BLOCK_K)
@@ -409,9 +425,11 @@ def forward_kernel(
     if HAS_PROJ:
         w_hr_ptr += direction.to(tl.int64) * P * H
     # A stepwise launch of one phase (1: the cell, 2: the projection) loads only the block it uses.
-    w_hh, w_hr = resident_blocks(w_hh_ptr, w_hr_ptr, H, P, RESIDENT and STEP_PHASE != 2,
-                                 RESIDENT_PROJ and STEP_PHASE != 1, NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_P,
-                                 BLOCK_K, BLOCK_KP)
+    # One piece of W_hh (no tail) in the forward: BLOCK_K covers P.
+    blocks = resident_blocks(
+        w_hh_ptr, w_hr_ptr, H, P, RESIDENT and STEP_PHASE != 2, RESIDENT_PROJ and STEP_PHASE != 1,
+        NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_P, BLOCK_K, 0, BLOCK_KP)
+    w_hh, w_hr = blocks[0], blocks[2]
     arrivals = 0
     for step in range(step_begin, step_end):
         t = step + direction * (T - 1 - 2 * step)
@@ -512,7 +530,7 @@ def backward_kernel(
     HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_H_MASK: tl.constexpr,
     ZONEOUT: tl.constexpr, GRID_SYNC: tl.constexpr, RESIDENT: tl.constexpr, RESIDENT_PROJ: tl.constexpr, STEP_PHASE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_KP: tl.constexpr, REDUCE_CHUNK: tl.constexpr,
+    BLOCK_K_TAIL: tl.constexpr, BLOCK_KP: tl.constexpr, REDUCE_CHUNK: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """Backward (BPTT) of ``forward_kernel`` over the steps ``[step_begin, step_end)``, each
@@ -542,9 +560,9 @@ def backward_kernel(
     if HAS_PROJ:
         w_hr_ptr += direction.to(tl.int64) * P * H
     # A stepwise launch of one phase (1: the projection, 2: the cell) loads only the block it uses.
-    w_hh, w_hr = resident_blocks(w_hh_ptr, w_hr_ptr, H, P, RESIDENT and STEP_PHASE != 1,
-                                 RESIDENT_PROJ and STEP_PHASE != 2, NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_P,
-                                 BLOCK_K, BLOCK_KP)
+    w_hh, w_hh_tail, w_hr = resident_blocks(
+        w_hh_ptr, w_hr_ptr, H, P, RESIDENT and STEP_PHASE != 1, RESIDENT_PROJ and STEP_PHASE != 2,
+        NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_P, BLOCK_K, BLOCK_K_TAIL, BLOCK_KP)
     arrivals = 0
     for step in range(step_begin, step_end):
         # Walking time backwards: T-1, ..., 0 for the forward direction; 0, ..., T-1 in reverse.
@@ -576,9 +594,9 @@ def backward_kernel(
                         dh = dh_new
                         store_tile(grad_h_proj_ptr, x_rows, P, features, mask, dh)
                         write_partial(
-                            w_hr, w_hr_ptr, block_start, P, H, dh, partial_proj_ptr,
+                            w_hr, 0.0, w_hr_ptr, block_start, P, H, dh, partial_proj_ptr,
                             buffer_rows(tl.program_id(1), batch_rows, B, D, direction), row_mask,
-                            block_start != first_feature, 1, 1, BLOCK_P, BLOCK_B, BLOCK_KP, RESIDENT_PROJ,
+                            block_start != first_feature, 1, 1, BLOCK_P, BLOCK_B, BLOCK_KP, 0, RESIDENT_PROJ,
                             ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
             if STEP_PHASE == 0:
                 # The cell needs dL/d(o * tanh(c_t)) for its units from every program's part.
@@ -615,10 +633,10 @@ def backward_kernel(
                         carry = route_to_initial(carry, dh0_ptr, state_rows, P, units, mask, reset, HAS_RESETS)
                         store_tile(dh_carry_ptr, state_rows, P, units, mask, carry)
                     write_partial(
-                        w_hh, w_hh_ptr, block_start, H, P, dgates_h, partial_ptr,
+                        w_hh, w_hh_tail, w_hh_ptr, block_start, H, P, dgates_h, partial_ptr,
                         buffer_rows(parity * num_parts + tl.program_id(1), batch_rows, B, D, direction), row_mask,
-                        block_start != first_unit, NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_B, BLOCK_K, RESIDENT,
-                        ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
+                        block_start != first_unit, NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_B, BLOCK_K, BLOCK_K_TAIL,
+                        RESIDENT, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
         # The next step reads this step's parts from every program.
         arrivals = sync_programs(barrier_ptr, arrivals, GRID_SYNC)
 
