@@ -103,8 +103,7 @@ def gru_forward(
 
 @gru_forward.register_fake
 def _(gates_x, w_hh, b_hh, h0, lengths, resets, h_mask, zoneout_h, zoneout_p, save_for_backward):
-    h, _, _, saved = recurrence.forward_outputs(CELL, gates_x, w_hh, None, save_for_backward,
-                                                zoneout_h is not None or zoneout_p > 0)
+    h, _, _, saved = recurrence.forward_outputs(CELL, gates_x, w_hh, None, save_for_backward, zoneout_h, zoneout_p)
     return h, saved
 
 

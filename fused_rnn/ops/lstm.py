@@ -123,8 +123,7 @@ def lstm_forward(
 
 @lstm_forward.register_fake
 def _(gates_x, w_hh, w_hr, h0, c0, lengths, resets, h_mask, zoneout_h, zoneout_c, zoneout_p, save_for_backward):
-    return recurrence.forward_outputs(CELL, gates_x, w_hh, w_hr, save_for_backward,
-                                      zoneout_h is not None or zoneout_p > 0)
+    return recurrence.forward_outputs(CELL, gates_x, w_hh, w_hr, save_for_backward, zoneout_h, zoneout_p)
 
 
 @torch.library.custom_op("fused_rnn::lstm_backward", mutates_args=())

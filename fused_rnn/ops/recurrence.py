@@ -339,6 +339,25 @@ def reduce_partials(partial_ptr, first_part, num_parts, batch_rows, B, D, direct
 
 
 @triton.jit
+def active_and_reset(t, T, batch_rows, row_mask, lengths_ptr, resets_ptr, B, direction,
+                     HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr):
+    """``(active, reset)`` of ``step_rows`` at timestep ``t``: the rows still inside their
+    sequence, and those whose state goes back to the initial state before this step."""
+    active = row_mask
+    if HAS_LENGTHS:
+        active = row_mask & (t < tl.load(lengths_ptr + batch_rows, mask=row_mask, other=0))
+    reset = row_mask & False
+    if HAS_RESETS:
+        # Forwards a segment starts where resets[t] is set; walking backwards in time (the reverse
+        # direction) a segment starts at the step before the next one's start.
+        reset_step = t + direction
+        flag = tl.load(resets_ptr + tl.cast(tl.minimum(reset_step, T - 1), tl.int64) * B + batch_rows,
+                       mask=active, other=0)
+        reset = active & (flag != 0) & (batch_rows * 0 + reset_step < T)
+    return active, reset
+
+
+@triton.jit
 def step_rows(t, T, first_row, lengths_ptr, resets_ptr, B, D, direction,
               HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, BLOCK_B: tl.constexpr):
     """What a batch tile touches at timestep ``t``.
@@ -351,17 +370,8 @@ def step_rows(t, T, first_row, lengths_ptr, resets_ptr, B, D, direction,
     """
     batch_rows = (first_row + tl.arange(0, BLOCK_B)).to(tl.int64)
     row_mask = batch_rows < B
-    active = row_mask
-    if HAS_LENGTHS:
-        active = row_mask & (t < tl.load(lengths_ptr + batch_rows, mask=row_mask, other=0))
-    reset = row_mask & False
-    if HAS_RESETS:
-        # Forwards a segment starts where resets[t] is set; walking backwards in time (the reverse
-        # direction) a segment starts at the step before the next one's start.
-        reset_step = t + direction
-        flag = tl.load(resets_ptr + tl.cast(tl.minimum(reset_step, T - 1), tl.int64) * B + batch_rows,
-                       mask=active, other=0)
-        reset = active & (flag != 0) & (batch_rows * 0 + reset_step < T)
+    active, reset = active_and_reset(t, T, batch_rows, row_mask, lengths_ptr, resets_ptr, B, direction,
+                                     HAS_LENGTHS, HAS_RESETS)
     return (
         batch_rows, row_mask,
         buffer_rows(t, batch_rows, B, D, direction),
@@ -438,8 +448,8 @@ def forward_kernel(
             for first_row in range(tl.program_id(0) * BLOCK_B, B, tl.num_programs(0) * BLOCK_B):
                 batch_rows, row_mask, x_rows, prev_rows, out_rows, init_rows, state_rows, active, reset = step_rows(
                     t, T, first_row, lengths_ptr, resets_ptr, B, D, direction, HAS_LENGTHS, HAS_RESETS, BLOCK_B)
-                _, _, _, _, _, _, _, _, reset_next = step_rows(
-                    t_next, T, first_row, lengths_ptr, resets_ptr, B, D, direction, HAS_LENGTHS, HAS_RESETS, BLOCK_B)
+                reset_next = active_and_reset(
+                    t_next, T, batch_rows, row_mask, lengths_ptr, resets_ptr, B, direction, HAS_LENGTHS, HAS_RESETS)[1]
                 if RECURRENT_COPY:
                     operand_ptr = recurrent_ptr
                     operand_rows = buffer_rows(step % 2, batch_rows, B, D, direction)
@@ -472,8 +482,8 @@ def forward_kernel(
                 for first_row in range(tl.program_id(0) * BLOCK_B, B, tl.num_programs(0) * BLOCK_B):
                     batch_rows, row_mask, x_rows, prev_rows, out_rows, init_rows, state_rows, active, reset = step_rows(
                         t, T, first_row, lengths_ptr, resets_ptr, B, D, direction, HAS_LENGTHS, HAS_RESETS, BLOCK_B)
-                    _, _, _, _, _, _, _, _, reset_next = step_rows(
-                        t_next, T, first_row, lengths_ptr, resets_ptr, B, D, direction, HAS_LENGTHS, HAS_RESETS, BLOCK_B)
+                    reset_next = active_and_reset(
+                        t_next, T, batch_rows, row_mask, lengths_ptr, resets_ptr, B, direction, HAS_LENGTHS, HAS_RESETS)[1]
                     for block_start in range(first_feature, P, tl.num_programs(1) * BLOCK_P):
                         features = block_start + tl.arange(0, BLOCK_P)
                         mask = (features < P)[:, None] & row_mask[None, :]
@@ -574,8 +584,8 @@ def backward_kernel(
                 for first_row in range(tl.program_id(0) * BLOCK_B, B, tl.num_programs(0) * BLOCK_B):
                     batch_rows, row_mask, x_rows, prev_rows, out_rows, init_rows, state_rows, active, reset = step_rows(
                         t, T, first_row, lengths_ptr, resets_ptr, B, D, direction, HAS_LENGTHS, HAS_RESETS, BLOCK_B)
-                    _, _, _, _, _, _, _, _, reset_before = step_rows(
-                        t_before, T, first_row, lengths_ptr, resets_ptr, B, D, direction, HAS_LENGTHS, HAS_RESETS, BLOCK_B)
+                    reset_before = active_and_reset(
+                        t_before, T, batch_rows, row_mask, lengths_ptr, resets_ptr, B, direction, HAS_LENGTHS, HAS_RESETS)[1]
                     for block_start in range(first_feature, P, num_parts * BLOCK_P):
                         features = block_start + tl.arange(0, BLOCK_P)
                         mask = (features < P)[:, None] & row_mask[None, :]
@@ -605,8 +615,8 @@ def backward_kernel(
             for first_row in range(tl.program_id(0) * BLOCK_B, B, tl.num_programs(0) * BLOCK_B):
                 batch_rows, row_mask, x_rows, prev_rows, out_rows, init_rows, state_rows, active, reset = step_rows(
                     t, T, first_row, lengths_ptr, resets_ptr, B, D, direction, HAS_LENGTHS, HAS_RESETS, BLOCK_B)
-                _, _, _, _, _, _, _, _, reset_before = step_rows(
-                    t_before, T, first_row, lengths_ptr, resets_ptr, B, D, direction, HAS_LENGTHS, HAS_RESETS, BLOCK_B)
+                reset_before = active_and_reset(
+                    t_before, T, batch_rows, row_mask, lengths_ptr, resets_ptr, B, direction, HAS_LENGTHS, HAS_RESETS)[1]
                 for block_start in range(first_unit, H, num_parts * BLOCK_U):
                     units = block_start + tl.arange(0, BLOCK_U)
                     mask = (units < H)[:, None] & row_mask[None, :]
@@ -667,12 +677,13 @@ def _none_if_empty(tensor):
     return tensor if tensor.numel() else None
 
 
-def forward_outputs(cell: Cell, gates_x, w_hh, w_hr, save_for_backward: bool, zoneout: bool):
+def forward_outputs(cell: Cell, gates_x, w_hh, w_hr, save_for_backward: bool, zoneout_h, zoneout_p: float):
     """Buffers of a forward launch: ``h (T+2, B, D, P)``, ``c (T+2, B, D, H)`` [LSTM],
     ``h_raw (T, B, D, H)`` [proj], ``saved (T, B, D, S*H)`` [saving]; empty where not needed.
-    A cell that saves nothing saves its new ``h`` under zoneout (``h_t`` may hold ``h_{t-1}``)."""
+    A cell that saves nothing saves its new ``h`` under zoneout (keep masks ``zoneout_h`` in
+    training, ``zoneout_p > 0`` in eval): ``h_t`` may hold ``h_{t-1}``."""
     T, B, D, gates_h = gates_x.shape
-    saved_gates = cell.saved_gates or int(zoneout)
+    saved_gates = cell.saved_gates or int(zoneout_h is not None or zoneout_p > 0)
     H, P = gates_h // cell.num_gates, w_hh.shape[2]
     dtype, device = gates_x.dtype, gates_x.device
 
@@ -698,8 +709,7 @@ def forward(cell: Cell, gates_x, w_hh, b_hh, w_hr, h0, c0, lengths, resets, h_ma
             zoneout_p: float, save_for_backward: bool):
     """Run ``forward_kernel`` for ``cell``; returns ``forward_outputs``, filled. The zoneout keep
     masks are given in training; in eval ``zoneout_p`` alone (0: no zoneout)."""
-    h, c, h_raw, saved = forward_outputs(cell, gates_x, w_hh, w_hr, save_for_backward,
-                                         zoneout_h is not None or zoneout_p > 0)
+    h, c, h_raw, saved = forward_outputs(cell, gates_x, w_hh, w_hr, save_for_backward, zoneout_h, zoneout_p)
     T, B, D, _ = gates_x.shape
     H, P = gates_x.shape[3] // cell.num_gates, h.shape[3]
     _write_initial_state(h, h0, T)

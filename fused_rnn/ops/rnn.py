@@ -132,7 +132,7 @@ def rnn_forward(
 @rnn_forward.register_fake
 def _(gates_x, w_hh, h0, lengths, resets, h_mask, zoneout_h, zoneout_p, nonlinearity, save_for_backward):
     h, _, _, saved = recurrence.forward_outputs(CELLS[nonlinearity], gates_x, w_hh, None, save_for_backward,
-                                                zoneout_h is not None or zoneout_p > 0)
+                                                zoneout_h, zoneout_p)
     return h, saved
 
 
