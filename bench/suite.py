@@ -214,22 +214,21 @@ def compared_tensors(module, x, upstream, mode: str) -> dict:
     parameter; in ``gradient_penalty`` the gradient of ``x`` and the penalty's weight gradients."""
     if mode == "gradient_penalty":
         output, state, grad_x, penalty = gradient_penalty(module, x, upstream)
-        names, params = zip(*module.named_parameters())
-        with torch.backends.cudnn.flags(enabled=False):
-            grads = torch.autograd.grad(penalty, params)
-        states = state if isinstance(state, tuple) else (state,)
-        tensors = {"output": output, **dict(zip(("h_n", "c_n"), states)), "grad input": grad_x}
-        tensors.update({f"penalty grad {name}": grad for name, grad in zip(names, grads)})
-        return {name: tensor.detach() for name, tensor in tensors.items()}
-    with torch.set_grad_enabled(mode == "forward_backward"):
-        output, state = module(x)
+    else:
+        with torch.set_grad_enabled(mode == "forward_backward"):
+            output, state = module(x)
     states = state if isinstance(state, tuple) else (state,)
     tensors = {"output": output, **dict(zip(("h_n", "c_n"), states))}
+    names, params = zip(*module.named_parameters())
     if mode == "forward_backward":
-        names, params = zip(*module.named_parameters())
         grads = torch.autograd.grad(output, (x, *params), upstream)
         tensors["grad input"] = grads[0]
         tensors.update({f"grad {name}": grad for name, grad in zip(names, grads[1:])})
+    elif mode == "gradient_penalty":
+        with torch.backends.cudnn.flags(enabled=False):
+            grads = torch.autograd.grad(penalty, params)
+        tensors["grad input"] = grad_x
+        tensors.update({f"penalty grad {name}": grad for name, grad in zip(names, grads)})
     return {name: tensor.detach() for name, tensor in tensors.items()}
 
 
