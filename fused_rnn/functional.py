@@ -212,17 +212,21 @@ def _direction_weights(weights, has_biases: bool):
     return w_ih, w_hh, b_ih, b_hh, w_hr
 
 
-def _check_device(name: str, tensor: torch.Tensor, input: torch.Tensor) -> None:
-    if tensor.device != input.device:
-        raise RuntimeError(
-            f"Input and {name} tensors are not at the same device, found input tensor at "
-            f"{input.device} and {name} tensor at {tensor.device}"
-        )
+def _check_devices(name: str, tensors, input: torch.Tensor) -> None:
+    device = input.device
+    for tensor in tensors:
+        if tensor.device != device:
+            raise RuntimeError(
+                f"Input and {name} tensors are not at the same device, found input tensor at "
+                f"{device} and {name} tensor at {tensor.device}"
+            )
 
 
-def _check_dtype(name: str, tensor: torch.Tensor, input: torch.Tensor) -> None:
-    if tensor.dtype != input.dtype:
-        raise RuntimeError(f"{name} dtype ({tensor.dtype}) does not match input dtype ({input.dtype})")
+def _check_dtypes(name: str, tensors, input: torch.Tensor) -> None:
+    dtype = input.dtype
+    for tensor in tensors:
+        if tensor.dtype != dtype:
+            raise RuntimeError(f"{name} dtype ({tensor.dtype}) does not match input dtype ({dtype})")
 
 
 def _check_lengths(lengths, num_steps: int, batch: int) -> torch.Tensor:
@@ -285,7 +289,7 @@ def _check_reset(reset, batch_first: bool, num_steps: int, batch: int, input: to
         layout = "(B, T) with batch_first" if batch_first else "(T, B)"
         raise ValueError(f"reset must have the input's batch and time dims {layout} = {list(expected)}, "
                          f"got {list(reset.shape)}")
-    _check_device("reset", reset, input)
+    _check_devices("reset", [reset], input)
     return (reset.t() if batch_first else reset).contiguous()
 
 
@@ -307,11 +311,11 @@ def _run(mode, input, hx, params, has_biases, num_layers, dropout, train, bidire
     num_steps, batch = x.shape[0], x.shape[1]
     if num_steps == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-    for param in params:
-        _check_device("parameter", param, x)
-    for state in hx or ():
-        _check_device("hidden", state, x)
-    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
+    _check_devices("parameter", params, x)
+    _check_devices("hidden", hx or (), x)
+    # _is_any_autocast_enabled first: the public per-device queries cost microseconds per call.
+    if (torch._C._is_any_autocast_enabled() and torch.amp.is_autocast_available(x.device.type)
+            and torch.is_autocast_enabled(x.device.type)):
         # As nn.LSTM / nn.GRU under autocast: input, weights and states all run in one lower
         # precision - on CUDA always float16, whatever the autocast dtype, because PyTorch's cuDNN
         # RNN autocast wrapper hardcodes it (aten/src/ATen/cudnn/AutocastRNN.cpp). The casts are
@@ -321,22 +325,23 @@ def _run(mode, input, hx, params, has_biases, num_layers, dropout, train, bidire
         hx = None if hx is None else tuple(state.to(dtype) for state in hx)
     num_directions = 2 if bidirectional else 1
     groups = num_layers * num_directions
-    for param in params:
-        _check_dtype("parameter", param, x)
+    _check_dtypes("parameter", params, x)
     hidden, features = _check_weights(mode, params, NUM_GATES[mode], has_biases, num_layers, num_directions, x.shape[2])
     state_shapes = [(groups, batch, features), (groups, batch, hidden)][: 2 if mode == "LSTM" else 1]
     if hx is None:
         hx = tuple(torch.zeros(shape, dtype=x.dtype, device=x.device) for shape in state_shapes)
-    for state, shape in zip(hx, state_shapes):
-        _check_dtype("hidden", state, x)
-        if tuple(state.shape) != shape:
-            raise RuntimeError(f"Expected hidden size {shape}, got {list(state.shape)}")
+    else:
+        _check_dtypes("hidden", hx, x)
+        for state, shape in zip(hx, state_shapes):
+            if tuple(state.shape) != shape:
+                raise RuntimeError(f"Expected hidden size {shape}, got {list(state.shape)}")
     if lengths is not None:
         lengths = _check_lengths(lengths, num_steps, batch).to(device=x.device, dtype=torch.int64)
     resets = None if reset is None else _check_reset(reset, batch_first, num_steps, batch, x)
-    recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout)
-    weight_drop = _check_probability("weight_drop", weight_drop)
-    zoneout = _check_probability("zoneout", zoneout)
+    if recurrent_dropout or weight_drop or zoneout:  # all three off (the default) needs no check
+        recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout)
+        weight_drop = _check_probability("weight_drop", weight_drop)
+        zoneout = _check_probability("zoneout", zoneout)
     if not train:
         # Recurrent dropout and weight drop act in training only; zoneout uses its expectation in eval.
         recurrent_dropout = weight_drop = 0.0

@@ -114,7 +114,7 @@ class _FusedRNNBase(nn.modules.rnn.RNNBase):
             input, hx, self._weights(), batch_first=self.batch_first and packed is None, lengths=lengths,
             reset=reset, has_biases=self.bias, num_layers=self.num_layers, dropout=self.dropout,
             train=self.training, bidirectional=self.bidirectional,
-            **{name: getattr(self, name) for name in REGULARIZERS}, **extra,
+            recurrent_dropout=self.recurrent_dropout, zoneout=self.zoneout, weight_drop=self.weight_drop, **extra,
         )
         if packed is not None:
             return _pack_like(output, lengths, packed), state

@@ -31,7 +31,9 @@ _RNN_ACTIVATION = {"RNN_TANH": "Tanh", "RNN_RELU": "Relu"}
 def exporting() -> bool:
     """True while ``torch.onnx.export`` traces the model (either exporter; ``layers`` refuses the
     TorchScript one)."""
-    return torch.onnx.is_in_onnx_export()
+    # Both exporters trace; the cheap tracing queries spare eager calls the exporter's own query.
+    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    return tracing and torch.onnx.is_in_onnx_export()
 
 
 def _onnx_gate_order(cell: str, tensor: torch.Tensor) -> torch.Tensor:
