@@ -15,7 +15,8 @@ memory the plan counted (``launch.resident_bytes``) with what the compiler alloc
 
 Run it with ``TRITON_INTERPRET`` unset. ``--check`` exits non-zero if a variant fails to compile,
 spills, or needs more shared memory than an H100 gives a program; ``--all`` compiles the full grid
-(B 1/16/64/256 x H 256/768/1024 x fp16/bf16/fp32/tf32, every cell, both directions of time);
+(B 1/16/64/256 x H 256/768/1024 x fp16/bf16/fp32/tf32, every cell, both directions of time,
+and B=5 x H=1000, where no size is a multiple of 16);
 ``--json`` writes the table.
 """
 
@@ -49,6 +50,8 @@ MULTIPROCESSORS = 132
 SHARED_MEMORY_LIMIT = 227 * 1024
 HEADLINE = (16, 768)
 GRID_BATCHES, GRID_HIDDENS = (1, 16, 64, 256), (256, 768, 1024)
+# (batch, hidden) with no multiple of 16: nothing for the compiler to specialise on (``signature``).
+UNALIGNED = (5, 1000)
 CELLS = ("lstm", "lstm_proj", "gru", "rnn_tanh")
 # Pointers each cell leaves None, and the optional inputs (the kernels' flags) of each direction.
 CELL_POINTERS = {
@@ -106,7 +109,7 @@ def shape_of(variant: Variant):
 def variants(full: bool):
     """The subset CI compiles - every cell and kernel at the headline shape with every option in
     fp16, tf32 and fp64, the LSTM also in bf16, fp32, without options and bidirectional (at H=512)
-    - or the full grid."""
+    - or the full grid, and each cell and kernel at the ``UNALIGNED`` shape in fp16."""
     for cell in CELLS:
         for kernel in ("forward", "backward"):
             for dtype in DTYPES if full or cell == "lstm" else ("float16", "tf32", "float64"):
@@ -115,7 +118,7 @@ def variants(full: bool):
                 yield Variant(cell, kernel, "float16", "none", *HEADLINE)
                 yield Variant(cell, kernel, "float16", "all", HEADLINE[0], 512, directions=2)
             if full:
-                # Both directions of the headline need 64-row blocks, which spill (docs/design.md).
+                # Both directions of the headline: 16-unit (64-row) blocks, the grid's largest.
                 yield Variant(cell, kernel, "float16", "all", *HEADLINE, directions=2)
             if full:
                 for batch in GRID_BATCHES:
@@ -123,13 +126,23 @@ def variants(full: bool):
                         for dtype in ("float16", "bfloat16", "float32", "tf32"):
                             if (batch, hidden) != HEADLINE:
                                 yield Variant(cell, kernel, dtype, "all", batch, hidden)
+                yield Variant(cell, kernel, "float16", "all", *UNALIGNED)
 
 
 def signature(variant: Variant, kernel, plan):
-    """Triton types of the kernel's arguments and the values of its constexprs: the plan's options,
-    the cell, None for absent pointers and the flags the kernel's heuristics derive from them."""
-    from fused_rnn.ops.launch import accumulator_dtype
+    """Triton types of the kernel's arguments, the values of its constexprs (the plan's options,
+    the cell, None for absent pointers, the flags the kernel's heuristics derive from them) and
+    the names of the integer arguments known to be multiples of 16.
 
+    The shape's integers are specialised as a launch does (``BaseBackend.get_int_specialization``):
+    a 1 becomes a constant, a multiple of 16 is marked divisible by 16, which lets the compiler
+    vectorise the accesses whose masks compare against it. Compiled without that, a kernel is not
+    the one that runs."""
+    from fused_rnn.ops.launch import accumulator_dtype, partial_columns
+
+    shape = shape_of(variant)
+    integers = {"B": shape.batch, "H": shape.hidden, "P": shape.features,
+                "partial_columns": partial_columns(shape.features), "partial_proj_columns": partial_columns(shape.hidden)}
     dtype = DTYPES[variant.dtype][0]
     cell = cell_of(variant.cell)
     absent = CELL_POINTERS[variant.cell] | (OPTIONAL if variant.options == "none" else set())
@@ -146,6 +159,7 @@ def signature(variant: Variant, kernel, plan):
             arguments[name] = object()
     constants.update({flag: flag_of(arguments) for flag, flag_of in kernel.values.items()})
     constants.update({name: None for name in absent if name in jit_function.arg_names})
+    constants.update({name: 1 for name, value in integers.items() if value == 1})
     constants = {name: value for name, value in constants.items() if name in jit_function.arg_names}
     types = {}
     for name in jit_function.arg_names:
@@ -163,7 +177,8 @@ def signature(variant: Variant, kernel, plan):
             types[name] = "fp32"
         else:
             types[name] = "i32"
-    return types, constants
+    divisible = {name for name, value in integers.items() if value % 16 == 0 and name not in constants}
+    return types, constants, divisible
 
 
 def compile_variant(variant: Variant, arch: int) -> Report:
@@ -182,10 +197,10 @@ def compile_variant(variant: Variant, arch: int) -> Report:
     description = (f"{'resident' if plan.resident else 'streaming'} {plan.grid[0]}x{plan.grid[1]}x{plan.grid[2]} "
                    f"B{options['BLOCK_B']}xU{options['BLOCK_U']}")
     planned = launch.resident_bytes(shape, options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"], backward)
-    types, constants = signature(variant, kernel, plan)
+    types, constants, divisible = signature(variant, kernel, plan)
     # Pointers from torch allocations are 16-byte aligned; the launches specialise on that too.
     alignment = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.fn.arg_names)
-                 if types[name].startswith("*")}
+                 if types[name].startswith("*") or name in divisible}
     source = ASTSource(fn=kernel.fn, signature=types, constexprs=constants, attrs=alignment)
     try:
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=launch.COMPILE_OPTIONS)

@@ -131,6 +131,29 @@ def test_small_weights_stay_resident():
     assert launch.gpu_plan(shape(hidden=1024), H100_SMS, backward=True).resident
 
 
+@pytest.mark.parametrize("features", [16, 17, 100, 384, 512, 600, 768, 1000, 1024])
+def test_resident_block_pieces_cover_the_features_in_powers_of_two(features):
+    head, tail = launch._resident_columns(features, backward=True)
+    pieces = [head] + ([tail] if tail else [])
+    assert all(piece >= 16 and piece & (piece - 1) == 0 for piece in pieces)
+    assert sum(pieces) >= features and sum(pieces) <= triton.next_power_of_2(features)
+    # The backward holds one piece's (piece, BLOCK_B) part of dL/dh in registers at a time.
+    assert max(pieces) <= launch.MAX_PIECE_COLUMNS or features <= launch.MAX_PIECE_COLUMNS
+    assert launch._resident_columns(features, backward=False) == (max(16, triton.next_power_of_2(features)), 0)
+
+
+def test_headline_backward_block_comes_in_pieces_of_512_and_256():
+    assert launch._resident_columns(768, backward=True) == (512, 256)
+    assert launch._resident_columns(1024, backward=True) == (512, 512)
+    assert launch.gpu_plan(shape(), H100_SMS, backward=True).options["BLOCK_K_TAIL"] == 256
+
+
+@pytest.mark.parametrize("features", [1, 15, 16, 17, 760, 768, 1000])
+def test_partial_sum_rows_are_padded_to_a_multiple_of_16(features):
+    columns = launch.partial_columns(features)
+    assert columns % 16 == 0 and features <= columns < features + 16
+
+
 @pytest.mark.parametrize("has_proj", [False, True], ids=["no-proj", "proj"])
 def test_sequences_past_the_barrier_counters_int32_range_launch_stepwise(has_proj):
     """The persistent barrier counters reach n_u * 2 * steps; from 2**31 on they would wrap."""

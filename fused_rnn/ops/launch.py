@@ -49,8 +49,12 @@ SHARED_MEMORY_BUDGET = 200 * 1024
 TILE_ELEMENTS = 64 * 256
 # Batch rows of a tile on a GPU: wider tiles make the operand and the partial sums spill.
 LARGEST_BLOCK_B = 32
-# Elements of the (parts, features, batch) tile ``reduce_partials`` loads at once.
-REDUCE_ELEMENTS = 1024
+# Elements of the (parts, features, batch) tile ``reduce_partials`` loads at once: at the headline
+# 16 programs' parts, six dependent L2 round trips per step for 96 programs. Twice that spills with
+# Triton 3.6 (python -m bench.kernels --all).
+REDUCE_ELEMENTS = 2048
+# Columns of the widest piece of a backward's resident W_hh block (``_resident_columns``).
+MAX_PIECE_COLUMNS = 512
 # Units per block of the streaming path: the gate-major block has at most 64 rows (16 LSTM or GRU
 # units) and at most 32 units: with 64, the Elman RNN's exact-fp32 backward needs more than 255
 # registers a thread and spills (python -m bench.kernels --all).
@@ -162,7 +166,10 @@ def _options(shape: Shape, resident: bool, block_b: int, block_u: int, block_p: 
     overflow the register file (``python -m bench.kernels`` shows the spills); it is the smaller
     weight (``P x H`` against ``4H x P``). The backward keeps it resident.
     """
-    block_f = block_p if shape.has_proj else block_u
+    # reduce_partials sums tiles of BLOCK_U units, and with a projection also of BLOCK_P features;
+    # the projection's backward holds W_hr's block and operand besides: half the elements at once.
+    block_f = max(block_u, block_p) if shape.has_proj else block_u
+    reduce_elements = REDUCE_ELEMENTS // 2 if shape.has_proj else REDUCE_ELEMENTS
     resident_proj = resident and backward and shape.has_proj
     block_k, block_k_tail = _resident_columns(shape.features, backward) if resident else (chunk, 0)
     options = dict(
@@ -173,7 +180,7 @@ def _options(shape: Shape, resident: bool, block_b: int, block_u: int, block_p: 
         BLOCK_P=block_p,
         BLOCK_K=block_k,
         BLOCK_KP=_pow2(shape.hidden) if resident_proj else chunk,
-        REDUCE_CHUNK=max(1, min(triton.next_power_of_2(programs), REDUCE_ELEMENTS // (block_f * block_b))),
+        REDUCE_CHUNK=max(1, min(triton.next_power_of_2(programs), reduce_elements // (block_f * block_b))),
         **_precision(shape.dtype),
     )
     if backward:  # only the backward's resident W_hh block comes in two pieces
@@ -181,23 +188,30 @@ def _options(shape: Shape, resident: bool, block_b: int, block_u: int, block_p: 
     return options
 
 
+def partial_columns(features: int) -> int:
+    """Row length of the backward's partial-sum buffers: ``features`` rounded up to a multiple of
+    16, which a launch marks divisible by 16 (``recurrence.write_partial`` says why)."""
+    return triton.cdiv(features, 16) * 16
+
+
 def _resident_columns(features: int, backward: bool) -> tuple:
     """``(BLOCK_K, BLOCK_K_TAIL)``: the column pieces of a resident ``W_hh`` block, powers of two
     (at least 16, ``tl.dot``'s least K; a tail of 0 is none) that cover ``features``.
 
-    The backward takes the largest power of two that fits, then the rest padded (768 = 512 + 256,
-    600 -> 512 + 128) where that is fewer columns than one padded piece (1000 -> 1024 in one): at
-    768, against one piece of 1024, a quarter less shared memory and matmul work, and its part of
-    ``dL/dh`` for one piece at a time in registers (``write_partial``): Triton 3.6 spills 8 bytes
-    there instead of 208, 3.9 none. The forward keeps one piece: two make its operand tiles spill
-    (``python -m bench.kernels``).
+    The backward holds one piece's part of ``dL/dh`` in registers at a time (``write_partial``),
+    so it takes pieces of at most ``MAX_PIECE_COLUMNS``: 1024 = 512 + 512, 1000 -> 512 + 512, and
+    below that two where they are fewer columns than one padded piece (768 = 512 + 256, a quarter
+    less shared memory and matmul work than 1024; 600 -> 512 + 128). With one 1024-column piece
+    Triton 3.6 spills 20 bytes a thread at B=5, H=1000, where no size is a multiple of 16
+    (``python -m bench.kernels --all``). The forward keeps one piece: two made its operand tiles
+    spill (in compiles without the launch's integer specialisation; not checked since).
     """
     one_piece = (_pow2(features), 0)
     if not backward:
         return one_piece
-    head = max(16, 1 << (features.bit_length() - 1))
+    head = min(MAX_PIECE_COLUMNS, max(16, 1 << (features.bit_length() - 1)))
     tail = 0 if head >= features else _pow2(features - head)
-    return (head, tail) if head + tail < _pow2(features) else one_piece
+    return (head, tail) if head + tail < _pow2(features) or _pow2(features) > MAX_PIECE_COLUMNS else one_piece
 
 
 def resident_bytes(shape: Shape, block_b: int, block_u: int, block_p: int, backward: bool) -> int:

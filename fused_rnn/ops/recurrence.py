@@ -285,7 +285,7 @@ def store_hidden(h, h_ptr, zoneout_h_ptr, h_mask_ptr, recurrent_ptr, zoneout_p, 
 
 @triton.jit
 def write_partial(
-    w, w_tail, w_ptr, first_unit, H, K, dgates, partial_ptr, partial_rows, row_mask, accumulate,
+    w, w_tail, w_ptr, first_unit, H, K, dgates, partial_ptr, partial_rows, columns, row_mask, accumulate,
     NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_K_TAIL: tl.constexpr, RESIDENT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
@@ -293,6 +293,9 @@ def write_partial(
     """This program's part of ``dL/dx`` for every feature of ``x``: ``W_block^T @ dgates``, written
     to ``partial[partial_rows, :K]``, or added to it (``accumulate``: a streaming program's later
     blocks; a resident program has one block, in the two pieces of ``recurrent_matmul``).
+    ``partial``'s rows are ``columns`` long, ``K`` rounded up to a multiple of 16, and the stores
+    fill them to there (zeros past ``K``, where the block is zero): their mask then changes only
+    every 16 columns, so the compiler may vectorise them whatever ``K``.
 
     ``dgates (GATE_SLOTS * BLOCK_U, BLOCK_B)`` is the gradient of ``W_block @ x^T``. It is rounded
     to the weight's dtype first, as a GEMM over stored gate gradients would see it.
@@ -300,39 +303,40 @@ def write_partial(
     dgates = dgates.to(w_ptr.dtype.element_ty)
     if RESIDENT:
         ks = tl.arange(0, BLOCK_K)
-        mask = (ks < K)[:, None] & row_mask[None, :]
+        mask = (ks < columns)[:, None] & row_mask[None, :]
         part = matmul(tl.trans(w), dgates, tl.zeros((BLOCK_K, BLOCK_B), dtype=ACC_DTYPE), DOT_PRECISION, DOT_UPCAST)
-        store_tile(partial_ptr, partial_rows, K, ks, mask, part)
+        store_tile(partial_ptr, partial_rows, columns, ks, mask, part)
         if BLOCK_K_TAIL > 0:
             ks = BLOCK_K + tl.arange(0, BLOCK_K_TAIL)
-            mask = (ks < K)[:, None] & row_mask[None, :]
+            mask = (ks < columns)[:, None] & row_mask[None, :]
             part = matmul(tl.trans(w_tail), dgates, tl.zeros((BLOCK_K_TAIL, BLOCK_B), dtype=ACC_DTYPE),
                           DOT_PRECISION, DOT_UPCAST)
-            store_tile(partial_ptr, partial_rows, K, ks, mask, part)
+            store_tile(partial_ptr, partial_rows, columns, ks, mask, part)
     else:
         for k_start in range(0, K, BLOCK_K):
             ks = k_start + tl.arange(0, BLOCK_K)
-            mask = (ks < K)[:, None] & row_mask[None, :]
+            mask = (ks < columns)[:, None] & row_mask[None, :]
             w_chunk = weight_block(w_ptr, first_unit, H, K, ks, NUM_GATES, GATE_SLOTS, BLOCK_U)
             part = matmul(tl.trans(w_chunk), dgates, tl.zeros((BLOCK_K, BLOCK_B), dtype=ACC_DTYPE),
                           DOT_PRECISION, DOT_UPCAST)
             if accumulate:
-                part += load_tile(partial_ptr, partial_rows, K, ks, mask)
-            store_tile(partial_ptr, partial_rows, K, ks, mask, part)
+                part += load_tile(partial_ptr, partial_rows, columns, ks, mask)
+            store_tile(partial_ptr, partial_rows, columns, ks, mask, part)
 
 
 @triton.jit
-def reduce_partials(partial_ptr, first_part, num_parts, batch_rows, B, D, direction, K, features, mask,
+def reduce_partials(partial_ptr, first_part, num_parts, batch_rows, B, D, direction, columns, features, mask,
                     BLOCK_F: tl.constexpr, BLOCK_B: tl.constexpr, REDUCE_CHUNK: tl.constexpr,
                     ACC_DTYPE: tl.constexpr):
     """``sum_j partial[first_part + j, batch_rows, direction, features]`` over the ``num_parts``
-    programs' parts, as a ``(BLOCK_F, BLOCK_B)`` tile. ``REDUCE_CHUNK`` parts are loaded at once,
-    so their L2 round trips overlap instead of queueing one behind the other."""
+    programs' parts (rows ``columns`` long), as a ``(BLOCK_F, BLOCK_B)`` tile. ``REDUCE_CHUNK``
+    parts are loaded at once, so their L2 round trips overlap instead of queueing one behind the
+    other."""
     total = tl.zeros((BLOCK_F, BLOCK_B), dtype=ACC_DTYPE)
     for chunk_start in range(0, num_parts, REDUCE_CHUNK):
         parts = chunk_start + tl.arange(0, REDUCE_CHUNK)
         rows = buffer_rows(first_part + parts[:, None], batch_rows[None, :], B, D, direction)
-        pointers = partial_ptr + rows[:, None, :] * K + features[None, :, None]
+        pointers = partial_ptr + rows[:, None, :] * columns + features[None, :, None]
         part_mask = (parts < num_parts)[:, None, None] & mask[None, :, :]
         total += tl.sum(tl.load(pointers, mask=part_mask, other=0.0, cache_modifier=".cg"), axis=0)
     return total
@@ -501,7 +505,7 @@ def forward_kernel(
 @triton.jit
 def gather_hidden_grad(
     grad_h_ptr, dh_carry_ptr, dh0_ptr, partial_ptr, h_mask_ptr, parity, step,
-    x_rows, state_rows, batch_rows, B, D, direction, P, features, mask, reset_before,
+    x_rows, state_rows, batch_rows, B, D, direction, P, partial_columns, features, mask, reset_before,
     HAS_RESETS: tl.constexpr, HAS_H_MASK: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_B: tl.constexpr, REDUCE_CHUNK: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -514,7 +518,8 @@ def gather_hidden_grad(
     if step > 0:
         num_parts = tl.num_programs(1)
         incoming = reduce_partials(partial_ptr, (1 - parity) * num_parts, num_parts, batch_rows, B, D,
-                                   direction, P, features, mask, BLOCK_F, BLOCK_B, REDUCE_CHUNK, ACC_DTYPE)
+                                   direction, partial_columns, features, mask, BLOCK_F, BLOCK_B, REDUCE_CHUNK,
+                                   ACC_DTYPE)
         if HAS_H_MASK:
             incoming *= load_tile(h_mask_ptr, state_rows, P, features, mask)
         dh += route_to_initial(incoming, dh0_ptr, state_rows, P, features, mask, reset_before, HAS_RESETS)
@@ -535,7 +540,7 @@ def backward_kernel(
     h_ptr, c_ptr, saved_ptr,
     dgates_x_ptr, dgates_h_ptr, grad_h_proj_ptr, dh_carry_ptr, dh0_ptr, dc_carry_ptr, dc0_ptr,
     partial_ptr, partial_proj_ptr,
-    T, B, H, P, zoneout_p, barrier_ptr, step_begin, step_end,
+    T, B, H, P, partial_columns, partial_proj_columns, zoneout_p, barrier_ptr, step_begin, step_end,
     CELL_BACKWARD: tl.constexpr, NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr,
     HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_H_MASK: tl.constexpr,
     ZONEOUT: tl.constexpr, GRID_SYNC: tl.constexpr, RESIDENT: tl.constexpr, RESIDENT_PROJ: tl.constexpr, STEP_PHASE: tl.constexpr,
@@ -559,7 +564,10 @@ def backward_kernel(
     projection's output]. The carries ``dh_carry (B, D, P)`` and ``dc_carry (B, D, H)`` come in as
     zeros and ``dL/dc_n`` and leave as the parts of ``dL/dh_0`` and ``dL/dc_0`` from the first
     step; ``dh0`` and ``dc0`` (zeros in) gather what the resets route to the initial state. The
-    first step's ``partial`` slot (``(T - 1) % 2``) holds the rest of ``dL/dh_0``.
+    programs' parts go through ``partial (2, n_u, B, D, partial_columns)`` and, with proj,
+    ``partial_proj (n_u, B, D, partial_proj_columns)``: rows padded to a multiple of 16
+    (``write_partial``). The first step's ``partial`` slot (``(T - 1) % 2``) holds the rest of
+    ``dL/dh_0``.
     """
     direction = tl.program_id(2)
     D = tl.num_programs(2)
@@ -591,7 +599,8 @@ def backward_kernel(
                         mask = (features < P)[:, None] & row_mask[None, :]
                         dh = gather_hidden_grad(
                             grad_h_ptr, dh_carry_ptr, dh0_ptr, partial_ptr, h_mask_ptr, parity, step,
-                            x_rows, state_rows, batch_rows, B, D, direction, P, features, mask, reset_before,
+                            x_rows, state_rows, batch_rows, B, D, direction, P, partial_columns, features, mask,
+                            reset_before,
                             HAS_RESETS, HAS_H_MASK, BLOCK_P, BLOCK_B, REDUCE_CHUNK, ACC_DTYPE)
                         dh_new, carry = zoneout_grad(dh, zoneout_h_ptr, x_rows, P, features, mask, zoneout_p, ZONEOUT)
                         if HAS_LENGTHS:
@@ -605,7 +614,8 @@ def backward_kernel(
                         store_tile(grad_h_proj_ptr, x_rows, P, features, mask, dh)
                         write_partial(
                             w_hr, 0.0, w_hr_ptr, block_start, P, H, dh, partial_proj_ptr,
-                            buffer_rows(tl.program_id(1), batch_rows, B, D, direction), row_mask,
+                            buffer_rows(tl.program_id(1), batch_rows, B, D, direction), partial_proj_columns,
+                            row_mask,
                             block_start != first_feature, 1, 1, BLOCK_P, BLOCK_B, BLOCK_KP, 0, RESIDENT_PROJ,
                             ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
             if STEP_PHASE == 0:
@@ -621,12 +631,14 @@ def backward_kernel(
                     units = block_start + tl.arange(0, BLOCK_U)
                     mask = (units < H)[:, None] & row_mask[None, :]
                     if HAS_PROJ:
-                        dh = reduce_partials(partial_proj_ptr, 0, num_parts, batch_rows, B, D, direction, H, units,
+                        dh = reduce_partials(partial_proj_ptr, 0, num_parts, batch_rows, B, D, direction,
+                                             partial_proj_columns, units,
                                              mask, BLOCK_U, BLOCK_B, REDUCE_CHUNK, ACC_DTYPE)
                     else:
                         dh = gather_hidden_grad(
                             grad_h_ptr, dh_carry_ptr, dh0_ptr, partial_ptr, h_mask_ptr, parity, step,
-                            x_rows, state_rows, batch_rows, B, D, direction, P, units, mask, reset_before,
+                            x_rows, state_rows, batch_rows, B, D, direction, P, partial_columns, units, mask,
+                            reset_before,
                             HAS_RESETS, HAS_H_MASK, BLOCK_U, BLOCK_B, REDUCE_CHUNK, ACC_DTYPE)
                     dh_total = dh
                     if not HAS_PROJ:
@@ -644,7 +656,8 @@ def backward_kernel(
                         store_tile(dh_carry_ptr, state_rows, P, units, mask, carry)
                     write_partial(
                         w_hh, w_hh_tail, w_hh_ptr, block_start, H, P, dgates_h, partial_ptr,
-                        buffer_rows(parity * num_parts + tl.program_id(1), batch_rows, B, D, direction), row_mask,
+                        buffer_rows(parity * num_parts + tl.program_id(1), batch_rows, B, D, direction),
+                        partial_columns, row_mask,
                         block_start != first_unit, NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_B, BLOCK_K, BLOCK_K_TAIL,
                         RESIDENT, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
         # The next step reads this step's parts from every program.
@@ -765,17 +778,19 @@ def backward(cell: Cell, grad_h, grad_c_n, w_hh, w_hr, lengths, resets, h_mask, 
         dc_carry = grad_c_n.transpose(0, 1).to(dtype=acc, memory_format=torch.contiguous_format, copy=True)
         dc0 = torch.zeros(B, D, H, dtype=acc, device=device)
     # Zeros: a program that owns no feature block (past P) leaves its parts at zero.
-    partial = torch.zeros(2, programs, B, D, P, dtype=acc, device=device)
-    partial_proj = torch.zeros(programs, B, D, H, dtype=acc, device=device) if w_hr is not None else None
+    partial = torch.zeros(2, programs, B, D, launch.partial_columns(P), dtype=acc, device=device)
+    partial_proj = (torch.zeros(programs, B, D, launch.partial_columns(H), dtype=acc, device=device)
+                    if w_hr is not None else None)
     launch.launch(
         backward_kernel,
         (grad_h.contiguous(), w_hh.contiguous(), w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c, h,
          _none_if_empty(c), _none_if_empty(saved), dgates_x, _none_if_empty(dgates_h), _none_if_empty(grad_h_proj),
-         dh_carry, dh0, dc_carry, dc0, partial, partial_proj, T, B, H, P, float(zoneout_p)),
+         dh_carry, dh0, dc_carry, dc0, partial, partial_proj, T, B, H, P, partial.shape[-1],
+         launch.partial_columns(H), float(zoneout_p)),
         plan, T, CELL_BACKWARD=cell.backward, NUM_GATES=cell.num_gates, GATE_SLOTS=cell.gate_slots,
     )
     # What the first step (t = 0) sends through W_hh reaches h_0.
-    incoming = partial[(T - 1) % 2].sum(0)
+    incoming = partial[(T - 1) % 2, ..., :P].sum(0)
     if h_mask is not None:
         incoming = incoming * h_mask
     dh0 = (dh0 + dh_carry + incoming).transpose(0, 1).to(grad_h.dtype).contiguous()
