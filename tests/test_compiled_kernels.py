@@ -25,3 +25,20 @@ def test_every_kernel_compiles_for_sm90_without_spilling(tmp_path):
     rows = [line for line in result.stdout.splitlines() if line.split()[:1] and line.split()[0] in CELLS]
     assert {row.split()[0] for row in rows} == set(CELLS), result.stdout
     assert len(rows) >= 20 and not any("FAILED" in row for row in rows), result.stdout
+
+
+def test_reports_compile_the_shape_as_a_launch_specialises_it():
+    # A launch marks integer arguments that are multiples of 16 as such and makes a 1 a constant;
+    # compiled without that, the reports showed spills the launched kernels do not have.
+    from bench.kernels import Variant, signature, shape_of
+    from fused_rnn.ops import launch, recurrence
+
+    for batch, hidden, constant, divisible in [(1, 768, {"B"}, {"H", "P"}), (16, 768, set(), {"B", "H", "P"}),
+                                               (5, 1000, set(), set())]:
+        variant = Variant("lstm", "backward", "float16", "all", batch, hidden)
+        plan = launch.gpu_plan(shape_of(variant), 132, backward=True)
+        types, constants, marked = signature(variant, recurrence.backward_kernel, plan)
+        assert {name for name in ("B", "H", "P") if constants.get(name) == 1} == constant
+        assert marked & {"B", "H", "P"} == divisible
+        # The partial-sum rows are padded to a multiple of 16 whatever the shape.
+        assert {"partial_columns", "partial_proj_columns"} <= marked

@@ -49,13 +49,35 @@ def multiprocessors(monkeypatch):
     return set_count
 
 
-@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
-def test_headline_plan_gives_96_programs_of_8_units_each_an_sm(backward):
+def test_headline_forward_plan_gives_96_programs_of_8_units_each_an_sm():
     # LSTM fp16, B=16, H=P=768 on 132 SMs: blocks of 4 units would need 192 programs.
-    plan = launch.gpu_plan(shape(), H100_SMS, backward)
+    plan = launch.gpu_plan(shape(), H100_SMS, backward=False)
     assert plan.scheme == "persistent" and plan.resident
     assert plan.grid == (1, 96, 1)
     assert plan.options["BLOCK_U"] == 8 and plan.options["BLOCK_B"] == 16
+
+
+def test_headline_backward_plan_gives_48_programs_of_16_units():
+    # Each program writes and reads B * P partial sums a step: half the programs, half that traffic.
+    plan = launch.gpu_plan(shape(), H100_SMS, backward=True)
+    assert plan.scheme == "persistent" and plan.resident
+    assert plan.grid == (1, 48, 1)
+    assert plan.options["BLOCK_U"] == launch.BACKWARD_UNITS == 16 and plan.options["BLOCK_B"] == 16
+
+
+def test_backward_keeps_the_smallest_blocks_where_h_is_no_multiple_of_16():
+    # The compiler cannot specialise H there, and 16-unit programs spill (python -m bench.kernels --all).
+    assert launch.gpu_plan(shape(hidden=1000), H100_SMS, backward=True).options["BLOCK_U"] == 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "tf32"])
+def test_backward_falls_back_to_smaller_blocks_where_16_units_do_not_fit(monkeypatch, dtype):
+    # TF32 at H=1024: 16 units' block (64 x 1024 x 4 bytes) is more than an SM's shared memory.
+    monkeypatch.setattr(launch, "interpreting", lambda: False)  # fp32 dots in TF32, as on a GPU
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    plan = launch.gpu_plan(shape(dtype=dtype, hidden=1024), H100_SMS, backward=True)
+    assert plan.resident
+    assert plan.options["BLOCK_U"] == (16 if dtype == torch.float16 else 8)
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])

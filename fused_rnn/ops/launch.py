@@ -53,6 +53,8 @@ LARGEST_BLOCK_B = 32
 # 16 programs' parts, six dependent L2 round trips per step for 96 programs. Twice that spills with
 # Triton 3.6 (python -m bench.kernels --all).
 REDUCE_ELEMENTS = 2048
+# Units per block the backward's resident plans prefer (``_resident_persistent_plan``).
+BACKWARD_UNITS = 16
 # Columns of the widest piece of a backward's resident W_hh block (``_resident_columns``).
 MAX_PIECE_COLUMNS = 512
 # Units per block of the streaming path: the gate-major block has at most 64 rows (16 LSTM or GRU
@@ -292,9 +294,17 @@ def _interpreter_plan(shape: Shape, scheme: str, resident: bool, backward: bool)
 
 
 def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool) -> Plan | None:
-    """The fewest units per block (the most SMs sharing ``W_hh``) whose program fits on an SM."""
-    block_u = shape.smallest_block
-    while block_u <= 64:
+    """The forward takes the fewest units per block (the most SMs sharing ``W_hh``) whose program
+    fits on an SM. The backward's partial sums cost each program a write and a read of ``B * P``
+    values per step, so it takes blocks of ``BACKWARD_UNITS`` where they fit (at the headline 48
+    programs of 16 units instead of 96 of 8: by the cost model in docs/performance.md 3.5 us per
+    step instead of 4.3), then larger ones, then smaller ones. Not where ``H`` is no multiple of
+    16: a launch cannot mark it so, and there 16-unit programs spill (56 bytes a thread in the
+    LSTM backward at H = 1000, ``python -m bench.kernels --all``)."""
+    sizes = [2**i * shape.smallest_block for i in range(7) if 2**i * shape.smallest_block <= 64]
+    if backward and shape.hidden % 16 == 0:
+        sizes = [size for size in sizes if size >= BACKWARD_UNITS] + [size for size in sizes[::-1] if size < BACKWARD_UNITS]
+    for block_u in sizes:
         programs = triton.cdiv(shape.hidden, block_u)
         block_p = _pow2(triton.cdiv(shape.features, programs))
         if shape.directions * programs <= multiprocessors:
@@ -303,7 +313,6 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
                     groups = min(triton.cdiv(shape.batch, block_b), multiprocessors // (shape.directions * programs))
                     options = _options(shape, True, block_b, block_u, block_p, programs, _chunk(shape.dtype), backward)
                     return Plan("persistent", (groups, programs, shape.directions), options, shape.has_proj)
-        block_u *= 2
     return None
 
 
