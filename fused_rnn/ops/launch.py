@@ -49,9 +49,9 @@ SHARED_MEMORY_BUDGET = 200 * 1024
 TILE_ELEMENTS = 64 * 256
 # Batch rows of a tile on a GPU: wider tiles make the operand and the partial sums spill.
 LARGEST_BLOCK_B = 32
-# Elements of the (parts, features, batch) tile ``reduce_partials`` loads at once: at the headline
-# 16 programs' parts, six dependent L2 round trips per step for 96 programs. Twice that spills with
-# Triton 3.6 (python -m bench.kernels --all).
+# Elements of the (parts, features, batch) tile ``reduce_partials`` loads at once: at the headline's
+# backward 8 programs' (16 units x 16 rows) parts, six dependent L2 round trips per step for its 48
+# programs. Twice that spills with Triton 3.6 (python -m bench.kernels --all).
 REDUCE_ELEMENTS = 2048
 # Units per block the backward's resident plans prefer (``_resident_persistent_plan``).
 BACKWARD_UNITS = 16
@@ -301,7 +301,7 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
     step instead of 4.3), then larger ones, then smaller ones. Not where ``H`` is no multiple of
     16: a launch cannot mark it so, and there 16-unit programs spill (56 bytes a thread in the
     LSTM backward at H = 1000, ``python -m bench.kernels --all``)."""
-    sizes = [2**i * shape.smallest_block for i in range(7) if 2**i * shape.smallest_block <= 64]
+    sizes = [size for size in (1, 2, 4, 8, 16, 32, 64) if size >= shape.smallest_block]
     if backward and shape.hidden % 16 == 0:
         sizes = [size for size in sizes if size >= BACKWARD_UNITS] + [size for size in sizes[::-1] if size < BACKWARD_UNITS]
     for block_u in sizes:
