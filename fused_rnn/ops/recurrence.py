@@ -302,26 +302,31 @@ def write_partial(
     """
     dgates = dgates.to(w_ptr.dtype.element_ty)
     if RESIDENT:
-        ks = tl.arange(0, BLOCK_K)
-        mask = (ks < columns)[:, None] & row_mask[None, :]
-        part = matmul(tl.trans(w), dgates, tl.zeros((BLOCK_K, BLOCK_B), dtype=ACC_DTYPE), DOT_PRECISION, DOT_UPCAST)
-        store_tile(partial_ptr, partial_rows, columns, ks, mask, part)
+        store_part(w, dgates, tl.arange(0, BLOCK_K), partial_ptr, partial_rows, columns, row_mask, False,
+                   BLOCK_B, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
         if BLOCK_K_TAIL > 0:
-            ks = BLOCK_K + tl.arange(0, BLOCK_K_TAIL)
-            mask = (ks < columns)[:, None] & row_mask[None, :]
-            part = matmul(tl.trans(w_tail), dgates, tl.zeros((BLOCK_K_TAIL, BLOCK_B), dtype=ACC_DTYPE),
-                          DOT_PRECISION, DOT_UPCAST)
-            store_tile(partial_ptr, partial_rows, columns, ks, mask, part)
+            store_part(w_tail, dgates, BLOCK_K + tl.arange(0, BLOCK_K_TAIL), partial_ptr, partial_rows, columns,
+                       row_mask, False, BLOCK_B, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
     else:
         for k_start in range(0, K, BLOCK_K):
             ks = k_start + tl.arange(0, BLOCK_K)
-            mask = (ks < columns)[:, None] & row_mask[None, :]
             w_chunk = weight_block(w_ptr, first_unit, H, K, ks, NUM_GATES, GATE_SLOTS, BLOCK_U)
-            part = matmul(tl.trans(w_chunk), dgates, tl.zeros((BLOCK_K, BLOCK_B), dtype=ACC_DTYPE),
-                          DOT_PRECISION, DOT_UPCAST)
-            if accumulate:
-                part += load_tile(partial_ptr, partial_rows, columns, ks, mask)
-            store_tile(partial_ptr, partial_rows, columns, ks, mask, part)
+            store_part(w_chunk, dgates, ks, partial_ptr, partial_rows, columns, row_mask, accumulate,
+                       BLOCK_B, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
+
+
+@triton.jit
+def store_part(w_piece, dgates, ks, partial_ptr, partial_rows, columns, row_mask, accumulate,
+               BLOCK_B: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               DOT_UPCAST: tl.constexpr):
+    """``w_piece^T @ dgates`` for the columns ``ks`` of ``w_piece``, stored to ``partial[partial_rows,
+    ks]`` or, with ``accumulate``, added to what is there (``write_partial``)."""
+    mask = (ks < columns)[:, None] & row_mask[None, :]
+    part = matmul(tl.trans(w_piece), dgates, tl.zeros((ks.shape[0], BLOCK_B), dtype=ACC_DTYPE),
+                  DOT_PRECISION, DOT_UPCAST)
+    if accumulate:
+        part += load_tile(partial_ptr, partial_rows, columns, ks, mask)
+    store_tile(partial_ptr, partial_rows, columns, ks, mask, part)
 
 
 @triton.jit
@@ -778,15 +783,15 @@ def backward(cell: Cell, grad_h, grad_c_n, w_hh, w_hr, lengths, resets, h_mask, 
         dc_carry = grad_c_n.transpose(0, 1).to(dtype=acc, memory_format=torch.contiguous_format, copy=True)
         dc0 = torch.zeros(B, D, H, dtype=acc, device=device)
     # Zeros: a program that owns no feature block (past P) leaves its parts at zero.
-    partial = torch.zeros(2, programs, B, D, launch.partial_columns(P), dtype=acc, device=device)
-    partial_proj = (torch.zeros(programs, B, D, launch.partial_columns(H), dtype=acc, device=device)
-                    if w_hr is not None else None)
+    columns, proj_columns = launch.partial_columns(P), launch.partial_columns(H)
+    partial = torch.zeros(2, programs, B, D, columns, dtype=acc, device=device)
+    partial_proj = torch.zeros(programs, B, D, proj_columns, dtype=acc, device=device) if w_hr is not None else None
     launch.launch(
         backward_kernel,
         (grad_h.contiguous(), w_hh.contiguous(), w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c, h,
          _none_if_empty(c), _none_if_empty(saved), dgates_x, _none_if_empty(dgates_h), _none_if_empty(grad_h_proj),
-         dh_carry, dh0, dc_carry, dc0, partial, partial_proj, T, B, H, P, partial.shape[-1],
-         launch.partial_columns(H), float(zoneout_p)),
+         dh_carry, dh0, dc_carry, dc0, partial, partial_proj, T, B, H, P, columns, proj_columns,
+         float(zoneout_p)),
         plan, T, CELL_BACKWARD=cell.backward, NUM_GATES=cell.num_gates, GATE_SLOTS=cell.gate_slots,
     )
     # What the first step (t = 0) sends through W_hh reaches h_0.
