@@ -146,6 +146,8 @@ def signature(variant: Variant, kernel, plan):
     dtype = DTYPES[variant.dtype][0]
     cell = cell_of(variant.cell)
     absent = CELL_POINTERS[variant.cell] | (OPTIONAL if variant.options == "none" else set())
+    if plan.options.get("GATHER"):  # no partial sums: the launcher passes no workspace
+        absent |= {"partial_ptr", "partial_proj_ptr"}
     jit_function = kernel.fn
     constants = dict(plan.options, CELL_FORWARD=cell.forward, CELL_BACKWARD=cell.backward,
                      NUM_GATES=cell.num_gates, GATE_SLOTS=cell.gate_slots, STEP_PHASE=0)
@@ -194,9 +196,11 @@ def compile_variant(variant: Variant, arch: int) -> Report:
     backward = variant.kernel == "backward"
     plan = launch.gpu_plan(shape, MULTIPROCESSORS, backward)
     options = plan.options
-    description = (f"{'resident' if plan.resident else 'streaming'} {plan.grid[0]}x{plan.grid[1]}x{plan.grid[2]} "
+    scheme = {True: " gather", False: " parts"}.get(options.get("GATHER"), "")
+    description = (f"{'resident' if plan.resident else 'streaming'}{scheme} {plan.grid[0]}x{plan.grid[1]}x{plan.grid[2]} "
                    f"B{options['BLOCK_B']}xU{options['BLOCK_U']}")
-    planned = launch.resident_bytes(shape, options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"], backward)
+    planned = launch.resident_bytes(shape, options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"], backward,
+                                    options.get("GATHER", False))
     types, constants, divisible = signature(variant, kernel, plan)
     # Pointers from torch allocations are 16-byte aligned; the launches specialise on that too.
     alignment = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.fn.arg_names)

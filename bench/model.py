@@ -3,16 +3,17 @@
 A model, not a measurement: it takes the plan the launcher makes for a GPU (``launch.gpu_plan``:
 programs, blocks, resident or streamed weights) and the bytes each program moves per step (the
 buffers ``python -m bench.traffic`` attributes: the ``h_{t-1}`` operand, ``gates_x``, the states,
-the saved activations, the backward's partial sums, the weights when they stream) and turns them
-into a lower bound in microseconds per step:
+the saved activations, the backward's gate gradients of every unit (gathering) or partial sums,
+the weights when they stream) and turns them into a lower bound in microseconds per step:
 
     step = round_trips * L2_LATENCY + max(L2 bytes of all programs / L2 bandwidth,
                                           L2 bytes of one program / one SM's L2 bandwidth)
            [+ the weights' bytes from HBM per step, streaming plans]
 
 ``round_trips`` counts the dependent trips to L2 on a step's critical path: the barrier (an
-arrival and the poll that sees the last one), the operand load, the stores the next step reads,
-and in the backward one per chunk of programs whose parts ``reduce_partials`` sums. Tensor-core time (about 0.1 us at the headline) and the elementwise math hide under them.
+arrival and the poll that sees the last one), the operand load (every piece at once), the stores
+the next step reads, and in a backward that sums parts one per chunk of programs whose parts
+``reduce_partials`` loads. Tensor-core time (about 0.1 us at the headline) and the elementwise math hide under them.
 The forward is timed in inference (nothing saved), the backward adds the saved tensors.
 
 Assumed constants (public figures; what the GPU gives in practice is for a GPU session to
@@ -35,7 +36,7 @@ L2_BANDWIDTH = 5.5e12
 SM_L2_BANDWIDTH = 64 * 1.755e9
 L2_ROUND_TRIP = 0.25e-6
 FORWARD_ROUND_TRIPS = 4  # barrier arrival + poll, operand load, state store
-BACKWARD_ROUND_TRIPS = 4  # barrier arrival + poll, partial store, carries; plus one per chunk of parts
+BACKWARD_ROUND_TRIPS = 4  # barrier arrival + poll, operand (or partial) load, gate gradient store; plus one per chunk of parts
 CUDNN_US_PER_STEP = 2.0  # cuDNN, LSTM B=16 H=768 fp16 (../shared/NOTES.md: 2.01 ms at T=1024)
 CELLS = {"lstm": (4, 4, True), "gru": (3, 4, False)}  # gates, saved gates, cell state
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -63,7 +64,8 @@ def _plan(cell: str, dtype, batch: int, hidden: int, backward: bool):
 
 def _describe(plan) -> str:
     kind = "resident" if plan.resident else "streaming"
-    return f"{kind} {plan.grid[0]}x{plan.grid[1]} U{plan.options['BLOCK_U']}"
+    scheme = {True: " gather", False: " parts"}.get(plan.options.get("GATHER"), "")
+    return f"{kind}{scheme} {plan.grid[0]}x{plan.grid[1]} U{plan.options['BLOCK_U']}"
 
 
 def step_seconds(cell: str, dtype, batch: int, hidden: int, backward: bool, hbm: float) -> float:
@@ -76,7 +78,13 @@ def step_seconds(cell: str, dtype, batch: int, hidden: int, backward: bool, hbm:
     rows = math.ceil(math.ceil(batch / block_b) / groups) * block_b  # batch rows a program walks
     units = block_u * math.ceil(math.ceil(hidden / block_u) / programs)  # units a program owns
     states = (2 * 4 if has_cell_state else 0) + size  # c in fp32 read and written, h written
-    if backward:
+    if backward and plan.options["GATHER"]:
+        per_program = rows * (
+            gates * hidden * size            # every unit's gate gradients of the step before, read
+            + units * (saved_gates + gates) * size      # saved activations read, gate gradients written
+            + units * (size + states + 8))              # grad_h, states, carries
+        round_trips = BACKWARD_ROUND_TRIPS
+    elif backward:
         per_program = rows * (
             hidden * 4                       # partial sums of dL/dh_{t-1}, written (fp32)
             + programs * units * 4           # every program's parts for my units, read

@@ -43,6 +43,7 @@ PLANS = {
     "persistent-streaming": {"FUSED_RNN_SCHEME": "persistent", "FUSED_RNN_WEIGHTS": "streaming"},
     "stepwise-resident": {"FUSED_RNN_SCHEME": "stepwise", "FUSED_RNN_WEIGHTS": "resident"},
     "stepwise-streaming": {"FUSED_RNN_SCHEME": "stepwise", "FUSED_RNN_WEIGHTS": "streaming"},
+    "stepwise-partial": {"FUSED_RNN_SCHEME": "stepwise", "FUSED_RNN_BACKWARD": "partial"},
 }
 OTHER_PLANS = [name for name in PLANS if name != "default"]
 
@@ -54,7 +55,7 @@ FORWARD_OPS = {"LSTM": "lstm_forward", "GRU": "gru_forward", "RNN_TANH": "rnn_fo
 
 def use_plan(monkeypatch, name):
     """Run the kernels under the plan ``name`` of ``PLANS`` ("default": nothing forced)."""
-    for variable in ("FUSED_RNN_SCHEME", "FUSED_RNN_WEIGHTS"):
+    for variable in ("FUSED_RNN_SCHEME", "FUSED_RNN_WEIGHTS", "FUSED_RNN_BACKWARD"):
         monkeypatch.delenv(variable, raising=False)
     for variable, value in PLANS[name].items():
         monkeypatch.setenv(variable, value)
@@ -255,9 +256,10 @@ def check_against_reference(case, **options):
     compare(case, names, outputs, grads, *reference_results(inputs, case.mode, upstream))
 
 
-def check_kernels_ran(monkeypatch, case, grid, launches):
-    """``functional.layer`` runs ``recurrence.forward_kernel`` and ``backward_kernel``, ``launches``
-    times each over ``grid``, never ``reference.layer``; and its results are the reference's."""
+def check_kernels_ran(monkeypatch, case, grid, backward_grid, launches):
+    """``functional.layer`` runs ``recurrence.forward_kernel`` over ``grid`` and ``backward_kernel``
+    over ``backward_grid``, ``launches`` times each, never ``reference.layer``; and its results are
+    the reference's."""
     inputs = make_inputs(case)
     with torch.no_grad():
         upstream = [torch.randn_like(y) for y in inputs.run(reference.layer, case.mode)]
@@ -275,7 +277,7 @@ def check_kernels_ran(monkeypatch, case, grid, launches):
         assert (forward.grids, backward.grids) == ([grid] * launches, [])
         names, leaves = zip(*inputs.differentiable())
         grads = torch.autograd.grad(outputs, leaves, upstream)
-    assert backward.grids == [grid] * launches
+    assert backward.grids == [backward_grid] * launches
     compare(case, names, outputs, grads, *expected)
 
 

@@ -40,5 +40,5 @@ def test_reports_compile_the_shape_as_a_launch_specialises_it():
         types, constants, marked = signature(variant, recurrence.backward_kernel, plan)
         assert {name for name in ("B", "H", "P") if constants.get(name) == 1} == constant
         assert marked & {"B", "H", "P"} == divisible
-        # The partial-sum rows are padded to a multiple of 16 whatever the shape.
+        # The partial-sum rows (where the backward sums parts) are padded to a multiple of 16 whatever the shape.
         assert {"partial_columns", "partial_proj_columns"} <= marked

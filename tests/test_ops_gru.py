@@ -52,16 +52,20 @@ def test_gru_zoneout_masks_alone_match_reference(case):
 
 
 @pytest.mark.parametrize(
-    "plan, case, grid, launches",
+    "plan, case, grid, backward_grid, launches",
     [
-        pytest.param("default", Case("GRU", 3, 3, 20, D=2), (1, 1, 2), 1, id="default-one-launch"),
-        # H=20 in blocks of 8 units: 3 programs; B=67 in tiles of 64: 2.
-        pytest.param("stepwise-resident", Case("GRU", 2, 67, 20), (2, 3, 1), 2, id="stepwise-one-launch-per-step"),
+        pytest.param("default", Case("GRU", 3, 3, 20, D=2), (1, 1, 2), (1, 1, 2), 1, id="default-one-launch"),
+        # H=20 in blocks of 8 units: 3 programs, the gathering backward's blocks of 16: 2; B=67 in
+        # tiles of 64: 2.
+        pytest.param("stepwise-resident", Case("GRU", 2, 67, 20), (2, 3, 1), (2, 2, 1), 2,
+                     id="stepwise-one-launch-per-step"),
+        pytest.param("stepwise-partial", Case("GRU", 2, 67, 20), (2, 3, 1), (2, 3, 1), 2,
+                     id="stepwise-partial-one-launch-per-step"),
     ],
 )
-def test_gru_runs_the_triton_kernels(monkeypatch, plan, case, grid, launches):
+def test_gru_runs_the_triton_kernels(monkeypatch, plan, case, grid, backward_grid, launches):
     use_plan(monkeypatch, plan)
-    check_kernels_ran(monkeypatch, case, grid, launches)
+    check_kernels_ran(monkeypatch, case, grid, backward_grid, launches)
 
 
 @pytest.mark.parametrize("case", params([Case("GRU", 2, 2, 3, D=2, dtype=torch.float64, options=ALL_TRAINING),

@@ -2,7 +2,7 @@
 
 A persistent launch's programs wait for each other at a barrier every step, so its grid must never
 exceed what the GPU keeps resident at once, one program per SM; a resident program's weight block
-must fit in shared memory and its backward's partial-sum tile in registers. ``gpu_plan`` computes
+must fit in shared memory and its operand tiles (or the backward's partial sums) in registers. ``gpu_plan`` computes
 a GPU's plan from its SM count alone, so these tests pin that arithmetic down on the CPU. The
 kernels themselves run under every plan in ``test_ops_lstm`` / ``gru`` / ``rnn`` (and on a GPU in
 ``test_gpu``).
@@ -35,7 +35,7 @@ def shape(cell="lstm", dtype=torch.float16, batch=16, hidden=768, directions=1, 
 
 @pytest.fixture
 def no_forced_plan(monkeypatch):
-    for variable in ("FUSED_RNN_SCHEME", "FUSED_RNN_WEIGHTS"):
+    for variable in ("FUSED_RNN_SCHEME", "FUSED_RNN_WEIGHTS", "FUSED_RNN_BACKWARD"):
         monkeypatch.delenv(variable, raising=False)
 
 
@@ -57,27 +57,34 @@ def test_headline_forward_plan_gives_96_programs_of_8_units_each_an_sm():
     assert plan.options["BLOCK_U"] == 8 and plan.options["BLOCK_B"] == 16
 
 
-def test_headline_backward_plan_gives_48_programs_of_16_units():
-    # Each program writes and reads B * P partial sums a step: half the programs, half that traffic.
+def test_headline_backward_gathers_with_48_programs_of_16_units():
+    # Each program holds the columns of W_hh of 16 features (all 3072 gate rows, in 12 pieces of
+    # 256: 96 KB) and reads all of the previous step's gate gradients (96 KB) each step.
     plan = launch.gpu_plan(shape(), H100_SMS, backward=True)
-    assert plan.scheme == "persistent" and plan.resident
+    assert plan.scheme == "persistent" and plan.resident and plan.options["GATHER"]
     assert plan.grid == (1, 48, 1)
-    assert plan.options["BLOCK_U"] == launch.BACKWARD_UNITS == 16 and plan.options["BLOCK_B"] == 16
+    assert plan.options["BLOCK_U"] == 16 and plan.options["BLOCK_B"] == 16
+    assert (plan.options["BLOCK_K"], plan.options["NUM_PIECES"]) == (256, 12)
+    assert launch.resident_bytes(shape(), 16, 16, 16, backward=True, gather=True) == 2 * 96 * 1024
 
 
-def test_backward_keeps_the_smallest_blocks_where_h_is_no_multiple_of_16():
-    # The compiler cannot specialise H there, and 16-unit programs spill (python -m bench.kernels --all).
-    assert launch.gpu_plan(shape(hidden=1000), H100_SMS, backward=True).options["BLOCK_U"] == 8
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "tf32"])
-def test_backward_falls_back_to_smaller_blocks_where_16_units_do_not_fit(monkeypatch, dtype):
-    # TF32 at H=1024: 16 units' block (64 x 1024 x 4 bytes) is more than an SM's shared memory.
+@pytest.mark.parametrize(
+    "dtype, hidden, units",
+    [(torch.float16, 1024, 16), (torch.float32, 768, 16), (torch.float32, 1024, 8), (torch.float16, 1000, 8)],
+    ids=["fp16-H1024", "tf32-H768", "tf32-H1024", "fp16-H1000"],
+)
+def test_backward_sums_parts_where_the_transposed_blocks_do_not_fit(monkeypatch, dtype, hidden, units):
+    # fp16 at H=1024: 16 features' columns (4096 x 16 x 2 bytes) and the operand need 256 KB. The
+    # partial sums take blocks of 16 units where they fit, smaller ones where not (TF32 at H=1024:
+    # 64 x 1024 x 4 bytes), and the smallest where H is no multiple of 16: the compiler cannot
+    # specialise H there, and 16-unit programs spill (python -m bench.kernels --all).
     monkeypatch.setattr(launch, "interpreting", lambda: False)  # fp32 dots in TF32, as on a GPU
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    plan = launch.gpu_plan(shape(dtype=dtype, hidden=1024), H100_SMS, backward=True)
-    assert plan.resident
-    assert plan.options["BLOCK_U"] == (16 if dtype == torch.float16 else 8)
+    layer = shape(dtype=dtype, hidden=hidden)
+    assert not launch._fits(layer, 16, 16, 16, backward=True, gather=True)
+    plan = launch.gpu_plan(layer, H100_SMS, backward=True)
+    assert plan.resident and not plan.options["GATHER"]
+    assert plan.options["BLOCK_U"] == units
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
@@ -93,15 +100,22 @@ def test_bidirectional_headline_plan_shares_the_sms_between_directions(backward)
 
 def resident_fits(plan, layer, backward):
     """A resident plan's blocks fit the chip: shared memory for the weight blocks and dot operands,
-    registers for the (features, batch) tile - the forward's operand, the backward's partial sums
-    over every feature (``TILE_ELEMENTS``); batch tiles of at most ``LARGEST_BLOCK_B`` rows; and
-    each program owns exactly one block of units (and of the projection's features)."""
+    registers for the (features, batch) tile - the forward's operand, the partial sums over every
+    feature (``TILE_ELEMENTS``), the gathering backward's operand (``OPERAND_BYTES``); batch tiles
+    of at most ``LARGEST_BLOCK_B`` rows; blocks of at least 16 features where they are transposed;
+    and each program owns exactly one block of units (and of the projection's features)."""
     options = plan.options
-    size = launch.resident_bytes(layer, options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"], backward)
-    widest = max(layer.features, layer.hidden if layer.has_proj and backward else 0)
+    gather = options.get("GATHER", False)
+    size = launch.resident_bytes(layer, options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"], backward, gather)
+    if gather:
+        operand = options["BLOCK_K"] * options["NUM_PIECES"] * options["BLOCK_B"] * layer.dtype.itemsize
+        registers = operand <= launch.OPERAND_BYTES and options["BLOCK_U"] >= 16 and options["BLOCK_P"] >= 16
+    else:
+        widest = max(layer.features, layer.hidden if layer.has_proj and backward else 0)
+        registers = triton.next_power_of_2(widest) * options["BLOCK_B"] <= launch.TILE_ELEMENTS
     programs = plan.grid[1]
     return (size <= launch.SHARED_MEMORY_BUDGET
-            and triton.next_power_of_2(widest) * options["BLOCK_B"] <= launch.TILE_ELEMENTS
+            and registers
             and options["BLOCK_B"] <= launch.LARGEST_BLOCK_B
             and programs == triton.cdiv(layer.hidden, options["BLOCK_U"])
             and (not layer.has_proj or programs * options["BLOCK_P"] >= layer.features))
@@ -153,21 +167,21 @@ def test_small_weights_stay_resident():
     assert launch.gpu_plan(shape(hidden=1024), H100_SMS, backward=True).resident
 
 
-@pytest.mark.parametrize("features", [16, 17, 100, 384, 512, 600, 768, 1000, 1024])
-def test_resident_block_pieces_cover_the_features_in_powers_of_two(features):
-    head, tail = launch._resident_columns(features, backward=True)
-    pieces = [head] + ([tail] if tail else [])
-    assert all(piece >= 16 and piece & (piece - 1) == 0 for piece in pieces)
-    assert sum(pieces) >= features and sum(pieces) <= triton.next_power_of_2(features)
-    # The backward holds one piece's (piece, BLOCK_B) part of dL/dh in registers at a time.
-    assert max(pieces) <= launch.MAX_PIECE_COLUMNS or features <= launch.MAX_PIECE_COLUMNS
-    assert launch._resident_columns(features, backward=False) == (max(16, triton.next_power_of_2(features)), 0)
+@pytest.mark.parametrize("columns", [1, 16, 17, 100, 384, 512, 600, 768, 1000, 1024, 2304, 3072, 4000, 4096])
+def test_resident_block_pieces_cover_the_columns_in_one_power_of_two(columns):
+    width, count = launch.pieces(columns)
+    assert width >= 16 and width & (width - 1) == 0 and width <= launch.MAX_PIECE_COLUMNS
+    assert columns <= width * count < columns + width
+    # Little padding, and no more pieces than that needs.
+    assert 8 * (width * count - columns) <= max(columns, 8 * 15)
+    assert width == launch.MAX_PIECE_COLUMNS or count == 1 or 8 * (triton.cdiv(columns, 2 * width) * 2 * width
+                                                                    - columns) > columns
 
 
-def test_headline_backward_block_comes_in_pieces_of_512_and_256():
-    assert launch._resident_columns(768, backward=True) == (512, 256)
-    assert launch._resident_columns(1024, backward=True) == (512, 512)
-    assert launch.gpu_plan(shape(), H100_SMS, backward=True).options["BLOCK_K_TAIL"] == 256
+def test_headline_blocks_come_in_pieces_of_256():
+    # The forward's 768 features and the gathering backward's 3072 gate rows, unpadded.
+    assert launch.pieces(768) == (256, 3) and launch.pieces(3072) == (256, 12)
+    assert launch.gpu_plan(shape(), H100_SMS, backward=False).options["NUM_PIECES"] == 3
 
 
 @pytest.mark.parametrize("features", [1, 15, 16, 17, 760, 768, 1000])
@@ -206,11 +220,17 @@ def test_interpreter_persistent_plan_runs_one_program_per_direction(no_forced_pl
     "cell, units_per_block",
     [("lstm", 8), ("gru", 8), ("rnn", 16)],  # at least 16 rows of W_hh per block for tl.dot
 )
-def test_interpreter_stepwise_plan_runs_several_programs(monkeypatch, cell, units_per_block):
+@pytest.mark.parametrize("backward", [None, "gather", "partial"], ids=["forward", "gather", "partial"])
+def test_interpreter_stepwise_plan_runs_several_programs(no_forced_plan, monkeypatch, cell, units_per_block,
+                                                         backward):
+    # The gathering backward's transposed blocks hold 16 features at least.
     monkeypatch.setenv("FUSED_RNN_SCHEME", "stepwise")
-    monkeypatch.delenv("FUSED_RNN_WEIGHTS", raising=False)
-    plan = launch.plan(shape(cell, torch.float32, batch=67, hidden=70, directions=2), CPU, backward=True)
+    if backward:
+        monkeypatch.setenv("FUSED_RNN_BACKWARD", backward)
+        units_per_block = 16 if backward == "gather" else units_per_block
+    plan = launch.plan(shape(cell, torch.float32, batch=67, hidden=70, directions=2), CPU, backward=bool(backward))
     assert plan.scheme == "stepwise" and plan.resident
+    assert plan.options.get("GATHER") == (backward == "gather" if backward else None)
     assert plan.options["BLOCK_U"] == units_per_block and plan.options["BLOCK_B"] == 64
     assert plan.grid == (2, triton.cdiv(70, units_per_block), 2)
 
@@ -237,7 +257,7 @@ def test_without_the_environment_the_gpu_plan_is_persistent_and_resident(no_forc
     assert plan.scheme == "persistent" and plan.resident
 
 
-@pytest.mark.parametrize("variable", ["FUSED_RNN_SCHEME", "FUSED_RNN_WEIGHTS"])
+@pytest.mark.parametrize("variable", ["FUSED_RNN_SCHEME", "FUSED_RNN_WEIGHTS", "FUSED_RNN_BACKWARD"])
 def test_unknown_forced_value_is_rejected_naming_the_variable(no_forced_plan, monkeypatch, variable):
     monkeypatch.setenv(variable, "sequential")
     with pytest.raises(ValueError, match=f"{variable} must be one of .*'sequential'"):

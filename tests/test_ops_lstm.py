@@ -65,19 +65,24 @@ def test_lstm_zoneout_masks_alone_match_reference(case):
 
 
 @pytest.mark.parametrize(
-    "plan, case, grid, launches",
+    "plan, case, grid, backward_grid, launches",
     [
-        pytest.param("default", Case("LSTM", 3, 3, 20, D=2), (1, 1, 2), 1, id="default-one-launch"),
-        pytest.param("default", Case("LSTM", 3, 3, 20, 7, D=2), (1, 1, 2), 1, id="default-proj-one-launch"),
-        # H=20 in blocks of 8 units: 3 programs; B=67 in tiles of 64: 2.
-        pytest.param("stepwise-resident", Case("LSTM", 2, 67, 20), (2, 3, 1), 2, id="stepwise-one-launch-per-step"),
-        pytest.param("stepwise-resident", Case("LSTM", 2, 3, 20, 7, D=2), (1, 3, 2), 4,
+        pytest.param("default", Case("LSTM", 3, 3, 20, D=2), (1, 1, 2), (1, 1, 2), 1, id="default-one-launch"),
+        pytest.param("default", Case("LSTM", 3, 3, 20, 7, D=2), (1, 1, 2), (1, 1, 2), 1,
+                     id="default-proj-one-launch"),
+        # H=20 in blocks of 8 units: 3 programs, the gathering backward's blocks of 16: 2; B=67 in
+        # tiles of 64: 2.
+        pytest.param("stepwise-resident", Case("LSTM", 2, 67, 20), (2, 3, 1), (2, 2, 1), 2,
+                     id="stepwise-one-launch-per-step"),
+        pytest.param("stepwise-partial", Case("LSTM", 2, 67, 20), (2, 3, 1), (2, 3, 1), 2,
+                     id="stepwise-partial-one-launch-per-step"),
+        pytest.param("stepwise-resident", Case("LSTM", 2, 3, 20, 7, D=2), (1, 3, 2), (1, 2, 2), 4,
                      id="stepwise-proj-two-launches-per-step"),
     ],
 )
-def test_lstm_runs_the_triton_kernels(monkeypatch, plan, case, grid, launches):
+def test_lstm_runs_the_triton_kernels(monkeypatch, plan, case, grid, backward_grid, launches):
     use_plan(monkeypatch, plan)
-    check_kernels_ran(monkeypatch, case, grid, launches)
+    check_kernels_ran(monkeypatch, case, grid, backward_grid, launches)
 
 
 @pytest.mark.parametrize("case", params([Case("LSTM", 2, 2, 3, D=2, dtype=torch.float64, options=ALL_TRAINING),

@@ -63,18 +63,20 @@ def test_rnn_zoneout_masks_alone_match_reference(case):
 
 
 @pytest.mark.parametrize(
-    "plan, case, grid, launches",
+    "plan, case, grid, backward_grid, launches",
     [
-        pytest.param("default", Case("RNN_TANH", 3, 3, 20, D=2), (1, 1, 2), 1, id="tanh-default-one-launch"),
-        pytest.param("default", Case("RNN_RELU", 3, 3, 20, D=2), (1, 1, 2), 1, id="relu-default-one-launch"),
+        pytest.param("default", Case("RNN_TANH", 3, 3, 20, D=2), (1, 1, 2), (1, 1, 2), 1,
+                     id="tanh-default-one-launch"),
+        pytest.param("default", Case("RNN_RELU", 3, 3, 20, D=2), (1, 1, 2), (1, 1, 2), 1,
+                     id="relu-default-one-launch"),
         # H=20 in blocks of 16 units: 2 programs; B=67 in tiles of 64: 2.
-        pytest.param("stepwise-resident", Case("RNN_TANH", 2, 67, 20), (2, 2, 1), 2,
+        pytest.param("stepwise-resident", Case("RNN_TANH", 2, 67, 20), (2, 2, 1), (2, 2, 1), 2,
                      id="tanh-stepwise-one-launch-per-step"),
     ],
 )
-def test_rnn_runs_the_triton_kernels(monkeypatch, plan, case, grid, launches):
+def test_rnn_runs_the_triton_kernels(monkeypatch, plan, case, grid, backward_grid, launches):
     use_plan(monkeypatch, plan)
-    check_kernels_ran(monkeypatch, case, grid, launches)
+    check_kernels_ran(monkeypatch, case, grid, backward_grid, launches)
 
 
 @pytest.mark.parametrize("case", params([Case("RNN_TANH", 2, 2, 3, D=2, dtype=torch.float64, options=ALL_TRAINING),

@@ -58,8 +58,8 @@ def gru_backward_cell(
     """Gate gradients of one step for the block's units, given ``dh = dL/dh_t``.
 
     Writes ``dgates_x`` (r, z, n) and ``dgates_h`` (r, z, n * r: the gradient of
-    ``h W_hh^T + b_hh``). Returns the latter, gate-major, and ``z * dh``, the gradient reaching
-    ``h_{t-1}`` around ``W_hh``.
+    ``h W_hh^T + b_hh``, what is multiplied by ``W_hh``). Returns the latter, gate-major, and
+    ``z * dh``, the gradient reaching ``h_{t-1}`` around ``W_hh``.
     """
     units = first_unit + tl.arange(0, BLOCK_U)
     mask = (units < H)[:, None] & row_mask[None, :]

@@ -12,12 +12,16 @@ Launch schemes (both run the same kernels, which take the steps ``[step_begin, s
   no program ever waits for another.
 * ``stepwise`` - one launch per timestep, grid ``(batch tiles, unit blocks, D)``: each program
   has one block and the launch boundary orders the steps, so no program ever waits. It is how the
-  interpreter runs the many-program tiling of the GPU (partial sums across programs included),
+  interpreter runs the many-program tiling of the GPU (gathers and partial sums across programs included),
   and a baseline to compare the persistent scheme with on a GPU.
 
+The backward carries the gradient through ``W_hh`` one of two ways (``recurrence.backward_kernel``):
+``gather`` (every program reads all gate gradients, the default where its transposed blocks fit on
+an SM) or ``partial`` (partial sums, the finer tiling; also wherever the weights stream).
+
 ``FUSED_RNN_SCHEME`` (``persistent`` / ``stepwise``) forces a scheme; ``FUSED_RNN_WEIGHTS=streaming``
-forces streamed weights (``resident``, the default, keeps them on chip where they fit). The tests
-use them to run every path on the CPU.
+forces streamed weights (``resident``, the default, keeps them on chip where they fit);
+``FUSED_RNN_BACKWARD=partial`` the partial sums. The tests use them to run every path on the CPU.
 """
 
 import contextlib
@@ -32,6 +36,7 @@ import triton.language as tl
 
 SCHEMES = ("persistent", "stepwise")
 WEIGHTS = ("resident", "streaming")
+BACKWARDS = ("gather", "partial")
 
 # How every kernel is compiled. 8 warps give the resident weight block's tl.dot enough threads;
 # no software pipelining (num_stages=1), so a loop-invariant dot operand stays where it was
@@ -44,19 +49,22 @@ COMPILE_OPTIONS = dict(num_warps=8, num_stages=1, maxnreg=255)
 # Shared memory a program may use on an H100/H200 is 227 KB; what the plan counts (the weight
 # blocks and the dot operand tiles) leaves room for the compiler's layout-conversion scratch.
 SHARED_MEMORY_BUDGET = 200 * 1024
-# Elements of a program's (features, batch) tile in registers: the forward's h_{t-1} operand on its
-# way to shared memory, the backward's fp32 part of dL/dh. 64 a thread at 8 warps.
+# Elements of the forward's h_{t-1} operand on its way to shared memory, in registers: 64 a thread
+# at 8 warps.
 TILE_ELEMENTS = 64 * 256
-# Batch rows of a tile on a GPU: wider tiles make the operand and the partial sums spill.
+# Bytes of the backward's operand (the gate gradients of a batch tile, every piece loaded at once so
+# that their L2 round trips overlap), in registers: 96 a thread (``recurrence.recurrent_matmul``).
+OPERAND_BYTES = 96 * 1024
+# Batch rows of a tile on a GPU: wider tiles make the operands and the partial sums spill.
 LARGEST_BLOCK_B = 32
-# Elements of the (parts, features, batch) tile ``reduce_partials`` loads at once: at the headline's
-# backward 8 programs' (16 units x 16 rows) parts, six dependent L2 round trips per step for its 48
-# programs. Twice that spills with Triton 3.6 (python -m bench.kernels --all).
+# The widest piece of a resident block (``pieces``): with 1024-column pieces the LSTM's gathering
+# backward spills 472 bytes a thread at the headline, with 512 none at 246 registers, with 256 212.
+MAX_PIECE_COLUMNS = 256
+# Elements of the (parts, features, batch) tile ``reduce_partials`` loads at once: 8 programs' (16
+# units x 16 rows) parts. Twice that spills with Triton 3.6 (python -m bench.kernels --all).
 REDUCE_ELEMENTS = 2048
-# Units per block the backward's resident plans prefer (``_resident_persistent_plan``).
+# Units per block the partial-sum backward prefers (``_resident_persistent_plan``).
 BACKWARD_UNITS = 16
-# Columns of the widest piece of a backward's resident W_hh block (``_resident_columns``).
-MAX_PIECE_COLUMNS = 512
 # Units per block of the streaming path: the gate-major block has at most 64 rows (16 LSTM or GRU
 # units) and at most 32 units: with 64, the Elman RNN's exact-fp32 backward needs more than 255
 # registers a thread and spills (python -m bench.kernels --all).
@@ -159,21 +167,18 @@ def _precision(dtype: torch.dtype) -> dict:
 
 
 def _options(shape: Shape, resident: bool, block_b: int, block_u: int, block_p: int, programs: int,
-             chunk: int, backward: bool) -> dict:
-    """The block constexprs: resident blocks span all of K (``BLOCK_K + BLOCK_K_TAIL >= P``, see
-    ``_resident_columns``; ``BLOCK_KP = H`` padded for the projection); streamed ones go ``chunk``
-    at a time.
+             chunk: int, backward: bool, gather: bool = False) -> dict:
+    """The block constexprs: resident blocks come in ``NUM_PIECES`` pieces of ``BLOCK_K`` columns
+    (``pieces``); streamed ones go ``chunk`` at a time. The gathering backward multiplies by the
+    transposed blocks (``recurrence.backward_kernel``): its ``K`` is ``G * H``, and ``W_hr``'s is
+    ``P``.
 
     The forward streams ``W_hr``: its operands span all of ``H``, and held next to the cell's they
     overflow the register file (``python -m bench.kernels`` shows the spills); it is the smaller
     weight (``P x H`` against ``4H x P``). The backward keeps it resident.
     """
-    # reduce_partials sums tiles of BLOCK_U units, and with a projection also of BLOCK_P features;
-    # the projection's backward holds W_hr's block and operand besides: half the elements at once.
-    block_f = max(block_u, block_p) if shape.has_proj else block_u
-    reduce_elements = REDUCE_ELEMENTS // 2 if shape.has_proj else REDUCE_ELEMENTS
     resident_proj = resident and backward and shape.has_proj
-    block_k, block_k_tail = _resident_columns(shape.features, backward) if resident else (chunk, 0)
+    block_k, num_pieces = pieces(_contraction(shape, gather)) if resident else (chunk, 1)
     options = dict(
         RESIDENT=resident,
         RESIDENT_PROJ=resident_proj,
@@ -181,64 +186,80 @@ def _options(shape: Shape, resident: bool, block_b: int, block_u: int, block_p: 
         BLOCK_U=block_u,
         BLOCK_P=block_p,
         BLOCK_K=block_k,
-        BLOCK_KP=_pow2(shape.hidden) if resident_proj else chunk,
-        REDUCE_CHUNK=max(1, min(triton.next_power_of_2(programs), reduce_elements // (block_f * block_b))),
+        NUM_PIECES=num_pieces,
+        BLOCK_KP=_pow2(shape.features if gather else shape.hidden) if resident_proj else chunk,
         **_precision(shape.dtype),
     )
-    if backward:  # only the backward's resident W_hh block comes in two pieces
-        options["BLOCK_K_TAIL"] = block_k_tail
+    if backward:
+        # reduce_partials sums tiles of BLOCK_U units, and with a projection also of BLOCK_P features;
+        # the projection's backward holds W_hr's block and operand besides: half the elements at once.
+        block_f = max(block_u, block_p) if shape.has_proj else block_u
+        reduce_elements = REDUCE_ELEMENTS // 2 if shape.has_proj else REDUCE_ELEMENTS
+        options.update(
+            GATHER=gather,
+            REDUCE_CHUNK=max(1, min(triton.next_power_of_2(programs), reduce_elements // (block_f * block_b))),
+        )
     return options
 
 
 def partial_columns(features: int) -> int:
-    """Row length of the backward's partial-sum buffers: ``features`` rounded up to a multiple of
-    16, which a launch marks divisible by 16 (``recurrence.write_partial`` says why)."""
+    """Row length of the partial-sum buffers: ``features`` rounded up to a multiple of 16, which a
+    launch marks divisible by 16 (``recurrence.write_partial`` says why)."""
     return triton.cdiv(features, 16) * 16
 
 
-def _resident_columns(features: int, backward: bool) -> tuple:
-    """``(BLOCK_K, BLOCK_K_TAIL)``: the column pieces of a resident ``W_hh`` block, powers of two
-    (at least 16, ``tl.dot``'s least K; a tail of 0 is none) that cover ``features``.
-
-    The backward holds one piece's part of ``dL/dh`` in registers at a time (``write_partial``),
-    so it takes pieces of at most ``MAX_PIECE_COLUMNS``: 1024 = 512 + 512, 1000 -> 512 + 512, and
-    below that two where they are fewer columns than one padded piece (768 = 512 + 256, a quarter
-    less shared memory and matmul work than 1024; 600 -> 512 + 128). With one 1024-column piece
-    Triton 3.6 spills 20 bytes a thread at B=5, H=1000, where no size is a multiple of 16
-    (``python -m bench.kernels --all``). The forward keeps one piece: two made its operand tiles
-    spill (in compiles without the launch's integer specialisation; not checked since).
-    """
-    one_piece = (_pow2(features), 0)
-    if not backward:
-        return one_piece
-    head = min(MAX_PIECE_COLUMNS, max(16, 1 << (features.bit_length() - 1)))
-    tail = 0 if head >= features else _pow2(features - head)
-    return (head, tail) if head + tail < _pow2(features) or _pow2(features) > MAX_PIECE_COLUMNS else one_piece
+def _contraction(shape: Shape, gather: bool) -> int:
+    """``K`` of a resident ``W_hh`` block's pieces: the ``P`` features of ``h_{t-1} W_hh^T`` (the
+    forward, and the partial sums' ``W_block^T @ dgates``), or the ``G * H`` gate rows of the
+    gathering backward's ``dgates W_hh``."""
+    return shape.num_gates * shape.hidden if gather else shape.features
 
 
-def resident_bytes(shape: Shape, block_b: int, block_u: int, block_p: int, backward: bool) -> int:
+def pieces(columns: int) -> tuple:
+    """``(BLOCK_K, NUM_PIECES)``: pieces of one power-of-two width, at least 16 (``tl.dot``'s
+    least K) and at most ``MAX_PIECE_COLUMNS``, that cover ``columns``: the fewest whose padding is
+    at most an eighth of them (3072 = 3 x 1024, 2304 = 5 x 512, 768 = 3 x 256, 1000 -> 1 x 1024),
+    else the least padded. A resident block is held in such pieces (``recurrence.resident_block``)
+    rather than padded to one power of two."""
+    widths = [16 << i for i in range(MAX_PIECE_COLUMNS.bit_length() - 4)][::-1]
+    padded = {width: triton.cdiv(columns, width) * width for width in widths}
+    width = next((width for width in widths if 8 * (padded[width] - columns) <= columns),
+                 min(widths, key=lambda width: (padded[width], -width)))
+    return width, triton.cdiv(columns, width)
+
+
+def resident_bytes(shape: Shape, block_b: int, block_u: int, block_p: int, backward: bool,
+                   gather: bool = False) -> int:
     """Shared memory a resident program needs for its weight blocks and dot operands."""
     size = torch.empty((), dtype=shape.dtype).element_size()
-    features, hidden = sum(_resident_columns(shape.features, backward)), _pow2(shape.hidden)
-    if backward:  # the weight blocks (W_hr's too) and the gate gradients, the other operand
-        weights = shape.gate_slots * block_u * features + (block_p * hidden if shape.has_proj else 0)
+    block_k, num_pieces = pieces(_contraction(shape, gather))
+    columns = block_k * num_pieces
+    if gather:  # W_hh's transposed block over features, W_hr's over units; every piece of the operands
+        block_f = block_p if shape.has_proj else block_u
+        weights = block_f * columns + (block_u * _pow2(shape.features) if shape.has_proj else 0)
+        operands = (columns + (_pow2(shape.features) if shape.has_proj else 0)) * block_b
+    elif backward:  # the weight blocks (W_hr's too) and the gate gradients, the other operand
+        weights = shape.gate_slots * block_u * columns + (block_p * _pow2(shape.hidden) if shape.has_proj else 0)
         operands = shape.gate_slots * block_u * block_b + (block_p * block_b if shape.has_proj else 0)
     else:  # W_hh's block and h_{t-1} for a batch tile (W_hr streams)
-        weights = shape.gate_slots * block_u * features
-        operands = block_b * features
+        weights = shape.gate_slots * block_u * columns
+        operands = block_b * columns
     return size * (weights + operands)
 
 
-def _fits(shape: Shape, block_b: int, block_u: int, block_p: int, backward: bool) -> bool:
+def _fits(shape: Shape, block_b: int, block_u: int, block_p: int, backward: bool, gather: bool = False) -> bool:
     if shape.dtype == torch.float64 or (shape.dtype == torch.float32 and _precision(shape.dtype)["DOT_PRECISION"] == "ieee"):
         # Exact fp32 and fp64 products run on the FMA units, which hold both operands whole in
         # registers (fp64 multiplies and reduces, see recurrence.matmul): a resident block does not
         # fit there. TF32, fp16 and bf16 use the tensor cores, which read the block from shared memory.
         return False
-    if resident_bytes(shape, block_b, block_u, block_p, backward) > SHARED_MEMORY_BUDGET:
+    if resident_bytes(shape, block_b, block_u, block_p, backward, gather) > SHARED_MEMORY_BUDGET:
         return False
-    # The forward stages its (P, BLOCK_B) operand through registers, the backward holds its part of
-    # dL/dh (all P, or H with a projection, features) there.
+    if gather:  # every piece of the gate gradients in registers at once
+        block_k, num_pieces = pieces(_contraction(shape, gather))
+        return block_k * num_pieces * block_b * torch.empty((), dtype=shape.dtype).element_size() <= OPERAND_BYTES
+    # The forward stages its (P, BLOCK_B) operand through registers, the partial sums hold their part
+    # of dL/dh (all P, or H with a projection, features) there.
     widest = max(shape.features, shape.hidden if shape.has_proj and backward else 0)
     return _pow2(widest) * block_b <= TILE_ELEMENTS
 
@@ -251,15 +272,20 @@ def plan(shape: Shape, device: torch.device, backward: bool) -> Plan:
     """Choose scheme, resident or streamed weights, block sizes and grid for one launch."""
     scheme = _forced("FUSED_RNN_SCHEME", SCHEMES) or "persistent"
     weights = _forced("FUSED_RNN_WEIGHTS", WEIGHTS)
+    gather = _forced("FUSED_RNN_BACKWARD", BACKWARDS) != "partial"
     if device.type != "cuda":
-        return _interpreter_plan(shape, scheme, weights != "streaming", backward)
-    return gpu_plan(shape, _usable_multiprocessors(device.index), backward, scheme, weights)
+        return _interpreter_plan(shape, scheme, weights != "streaming", backward, gather)
+    return gpu_plan(shape, _usable_multiprocessors(device.index), backward, scheme, weights, gather)
 
 
 def gpu_plan(shape: Shape, multiprocessors: int, backward: bool, scheme: str = "persistent",
-             weights: str | None = None) -> Plan:
-    """``plan`` for a GPU with ``multiprocessors`` SMs (``python -m bench.kernels`` asks without one)."""
-    found = None if weights == "streaming" else _resident_persistent_plan(shape, multiprocessors, backward)
+             weights: str | None = None, gather: bool = True) -> Plan:
+    """``plan`` for a GPU with ``multiprocessors`` SMs (``python -m bench.kernels`` asks without one).
+    The backward gathers where its transposed blocks fit, else it sums parts."""
+    found = None
+    if weights != "streaming":
+        found = (backward and gather and _resident_persistent_plan(shape, multiprocessors, backward, gather=True)
+                 or _resident_persistent_plan(shape, multiprocessors, backward))
     found = found or _streaming_persistent_plan(shape, multiprocessors, backward)
     # The int32 arrival counters are never reset: they reach n_u * 2 * steps (two barriers a step
     # with a projection). Sequences that long launch step by step instead.
@@ -270,48 +296,53 @@ def gpu_plan(shape: Shape, multiprocessors: int, backward: bool, scheme: str = "
     programs = triton.cdiv(shape.hidden, options["BLOCK_U"])
     grid = (triton.cdiv(shape.batch, options["BLOCK_B"]), programs, shape.directions)
     options = _options(shape, found.resident, options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"], programs,
-                       _chunk(shape.dtype), backward)
+                       _chunk(shape.dtype), backward, options.get("GATHER", False))
     return Plan("stepwise", grid, options, shape.has_proj)
 
 
-def _interpreter_plan(shape: Shape, scheme: str, resident: bool, backward: bool) -> Plan:
+def _interpreter_plan(shape: Shape, scheme: str, resident: bool, backward: bool, gather: bool) -> Plan:
     # The interpreter pays per operation, not per element: large tiles make it fast. Small blocks
     # where it matters for the tests: several blocks per program (streaming) or several programs.
+    # The backward gathers where its weights are resident, as on a GPU, unless told otherwise.
+    gather = gather and resident and backward
     block_b = _block_b(shape.batch, 64)
     batch_tiles = triton.cdiv(shape.batch, block_b)
     if scheme == "stepwise":
-        block_u = max(shape.smallest_block, 8)
+        block_u = 16 if gather else max(shape.smallest_block, 8)
         programs = triton.cdiv(shape.hidden, block_u)
         block_p = _pow2(triton.cdiv(shape.features, programs))
-        options = _options(shape, resident, block_b, block_u, block_p, programs, 16, backward)
+        options = _options(shape, resident, block_b, block_u, block_p, programs, 16, backward, gather)
         return Plan(scheme, (batch_tiles, programs, shape.directions), options, shape.has_proj)
     if resident:
         block_u, block_p = max(shape.smallest_block, triton.next_power_of_2(shape.hidden)), _pow2(shape.features)
     else:
         block_u, block_p = shape.smallest_block, 16
-    return Plan(scheme, (1, 1, shape.directions), _options(shape, resident, block_b, block_u, block_p, 1, 16, backward),
-                shape.has_proj)
+    return Plan(scheme, (1, 1, shape.directions),
+                _options(shape, resident, block_b, block_u, block_p, 1, 16, backward, gather), shape.has_proj)
 
 
-def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool) -> Plan | None:
-    """The forward takes the fewest units per block (the most SMs sharing ``W_hh``) whose program
-    fits on an SM. The backward's partial sums cost each program a write and a read of ``B * P``
-    values per step, so it takes blocks of ``BACKWARD_UNITS`` where they fit (at the headline 48
-    programs of 16 units instead of 96 of 8: by the cost model in docs/performance.md 3.5 us per
-    step instead of 4.3), then larger ones, then smaller ones. Not where ``H`` is no multiple of
-    16: a launch cannot mark it so, and there 16-unit programs spill (56 bytes a thread in the
-    LSTM backward at H = 1000, ``python -m bench.kernels --all``)."""
-    sizes = [size for size in (1, 2, 4, 8, 16, 32, 64) if size >= shape.smallest_block]
-    if backward and shape.hidden % 16 == 0:
+def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool, gather: bool = False) -> Plan | None:
+    """The fewest units per block (the most SMs sharing ``W_hh``) whose program fits on an SM.
+
+    The gathering backward's blocks are transposed, blocks of features: ``tl.dot`` wants 16 at
+    least. The partial sums cost each program a write and a read of ``B * P`` values per step, so
+    that backward takes blocks of ``BACKWARD_UNITS`` where they fit (at the headline 48 programs
+    of 16 units instead of 96 of 8), then larger ones, then smaller ones. Not where ``H`` is no
+    multiple of 16: a launch cannot mark it so, and there 16-unit programs spill (56 bytes a
+    thread in the LSTM backward at H = 1000, ``python -m bench.kernels --all``)."""
+    sizes = [size for size in (1, 2, 4, 8, 16, 32, 64) if size >= (16 if gather else shape.smallest_block)]
+    if backward and not gather and shape.hidden % 16 == 0:
         sizes = [size for size in sizes if size >= BACKWARD_UNITS] + [size for size in sizes[::-1] if size < BACKWARD_UNITS]
     for block_u in sizes:
         programs = triton.cdiv(shape.hidden, block_u)
         block_p = _pow2(triton.cdiv(shape.features, programs))
         if shape.directions * programs <= multiprocessors:
             for block_b in (32, 16):
-                if block_b <= _block_b(shape.batch, LARGEST_BLOCK_B) and _fits(shape, block_b, block_u, block_p, backward):
+                if (block_b <= _block_b(shape.batch, LARGEST_BLOCK_B)
+                        and _fits(shape, block_b, block_u, block_p, backward, gather)):
                     groups = min(triton.cdiv(shape.batch, block_b), multiprocessors // (shape.directions * programs))
-                    options = _options(shape, True, block_b, block_u, block_p, programs, _chunk(shape.dtype), backward)
+                    options = _options(shape, True, block_b, block_u, block_p, programs, _chunk(shape.dtype), backward,
+                                       gather)
                     return Plan("persistent", (groups, programs, shape.directions), options, shape.has_proj)
     return None
 

@@ -12,10 +12,11 @@ states move. Without it (weights too large for the chip) the block streams throu
 chunks every step. ``RESIDENT_PROJ`` does the same for the LSTM projection's ``W_hr``. The
 launcher chooses (``launch.plan``).
 
-Backward: the same resident block multiplies the other way. Program ``j`` turns the gate
-gradients of its units into its part of ``dL/dh_{t-1}`` over every feature,
-``partial_j = dgates_j @ W_block_j``, and writes it to a workspace; after the barrier the owner of
-each feature sums the parts (``reduce_partials``). No program needs another's weights.
+Backward: program ``j`` gathers all of the previous step's gate gradients and multiplies them by
+its block's columns of ``W_hh`` (``GATHER``: the transposed block, resident the same way), or,
+where that block does not fit on an SM, turns the gate gradients of its units into its part of
+``dL/dh_{t-1}`` over every feature, ``partial_j = dgates_j @ W_block_j``, and writes it to a
+workspace that the owner of each feature sums after the barrier (``reduce_partials``).
 
 The cell's own math (gate nonlinearities, states, what it saves) comes in as a ``@triton.jit``
 function (``CELL_FORWARD``, ``CELL_BACKWARD``) from ``ops/lstm.py``, ``gru.py`` and ``rnn.py``.
@@ -187,67 +188,65 @@ def matmul(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
 
 
 @triton.jit
-def weight_block(w_ptr, first_unit, H, K, ks, NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr,
-                 BLOCK_U: tl.constexpr):
-    """Columns ``ks`` of the rows of a ``(NUM_GATES * H, K)`` weight that belong to the block's units:
-    the gate-major ``(GATE_SLOTS * BLOCK_U, len(ks))`` operand (zero past the real gates, units, K)."""
-    rows, row_mask = gate_slots(first_unit, H, NUM_GATES, GATE_SLOTS, BLOCK_U)
+def weight_block(w_ptr, first, N, K, ks, NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr,
+                 BLOCK_ROWS: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Columns ``ks`` of this program's block of a weight, the operand of ``recurrent_matmul``.
+
+    Forward (not ``TRANSPOSED``): the rows of a ``(NUM_GATES * N, K)`` weight that belong to the
+    block's ``BLOCK_ROWS`` units from ``first``, gate-major: ``(GATE_SLOTS * BLOCK_ROWS, len(ks))``.
+    ``TRANSPOSED`` (the backward): the block's columns ``first, ...`` of a ``(K, N)`` weight, as
+    the rows of its transpose: ``(BLOCK_ROWS, len(ks))``. Zero past the real gates, rows and K."""
+    if TRANSPOSED:
+        columns = first + tl.arange(0, BLOCK_ROWS)
+        mask = (columns < N)[:, None] & (ks < K)[None, :]
+        return load_tile(w_ptr, ks.to(tl.int64), N, columns, mask)
+    rows, row_mask = gate_slots(first, N, NUM_GATES, GATE_SLOTS, BLOCK_ROWS)
     mask = row_mask[:, None] & (ks < K)[None, :]
     return tl.load(w_ptr + rows.to(tl.int64)[:, None] * K + ks[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
+def resident_block(w_ptr, first, N, K, NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                   BLOCK_K: tl.constexpr, NUM_PIECES: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """This program's whole block of a weight (``weight_block``), loaded once before the time loop
+    to stay on chip for the whole launch: a tuple of ``NUM_PIECES`` column pieces of ``BLOCK_K``
+    (``launch.pieces``), so that ``K`` need not be padded to one power of two."""
+    pieces = ()
+    for piece in tl.static_range(NUM_PIECES):
+        ks = piece * BLOCK_K + tl.arange(0, BLOCK_K)
+        pieces = pieces + (weight_block(w_ptr, first, N, K, ks, NUM_GATES, GATE_SLOTS, BLOCK_ROWS, TRANSPOSED),)
+    return pieces
+
+
+@triton.jit
 def recurrent_matmul(
-    w, w_ptr, first_unit, H, K, x_ptr, x_rows, row_mask,
-    NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr,
+    w, w_ptr, first, N, K, x_ptr, x_rows, row_mask,
+    NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr, NUM_PIECES: tl.constexpr, RESIDENT: tl.constexpr, TRANSPOSED: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
-    """``W_block @ x^T``: ``(GATE_SLOTS * BLOCK_U, BLOCK_B)``, every gate of the block's units, for
-    ``x = x_ptr[x_rows, :K]``, which other programs wrote in the previous step (hence ``.cg``).
+    """``W_block @ x^T`` for ``x = x_ptr[x_rows, :K]``, which other programs wrote in the previous
+    step (hence ``.cg``): ``(GATE_SLOTS * BLOCK_ROWS, BLOCK_B)``, see ``weight_block``.
 
-    ``RESIDENT``: ``w`` is the whole block (``BLOCK_K >= K``), loaded before the time loop, and
-    ``x`` comes in one piece. Otherwise the block streams from ``w_ptr`` in ``BLOCK_K`` chunks.
+    ``RESIDENT``: ``w`` is the whole block (``resident_block``). Every piece of ``x`` is loaded
+    before the first product, so their L2 round trips overlap: one per step, not one per piece.
+    Otherwise the block streams from ``w_ptr`` in ``BLOCK_K`` chunks.
     """
-    acc = tl.zeros((GATE_SLOTS * BLOCK_U, BLOCK_B), dtype=ACC_DTYPE)
+    acc = tl.zeros((GATE_SLOTS * BLOCK_ROWS, BLOCK_B), dtype=ACC_DTYPE)
     if RESIDENT:
-        ks = tl.arange(0, BLOCK_K)
-        x = load_fresh_tile(x_ptr, x_rows, K, ks, (ks < K)[:, None] & row_mask[None, :])
-        acc = matmul(w, x, acc, DOT_PRECISION, DOT_UPCAST)
+        pieces = ()
+        for piece in tl.static_range(NUM_PIECES):
+            ks = piece * BLOCK_K + tl.arange(0, BLOCK_K)
+            pieces = pieces + (load_fresh_tile(x_ptr, x_rows, K, ks, (ks < K)[:, None] & row_mask[None, :]),)
+        for piece in tl.static_range(NUM_PIECES):
+            acc = matmul(w[piece], pieces[piece], acc, DOT_PRECISION, DOT_UPCAST)
     else:
         for k_start in range(0, K, BLOCK_K):
             ks = k_start + tl.arange(0, BLOCK_K)
             x = load_fresh_tile(x_ptr, x_rows, K, ks, (ks < K)[:, None] & row_mask[None, :])
-            w_chunk = weight_block(w_ptr, first_unit, H, K, ks, NUM_GATES, GATE_SLOTS, BLOCK_U)
+            w_chunk = weight_block(w_ptr, first, N, K, ks, NUM_GATES, GATE_SLOTS, BLOCK_ROWS, TRANSPOSED)
             acc = matmul(w_chunk, x, acc, DOT_PRECISION, DOT_UPCAST)
     return acc
-
-
-@triton.jit
-def resident_blocks(w_hh_ptr, w_hr_ptr, H, P, LOAD_HH: tl.constexpr, LOAD_HR: tl.constexpr,
-                    NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr, BLOCK_U: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K_TAIL: tl.constexpr,
-                    BLOCK_KP: tl.constexpr):
-    """This program's blocks of its direction's ``W_hh`` and ``W_hr``, loaded once before the time
-    loop to stay on chip for the whole launch (0.0 for a block the launch streams or a stepwise
-    phase does not use). The pointers are already offset to the program's direction.
-
-    ``W_hh``'s block comes in two column pieces, ``[0, BLOCK_K)`` and the tail ``[BLOCK_K,
-    BLOCK_K + BLOCK_K_TAIL)`` (0.0 when ``BLOCK_K_TAIL`` is 0, always in the forward), each a
-    power of two: in the backward at P = 768, 512 + 256 columns instead of 1024, and one piece's
-    part of ``dL/dh_{t-1}`` in registers at a time (``launch._resident_columns``)."""
-    w_hh = 0.0
-    w_hh_tail = 0.0
-    w_hr = 0.0
-    if LOAD_HH:
-        first_unit = tl.program_id(1) * BLOCK_U
-        w_hh = weight_block(w_hh_ptr, first_unit, H, P, tl.arange(0, BLOCK_K), NUM_GATES, GATE_SLOTS, BLOCK_U)
-        if BLOCK_K_TAIL > 0:
-            w_hh_tail = weight_block(w_hh_ptr, first_unit, H, P, BLOCK_K + tl.arange(0, BLOCK_K_TAIL),
-                                     NUM_GATES, GATE_SLOTS, BLOCK_U)
-    if LOAD_HR:
-        w_hr = weight_block(w_hr_ptr, tl.program_id(1) * BLOCK_P, P, H, tl.arange(0, BLOCK_KP), 1, 1, BLOCK_P)
-    return w_hh, w_hh_tail, w_hr
 
 
 @triton.jit
@@ -285,32 +284,30 @@ def store_hidden(h, h_ptr, zoneout_h_ptr, h_mask_ptr, recurrent_ptr, zoneout_p, 
 
 @triton.jit
 def write_partial(
-    w, w_tail, w_ptr, first_unit, H, K, dgates, partial_ptr, partial_rows, columns, row_mask, accumulate,
+    w, w_ptr, first_unit, H, K, dgates, partial_ptr, partial_rows, columns, row_mask, accumulate,
     NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_K_TAIL: tl.constexpr, RESIDENT: tl.constexpr,
+    BLOCK_K: tl.constexpr, NUM_PIECES: tl.constexpr, RESIDENT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """This program's part of ``dL/dx`` for every feature of ``x``: ``W_block^T @ dgates``, written
     to ``partial[partial_rows, :K]``, or added to it (``accumulate``: a streaming program's later
-    blocks; a resident program has one block, in the two pieces of ``recurrent_matmul``).
-    ``partial``'s rows are ``columns`` long, ``K`` rounded up to a multiple of 16, and the stores
-    fill them to there (zeros past ``K``, where the block is zero): their mask then changes only
-    every 16 columns, so the compiler may vectorise them whatever ``K``.
+    blocks; a resident program has one block, ``w``, in pieces: one piece's part in registers at
+    a time). ``partial``'s rows are ``columns`` long, ``K`` rounded up to a multiple of 16, and the
+    stores fill them to there (zeros past ``K``, where the block is zero): their mask then changes
+    only every 16 columns, so the compiler may vectorise them whatever ``K``.
 
     ``dgates (GATE_SLOTS * BLOCK_U, BLOCK_B)`` is the gradient of ``W_block @ x^T``. It is rounded
     to the weight's dtype first, as a GEMM over stored gate gradients would see it.
     """
     dgates = dgates.to(w_ptr.dtype.element_ty)
     if RESIDENT:
-        store_part(w, dgates, tl.arange(0, BLOCK_K), partial_ptr, partial_rows, columns, row_mask, False,
-                   BLOCK_B, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
-        if BLOCK_K_TAIL > 0:
-            store_part(w_tail, dgates, BLOCK_K + tl.arange(0, BLOCK_K_TAIL), partial_ptr, partial_rows, columns,
+        for piece in tl.static_range(NUM_PIECES):
+            store_part(w[piece], dgates, piece * BLOCK_K + tl.arange(0, BLOCK_K), partial_ptr, partial_rows, columns,
                        row_mask, False, BLOCK_B, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
     else:
         for k_start in range(0, K, BLOCK_K):
             ks = k_start + tl.arange(0, BLOCK_K)
-            w_chunk = weight_block(w_ptr, first_unit, H, K, ks, NUM_GATES, GATE_SLOTS, BLOCK_U)
+            w_chunk = weight_block(w_ptr, first_unit, H, K, ks, NUM_GATES, GATE_SLOTS, BLOCK_U, False)
             store_part(w_chunk, dgates, ks, partial_ptr, partial_rows, columns, row_mask, accumulate,
                        BLOCK_B, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
 
@@ -412,7 +409,7 @@ def forward_kernel(
     ZONEOUT: tl.constexpr, SAVE: tl.constexpr, GRID_SYNC: tl.constexpr, RESIDENT: tl.constexpr, RESIDENT_PROJ: tl.constexpr,
     STEP_PHASE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_KP: tl.constexpr, REDUCE_CHUNK: tl.constexpr,
+    NUM_PIECES: tl.constexpr, BLOCK_KP: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """Forward recurrence of a layer over the steps ``[step_begin, step_end)``, both directions.
@@ -444,11 +441,12 @@ def forward_kernel(
     if HAS_PROJ:
         w_hr_ptr += direction.to(tl.int64) * P * H
     # A stepwise launch of one phase (1: the cell, 2: the projection) loads only the block it uses.
-    # One piece of W_hh (no tail) in the forward: BLOCK_K covers P.
-    blocks = resident_blocks(
-        w_hh_ptr, w_hr_ptr, H, P, RESIDENT and STEP_PHASE != 2, RESIDENT_PROJ and STEP_PHASE != 1,
-        NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_P, BLOCK_K, 0, BLOCK_KP)
-    w_hh, w_hr = blocks[0], blocks[2]
+    w_hh = 0.0
+    w_hr = 0.0
+    if RESIDENT and STEP_PHASE != 2:
+        w_hh = resident_block(w_hh_ptr, first_unit, H, P, NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_K, NUM_PIECES, False)
+    if RESIDENT_PROJ and STEP_PHASE != 1:
+        w_hr = resident_block(w_hr_ptr, first_feature, P, H, 1, 1, BLOCK_P, BLOCK_KP, 1, False)
     arrivals = 0
     for step in range(step_begin, step_end):
         t = step + direction * (T - 1 - 2 * step)
@@ -470,7 +468,7 @@ def forward_kernel(
                     mask = (units < H)[:, None] & row_mask[None, :]
                     gates_h = recurrent_matmul(
                         w_hh, w_hh_ptr, block_start, H, P, operand_ptr, operand_rows, row_mask,
-                        NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_B, BLOCK_K, RESIDENT,
+                        NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_B, BLOCK_K, NUM_PIECES, RESIDENT, False,
                         ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
                     h = CELL_FORWARD(
                         gates_h, gates_x_ptr, b_hh_ptr, h_ptr, c_ptr, saved_ptr, zoneout_c_ptr, zoneout_p,
@@ -498,7 +496,7 @@ def forward_kernel(
                         mask = (features < P)[:, None] & row_mask[None, :]
                         h = recurrent_matmul(
                             w_hr, w_hr_ptr, block_start, P, H, h_raw_ptr, x_rows, row_mask, 1, 1, BLOCK_P, BLOCK_B,
-                            BLOCK_KP, RESIDENT_PROJ, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
+                            BLOCK_KP, 1, RESIDENT_PROJ, False, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
                         store_hidden(
                             h, h_ptr, zoneout_h_ptr, h_mask_ptr, recurrent_ptr, zoneout_p, x_rows, prev_rows,
                             init_rows, out_rows, state_rows, buffer_rows((step + 1) % 2, batch_rows, B, D, direction),
@@ -509,22 +507,33 @@ def forward_kernel(
 
 @triton.jit
 def gather_hidden_grad(
-    grad_h_ptr, dh_carry_ptr, dh0_ptr, partial_ptr, h_mask_ptr, parity, step,
-    x_rows, state_rows, batch_rows, B, D, direction, P, partial_columns, features, mask, reset_before,
-    HAS_RESETS: tl.constexpr, HAS_H_MASK: tl.constexpr,
-    BLOCK_F: tl.constexpr, BLOCK_B: tl.constexpr, REDUCE_CHUNK: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    w_hh, w_hh_ptr, grad_h_ptr, dh_carry_ptr, dh0_ptr, recurrent_grad_ptr, partial_ptr, h_mask_ptr, step,
+    x_rows, before_rows, state_rows, batch_rows, row_mask, B, D, direction, H, P, partial_columns, first_feature,
+    mask, reset_before,
+    NUM_GATES: tl.constexpr, GATHER: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_H_MASK: tl.constexpr,
+    BLOCK_F: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, NUM_PIECES: tl.constexpr,
+    REDUCE_CHUNK: tl.constexpr, RESIDENT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
-    """``dL/dh_t`` for a ``(features, batch)`` tile: the gradient of the output sequence, the
-    carry (what reached ``h_t`` around ``W_hh``), and the parts the previous backward step
-    wrote for ``h_t`` as its ``h_{t-1}``. Where that step reset, its parts belong to ``h_0``
-    instead and go to ``dh0``."""
+    """``dL/dh_t`` for the ``(BLOCK_F, batch)`` tile of features from ``first_feature``: the
+    gradient of the output sequence, the carry (what reached ``h_t`` around ``W_hh``), and what
+    the previous backward step sends through ``W_hh``. With ``GATHER`` that is its gate gradients,
+    every program's (``recurrent_grad`` at ``before_rows``), times the block's columns of
+    ``W_hh``; else the sum of the parts every program wrote (``reduce_partials``). Where that step
+    reset, it belongs to ``h_0`` instead and goes to ``dh0``."""
+    features = first_feature + tl.arange(0, BLOCK_F)
     dh = load_tile(grad_h_ptr, x_rows, P, features, mask).to(ACC_DTYPE)
     dh += load_tile(dh_carry_ptr, state_rows, P, features, mask)
     if step > 0:
-        num_parts = tl.num_programs(1)
-        incoming = reduce_partials(partial_ptr, (1 - parity) * num_parts, num_parts, batch_rows, B, D,
-                                   direction, partial_columns, features, mask, BLOCK_F, BLOCK_B, REDUCE_CHUNK,
-                                   ACC_DTYPE)
+        if GATHER:
+            incoming = recurrent_matmul(
+                w_hh, w_hh_ptr, first_feature, P, NUM_GATES * H, recurrent_grad_ptr, before_rows, row_mask, 1, 1,
+                BLOCK_F, BLOCK_B, BLOCK_K, NUM_PIECES, RESIDENT, True, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
+        else:
+            num_parts = tl.num_programs(1)
+            incoming = reduce_partials(partial_ptr, (1 - step % 2) * num_parts, num_parts, batch_rows, B, D,
+                                       direction, partial_columns, features, mask, BLOCK_F, BLOCK_B, REDUCE_CHUNK,
+                                       ACC_DTYPE)
         if HAS_H_MASK:
             incoming *= load_tile(h_mask_ptr, state_rows, P, features, mask)
         dh += route_to_initial(incoming, dh0_ptr, state_rows, P, features, mask, reset_before, HAS_RESETS)
@@ -533,6 +542,7 @@ def gather_hidden_grad(
 
 @triton.heuristics({
     "HAS_PROJ": lambda args: args["w_hr_ptr"] is not None,
+    "SEPARATE_HIDDEN_GRAD": lambda args: args["dgates_h_ptr"] is not None,
     "HAS_LENGTHS": lambda args: args["lengths_ptr"] is not None,
     "HAS_RESETS": lambda args: args["resets_ptr"] is not None,
     "HAS_H_MASK": lambda args: args["h_mask_ptr"] is not None,
@@ -546,33 +556,44 @@ def backward_kernel(
     dgates_x_ptr, dgates_h_ptr, grad_h_proj_ptr, dh_carry_ptr, dh0_ptr, dc_carry_ptr, dc0_ptr,
     partial_ptr, partial_proj_ptr,
     T, B, H, P, partial_columns, partial_proj_columns, zoneout_p, barrier_ptr, step_begin, step_end,
-    CELL_BACKWARD: tl.constexpr, NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr,
-    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_H_MASK: tl.constexpr,
-    ZONEOUT: tl.constexpr, GRID_SYNC: tl.constexpr, RESIDENT: tl.constexpr, RESIDENT_PROJ: tl.constexpr, STEP_PHASE: tl.constexpr,
+    CELL_BACKWARD: tl.constexpr, NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr, GATHER: tl.constexpr,
+    HAS_PROJ: tl.constexpr, SEPARATE_HIDDEN_GRAD: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    HAS_RESETS: tl.constexpr, HAS_H_MASK: tl.constexpr, ZONEOUT: tl.constexpr, GRID_SYNC: tl.constexpr,
+    RESIDENT: tl.constexpr, RESIDENT_PROJ: tl.constexpr, STEP_PHASE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_K_TAIL: tl.constexpr, BLOCK_KP: tl.constexpr, REDUCE_CHUNK: tl.constexpr,
+    NUM_PIECES: tl.constexpr, BLOCK_KP: tl.constexpr, REDUCE_CHUNK: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """Backward (BPTT) of ``forward_kernel`` over the steps ``[step_begin, step_end)``, each
-    direction walking its time the other way. Same grid and ownership as the forward.
+    direction walking its time the other way. Same grid as the forward; program ``j`` owns the
+    unit blocks ``j, j + n_u, ...`` and the blocks of ``BLOCK_P`` features of ``h`` (with a
+    projection; else its features are its units).
 
-    Per step: ``dh_t`` (``gather_hidden_grad``) for the features the program owns; [proj] its
-    part of ``dL/d(o * tanh(c_t))`` through ``W_hr``, then a barrier (``STEP_PHASE`` as in the
-    forward: 1 runs up to it, 2 from it); the cell's gate gradients;
-    its part of ``dL/dh_{t-1}`` through ``W_hh`` into ``partial`` (two slots, alternating by step
-    parity, so one barrier per step separates a slot's writers from its readers).
+    Per step: ``dh_t`` for the features the program owns (``gather_hidden_grad``); [proj] then
+    a barrier (``STEP_PHASE`` as in the forward: 1 runs up to it, 2 from it) and ``dL/d(o *
+    tanh(c_t))`` for its units through ``W_hr``; the cell's gate gradients. The product by ``W_hh``
+    that carries them to the previous step runs one of two ways (``launch`` chooses):
+
+    * ``GATHER``: after the step's barrier, every program reads all of the gate gradients and
+      multiplies them by its block's columns of ``W_hh`` (``TRANSPOSED`` blocks, ``BLOCK_U >= 16``
+      features); with a projection likewise ``grad_h_proj`` by its columns of ``W_hr``.
+    * else: each program writes its part of ``dL/dh_{t-1}`` for every feature,
+      ``W_block^T @ dgates_block``, to ``partial (2, n_u, B, D, partial_columns)`` (two slots,
+      alternating by step parity, so one barrier per step separates a slot's writers from its
+      readers), and the owner of each feature sums the parts; with a projection likewise through
+      ``partial_proj (n_u, B, D, partial_proj_columns)``. Its blocks are the forward's, so it
+      spreads ``W_hh`` over more programs: the launcher takes it where a transposed block does
+      not fit on an SM, and where the weights stream.
 
     Reads ``grad_h (T, B, D, P)`` (the gradient of the output sequence, the final-state gradient
     folded in), the forward's ``h``, ``c`` and ``saved``, the weights and options. Writes
-    ``dgates_x (T, B, D, G*H)`` (the gradient of ``gates_x``), ``dgates_h`` [GRU: the gradient of
-    ``h W_hh^T + b_hh`` where it differs], ``grad_h_proj (T, B, D, P)`` [proj: the gradient of the
-    projection's output]. The carries ``dh_carry (B, D, P)`` and ``dc_carry (B, D, H)`` come in as
-    zeros and ``dL/dc_n`` and leave as the parts of ``dL/dh_0`` and ``dL/dc_0`` from the first
-    step; ``dh0`` and ``dc0`` (zeros in) gather what the resets route to the initial state. The
-    programs' parts go through ``partial (2, n_u, B, D, partial_columns)`` and, with proj,
-    ``partial_proj (n_u, B, D, partial_proj_columns)``: rows padded to a multiple of 16
-    (``write_partial``). The first step's ``partial`` slot (``(T - 1) % 2``) holds the rest of
-    ``dL/dh_0``.
+    ``dgates_x (T, B, D, G*H)`` (the gradient of ``gates_x``, and for the LSTM and RNN that of
+    ``h W_hh^T``), ``dgates_h`` [GRU: the gradient of ``h W_hh^T + b_hh``, where it differs],
+    ``grad_h_proj (T, B, D, P)`` [proj: the gradient of the projection's output]. The carries
+    ``dh_carry (B, D, P)`` and ``dc_carry (B, D, H)`` come in as zeros and ``dL/dc_n`` and leave
+    as the parts of ``dL/dh_0`` and ``dL/dc_0`` from the first step; ``dh0`` and ``dc0`` (zeros
+    in) gather what the resets route to the initial state. What the last step sends through
+    ``W_hh`` to ``h_0`` the launcher adds.
     """
     direction = tl.program_id(2)
     D = tl.num_programs(2)
@@ -582,10 +603,26 @@ def backward_kernel(
     num_parts = tl.num_programs(1)
     if HAS_PROJ:
         w_hr_ptr += direction.to(tl.int64) * P * H
-    # A stepwise launch of one phase (1: the projection, 2: the cell) loads only the block it uses.
-    w_hh, w_hh_tail, w_hr = resident_blocks(
-        w_hh_ptr, w_hr_ptr, H, P, RESIDENT and STEP_PHASE != 1, RESIDENT_PROJ and STEP_PHASE != 2,
-        NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_P, BLOCK_K, BLOCK_K_TAIL, BLOCK_KP)
+    # The LSTM and RNN multiply their dgates_x by W_hh, the GRU its dgates_h.
+    recurrent_grad_ptr = dgates_x_ptr
+    if SEPARATE_HIDDEN_GRAD:
+        recurrent_grad_ptr = dgates_h_ptr
+    # A stepwise launch of one phase (1: dL/dh, 2: the cell) loads only the block it uses.
+    w_hh = 0.0
+    w_hr = 0.0
+    if GATHER:
+        if RESIDENT and STEP_PHASE != 2:
+            BLOCK_F: tl.constexpr = BLOCK_P if HAS_PROJ else BLOCK_U
+            w_hh = resident_block(w_hh_ptr, tl.program_id(1) * BLOCK_F, P, NUM_GATES * H, 1, 1, BLOCK_F, BLOCK_K,
+                                  NUM_PIECES, True)
+        if RESIDENT_PROJ and STEP_PHASE != 1:
+            w_hr = resident_block(w_hr_ptr, first_unit, H, P, 1, 1, BLOCK_U, BLOCK_KP, 1, True)
+    else:
+        if RESIDENT and STEP_PHASE != 1:
+            w_hh = resident_block(w_hh_ptr, first_unit, H, P, NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_K, NUM_PIECES,
+                                  False)
+        if RESIDENT_PROJ and STEP_PHASE != 2:
+            w_hr = resident_block(w_hr_ptr, first_feature, P, H, 1, 1, BLOCK_P, BLOCK_KP, 1, False)
     arrivals = 0
     for step in range(step_begin, step_end):
         # Walking time backwards: T-1, ..., 0 for the forward direction; 0, ..., T-1 in reverse.
@@ -603,10 +640,11 @@ def backward_kernel(
                         features = block_start + tl.arange(0, BLOCK_P)
                         mask = (features < P)[:, None] & row_mask[None, :]
                         dh = gather_hidden_grad(
-                            grad_h_ptr, dh_carry_ptr, dh0_ptr, partial_ptr, h_mask_ptr, parity, step,
-                            x_rows, state_rows, batch_rows, B, D, direction, P, partial_columns, features, mask,
-                            reset_before,
-                            HAS_RESETS, HAS_H_MASK, BLOCK_P, BLOCK_B, REDUCE_CHUNK, ACC_DTYPE)
+                            w_hh, w_hh_ptr, grad_h_ptr, dh_carry_ptr, dh0_ptr, recurrent_grad_ptr, partial_ptr,
+                            h_mask_ptr, step, x_rows, buffer_rows(t_before, batch_rows, B, D, direction), state_rows,
+                            batch_rows, row_mask, B, D, direction, H, P, partial_columns, block_start, mask,
+                            reset_before, NUM_GATES, GATHER, HAS_RESETS, HAS_H_MASK, BLOCK_P, BLOCK_B, BLOCK_K,
+                            NUM_PIECES, REDUCE_CHUNK, RESIDENT, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
                         dh_new, carry = zoneout_grad(dh, zoneout_h_ptr, x_rows, P, features, mask, zoneout_p, ZONEOUT)
                         if HAS_LENGTHS:
                             # Past a sequence's end h_t is h_{t-1}: dh goes around the projection and the cell.
@@ -617,14 +655,14 @@ def backward_kernel(
                             store_tile(dh_carry_ptr, state_rows, P, features, mask, carry)
                         dh = dh_new
                         store_tile(grad_h_proj_ptr, x_rows, P, features, mask, dh)
-                        write_partial(
-                            w_hr, 0.0, w_hr_ptr, block_start, P, H, dh, partial_proj_ptr,
-                            buffer_rows(tl.program_id(1), batch_rows, B, D, direction), partial_proj_columns,
-                            row_mask,
-                            block_start != first_feature, 1, 1, BLOCK_P, BLOCK_B, BLOCK_KP, 0, RESIDENT_PROJ,
-                            ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
+                        if not GATHER:
+                            write_partial(
+                                w_hr, w_hr_ptr, block_start, P, H, dh, partial_proj_ptr,
+                                buffer_rows(tl.program_id(1), batch_rows, B, D, direction), partial_proj_columns,
+                                row_mask, block_start != first_feature, 1, 1, BLOCK_P, BLOCK_B, BLOCK_KP, 1,
+                                RESIDENT_PROJ, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
             if STEP_PHASE == 0:
-                # The cell needs dL/d(o * tanh(c_t)) for its units from every program's part.
+                # The cell needs the gradient through W_hr for its units, from every feature.
                 arrivals = sync_programs(barrier_ptr, arrivals, GRID_SYNC)
         if STEP_PHASE != 1:
             for first_row in range(tl.program_id(0) * BLOCK_B, B, tl.num_programs(0) * BLOCK_B):
@@ -636,15 +674,21 @@ def backward_kernel(
                     units = block_start + tl.arange(0, BLOCK_U)
                     mask = (units < H)[:, None] & row_mask[None, :]
                     if HAS_PROJ:
-                        dh = reduce_partials(partial_proj_ptr, 0, num_parts, batch_rows, B, D, direction,
-                                             partial_proj_columns, units,
-                                             mask, BLOCK_U, BLOCK_B, REDUCE_CHUNK, ACC_DTYPE)
+                        if GATHER:
+                            dh = recurrent_matmul(
+                                w_hr, w_hr_ptr, block_start, H, P, grad_h_proj_ptr, x_rows, row_mask, 1, 1, BLOCK_U,
+                                BLOCK_B, BLOCK_KP, 1, RESIDENT_PROJ, True, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
+                        else:
+                            dh = reduce_partials(partial_proj_ptr, 0, num_parts, batch_rows, B, D, direction,
+                                                 partial_proj_columns, units, mask, BLOCK_U, BLOCK_B, REDUCE_CHUNK,
+                                                 ACC_DTYPE)
                     else:
                         dh = gather_hidden_grad(
-                            grad_h_ptr, dh_carry_ptr, dh0_ptr, partial_ptr, h_mask_ptr, parity, step,
-                            x_rows, state_rows, batch_rows, B, D, direction, P, partial_columns, units, mask,
-                            reset_before,
-                            HAS_RESETS, HAS_H_MASK, BLOCK_U, BLOCK_B, REDUCE_CHUNK, ACC_DTYPE)
+                            w_hh, w_hh_ptr, grad_h_ptr, dh_carry_ptr, dh0_ptr, recurrent_grad_ptr, partial_ptr,
+                            h_mask_ptr, step, x_rows, buffer_rows(t_before, batch_rows, B, D, direction), state_rows,
+                            batch_rows, row_mask, B, D, direction, H, P, partial_columns, block_start, mask,
+                            reset_before, NUM_GATES, GATHER, HAS_RESETS, HAS_H_MASK, BLOCK_U, BLOCK_B, BLOCK_K,
+                            NUM_PIECES, REDUCE_CHUNK, RESIDENT, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
                     dh_total = dh
                     if not HAS_PROJ:
                         dh, carry_zoneout = zoneout_grad(dh, zoneout_h_ptr, x_rows, P, units, mask, zoneout_p, ZONEOUT)
@@ -659,13 +703,13 @@ def backward_kernel(
                             carry = tl.where(active[None, :], carry, dh_total)
                         carry = route_to_initial(carry, dh0_ptr, state_rows, P, units, mask, reset, HAS_RESETS)
                         store_tile(dh_carry_ptr, state_rows, P, units, mask, carry)
-                    write_partial(
-                        w_hh, w_hh_tail, w_hh_ptr, block_start, H, P, dgates_h, partial_ptr,
-                        buffer_rows(parity * num_parts + tl.program_id(1), batch_rows, B, D, direction),
-                        partial_columns, row_mask,
-                        block_start != first_unit, NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_B, BLOCK_K, BLOCK_K_TAIL,
-                        RESIDENT, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
-        # The next step reads this step's parts from every program.
+                    if not GATHER:
+                        write_partial(
+                            w_hh, w_hh_ptr, block_start, H, P, dgates_h, partial_ptr,
+                            buffer_rows(parity * num_parts + tl.program_id(1), batch_rows, B, D, direction),
+                            partial_columns, row_mask, block_start != first_unit, NUM_GATES, GATE_SLOTS, BLOCK_U,
+                            BLOCK_B, BLOCK_K, NUM_PIECES, RESIDENT, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
+        # The next step reads this step's gate gradients (or parts) from every program.
         arrivals = sync_programs(barrier_ptr, arrivals, GRID_SYNC)
 
 
@@ -775,17 +819,20 @@ def backward(cell: Cell, grad_h, grad_c_n, w_hh, w_hr, lengths, resets, h_mask, 
     H = w_hh.shape[1] // cell.num_gates
     acc, device = accumulator_dtype(grad_h.dtype), grad_h.device
     plan = launch.plan(_shape(cell, T, B, D, H, P, grad_h.dtype, w_hr is not None), device, backward=True)
-    programs = plan.grid[1]
     dh_carry = torch.zeros(B, D, P, dtype=acc, device=device)
     dh0 = torch.zeros(B, D, P, dtype=acc, device=device)
     dc_carry = dc0 = None
     if cell.has_cell_state:
         dc_carry = grad_c_n.transpose(0, 1).to(dtype=acc, memory_format=torch.contiguous_format, copy=True)
         dc0 = torch.zeros(B, D, H, dtype=acc, device=device)
-    # Zeros: a program that owns no feature block (past P) leaves its parts at zero.
     columns, proj_columns = launch.partial_columns(P), launch.partial_columns(H)
-    partial = torch.zeros(2, programs, B, D, columns, dtype=acc, device=device)
-    partial_proj = torch.zeros(programs, B, D, proj_columns, dtype=acc, device=device) if w_hr is not None else None
+    partial = partial_proj = None
+    if not plan.options["GATHER"]:
+        # Zeros: a program that owns no feature block (past P) leaves its parts at zero.
+        programs = plan.grid[1]
+        partial = torch.zeros(2, programs, B, D, columns, dtype=acc, device=device)
+        if w_hr is not None:
+            partial_proj = torch.zeros(programs, B, D, proj_columns, dtype=acc, device=device)
     launch.launch(
         backward_kernel,
         (grad_h.contiguous(), w_hh.contiguous(), w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c, h,
@@ -794,8 +841,13 @@ def backward(cell: Cell, grad_h, grad_c_n, w_hh, w_hr, lengths, resets, h_mask, 
          float(zoneout_p)),
         plan, T, CELL_BACKWARD=cell.backward, NUM_GATES=cell.num_gates, GATE_SLOTS=cell.gate_slots,
     )
-    # What the first step (t = 0) sends through W_hh reaches h_0.
-    incoming = partial[(T - 1) % 2, ..., :P].sum(0)
+    # What each direction's last step (t = 0 forwards, T - 1 in reverse) sends through W_hh reaches h_0.
+    if plan.options["GATHER"]:
+        recurrent_grad = dgates_h if cell.separate_hidden_grad else dgates_x
+        last = torch.stack([recurrent_grad[(T - 1) * direction, :, direction] for direction in range(D)])
+        incoming = torch.bmm(last.to(acc), w_hh.to(acc)).transpose(0, 1)
+    else:
+        incoming = partial[(T - 1) % 2, ..., :P].sum(0)
     if h_mask is not None:
         incoming = incoming * h_mask
     dh0 = (dh0 + dh_carry + incoming).transpose(0, 1).to(grad_h.dtype).contiguous()
