@@ -65,15 +65,18 @@ def axis_overrides(args: argparse.Namespace) -> dict:
     )
 
 
-def results_tag(preset: str, subset: bool, scheme: Optional[str] = None):
+def results_tag(preset: str, subset: bool, scheme: Optional[str] = None, backward: Optional[str] = None):
     """Suffix of the results file name: none for the full grid, else the preset, plus "-subset" when
     flags narrowed it, so that no partial run overwrites the grid's ``<gpu>-<date>.json``; plus the
-    launch scheme when ``FUSED_RNN_SCHEME`` forced one."""
+    launch scheme when ``FUSED_RNN_SCHEME`` forced one, and the backward when ``FUSED_RNN_BACKWARD``
+    did."""
     parts = [] if preset == "grid" and not subset else [preset]
     if subset:
         parts.append("subset")
     if scheme is not None:
         parts.append(scheme)
+    if backward is not None:
+        parts.append(f"backward-{backward}")
     return "-".join(parts) or None
 
 
@@ -111,7 +114,8 @@ def main(argv=None) -> int:
         print("Nothing written: a CPU run writes its JSON and PNG only into an explicit --out DIR.")
     else:
         subset = any(values is not None for values in overrides.values())
-        tag = results_tag(preset, subset, scheme=os.environ.get("FUSED_RNN_SCHEME"))
+        tag = results_tag(preset, subset, scheme=os.environ.get("FUSED_RNN_SCHEME"),
+                          backward=os.environ.get("FUSED_RNN_BACKWARD"))
         for path in suite.write_results(header, rows, args.out or suite.RESULTS_DIR, tag=tag):
             if path is not None:
                 print(f"wrote {path}")

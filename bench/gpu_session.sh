@@ -7,6 +7,8 @@
 #   drift      |h - h_fp64| over T=10,000 steps in fp16/bf16/fp32 (python -m bench.drift)
 #   second_order  the headline shape at T=256: forward+backward and a gradient penalty (second
 #              derivatives, against torch.nn without cuDNN, which refuses them)
+#   partial    the headline's forward+backward with the backward summing parts instead of
+#              gathering (FUSED_RNN_BACKWARD=partial): what the gathering backward gains
 #   bash bench/gpu_session.sh                  the first four (may not fit one 10-minute call)
 #   bash bench/gpu_session.sh tests headline   one call; then `... grid` in the next
 # Every stage runs under `timeout`, so a hung kernel costs minutes, not the session.
@@ -33,8 +35,11 @@ for stage in "${@:-tests headline grid drift}"; do
             second_order)
                 timeout 240 python3 -m bench --headline --seq 256 --mode forward_backward gradient_penalty \
                     --no-progress --out "$out" 2>&1 | tee "$out/bench-second-order.log" | tail -n 8 ;;
+            partial)
+                FUSED_RNN_BACKWARD=partial timeout 120 python3 -m bench --headline --mode forward_backward \
+                    --no-progress --out "$out" 2>&1 | tee "$out/bench-headline-partial.log" | tail -n 8 ;;
             *)
-                echo "unknown stage: $step (tests, headline, grid, drift, second_order)"; exit 2 ;;
+                echo "unknown stage: $step (tests, headline, grid, drift, second_order, partial)"; exit 2 ;;
         esac
     done
 done

@@ -10,10 +10,12 @@ the weights when they stream) and turns them into a lower bound in microseconds 
                                           L2 bytes of one program / one SM's L2 bandwidth)
            [+ the weights' bytes from HBM per step, streaming plans]
 
-``round_trips`` counts the dependent trips to L2 on a step's critical path: the barrier (an
-arrival and the poll that sees the last one), the operand load (every piece at once), the stores
-the next step reads, and in a backward that sums parts one per chunk of programs whose parts
-``reduce_partials`` loads. Tensor-core time (about 0.1 us at the headline) and the elementwise math hide under them.
+``round_trips`` counts the dependent trips to L2 on a step's critical path: the stores the next
+step reads and the barrier (an arrival and the poll that sees the last one), then for each batch
+tile a program walks the operand load (every piece at once; in a backward that sums parts, one
+per chunk of programs whose parts ``reduce_partials`` loads) and the cell's loads, which wait for
+the product. Tensor-core time (about 0.1 us at the headline) and the elementwise math hide under
+them.
 The forward is timed in inference (nothing saved), the backward adds the saved tensors.
 
 Assumed constants (public figures; what the GPU gives in practice is for a GPU session to
@@ -35,8 +37,8 @@ MULTIPROCESSORS = 132
 L2_BANDWIDTH = 5.5e12
 SM_L2_BANDWIDTH = 64 * 1.755e9
 L2_ROUND_TRIP = 0.25e-6
-FORWARD_ROUND_TRIPS = 4  # barrier arrival + poll, operand load, state store
-BACKWARD_ROUND_TRIPS = 4  # barrier arrival + poll, operand (or partial) load, gate gradient store; plus one per chunk of parts
+SYNC_ROUND_TRIPS = 3  # the step's stores, the barrier's arrival and the poll that sees the last one
+TILE_ROUND_TRIPS = 2  # per batch tile: the operand load and the cell's loads
 CUDNN_US_PER_STEP = 2.0  # cuDNN, LSTM B=16 H=768 fp16 (../shared/NOTES.md: 2.01 ms at T=1024)
 CELLS = {"lstm": (4, 4, True), "gru": (3, 4, False)}  # gates, saved gates, cell state
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -75,7 +77,8 @@ def step_seconds(cell: str, dtype, batch: int, hidden: int, backward: bool, hbm:
     size = torch.empty((), dtype=dtype).element_size()
     groups, programs, _ = plan.grid
     block_b, block_u = plan.options["BLOCK_B"], plan.options["BLOCK_U"]
-    rows = math.ceil(math.ceil(batch / block_b) / groups) * block_b  # batch rows a program walks
+    tiles = math.ceil(math.ceil(batch / block_b) / groups)  # batch tiles a program walks, one after another
+    rows = tiles * block_b
     units = block_u * math.ceil(math.ceil(hidden / block_u) / programs)  # units a program owns
     states = (2 * 4 if has_cell_state else 0) + size  # c in fp32 read and written, h written
     if backward and plan.options["GATHER"]:
@@ -83,7 +86,7 @@ def step_seconds(cell: str, dtype, batch: int, hidden: int, backward: bool, hbm:
             gates * hidden * size            # every unit's gate gradients of the step before, read
             + units * (saved_gates + gates) * size      # saved activations read, gate gradients written
             + units * (size + states + 8))              # grad_h, states, carries
-        round_trips = BACKWARD_ROUND_TRIPS
+        round_trips = SYNC_ROUND_TRIPS + tiles * TILE_ROUND_TRIPS
     elif backward:
         per_program = rows * (
             hidden * 4                       # partial sums of dL/dh_{t-1}, written (fp32)
@@ -91,10 +94,11 @@ def step_seconds(cell: str, dtype, batch: int, hidden: int, backward: bool, hbm:
             + units * (saved_gates + gates) * size      # saved activations read, gate gradients written
             + units * (size + states + 8))              # grad_h, states, carries
         # reduce_partials loads REDUCE_CHUNK programs' parts at a time, one dependent trip each.
-        round_trips = BACKWARD_ROUND_TRIPS + math.ceil(programs / plan.options["REDUCE_CHUNK"])
+        chunks = math.ceil(programs / plan.options["REDUCE_CHUNK"])
+        round_trips = SYNC_ROUND_TRIPS + tiles * (TILE_ROUND_TRIPS - 1 + chunks)
     else:
         per_program = rows * (hidden * size + units * (gates * size + states))
-        round_trips = FORWARD_ROUND_TRIPS
+        round_trips = SYNC_ROUND_TRIPS + tiles * TILE_ROUND_TRIPS
     weights = 0.0
     if not plan.resident:  # every program reads its blocks again for every batch tile, every step
         weights = 4 * hidden * hidden * size * groups * math.ceil(batch / block_b) / groups

@@ -524,8 +524,10 @@ def cpu_summary(rows: list) -> str:
 
 
 def launch_scheme() -> str:
-    """The fused kernels' launch scheme and weights for these runs, as ``FUSED_RNN_SCHEME`` and
-    ``FUSED_RNN_WEIGHTS`` force them (by default: persistent, weights resident where they fit)."""
+    """The fused kernels' launch scheme, weights and backward for these runs, as ``FUSED_RNN_SCHEME``,
+    ``FUSED_RNN_WEIGHTS`` and ``FUSED_RNN_BACKWARD`` force them (by default: persistent, weights
+    resident where they fit, the backward gathering where its blocks fit)."""
     scheme = os.environ.get("FUSED_RNN_SCHEME", "persistent")
     weights = os.environ.get("FUSED_RNN_WEIGHTS", "resident where they fit")
-    return f"{scheme}, weights {weights}" + (" (Triton interpreter)" if interpreting() else "")
+    backward = os.environ.get("FUSED_RNN_BACKWARD", "gather where it fits")
+    return f"{scheme}, weights {weights}, backward {backward}" + (" (Triton interpreter)" if interpreting() else "")

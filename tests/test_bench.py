@@ -121,6 +121,7 @@ def test_result_file_names():
     assert results_tag("headline", subset=False) == "headline"
     assert results_tag("grid", subset=False, scheme="stepwise") == "stepwise"
     assert results_tag("headline", subset=True, scheme="persistent") == "headline-subset-persistent"
+    assert results_tag("headline", subset=True, backward="partial") == "headline-subset-backward-partial"
 
 
 def test_row_speedup_and_untimed_rows():

@@ -68,6 +68,31 @@ def test_headline_backward_gathers_with_48_programs_of_16_units():
     assert launch.resident_bytes(shape(), 16, 16, 16, backward=True, gather=True) == 2 * 96 * 1024
 
 
+def test_backward_sums_parts_where_h_is_no_multiple_of_16():
+    # The GRU's transposed blocks fit at H=1000 (3000 gate rows), but there the gathering backward
+    # spills: the launch cannot mark H as a multiple of 16 (python -m bench.kernels --all).
+    layer = shape("gru", hidden=1000)
+    assert launch._fits(layer, 16, 16, 16, backward=True, gather=True)
+    assert not launch.gpu_plan(layer, H100_SMS, backward=True).options["GATHER"]
+    assert launch.gpu_plan(shape("gru", hidden=1008), H100_SMS, backward=True).options["GATHER"]
+
+
+@pytest.mark.parametrize(
+    "batch, hidden, grid, units, block_b",
+    [
+        (16, 768, (1, 96, 1), 8, 16),     # one tile a program either way: the most SMs share W_hh
+        (64, 768, (2, 48, 1), 16, 16),    # 2 tiles a program instead of 4 with 96 programs of 8 units
+        (256, 256, (8, 16, 1), 16, 32),   # 1 tile instead of 4 with 2 x 64 programs of 4 units
+    ],
+)
+def test_forward_plan_walks_the_fewest_batch_tiles_then_spreads_w_hh_widest(batch, hidden, grid, units, block_b):
+    # A program walks its batch tiles one after another, each an operand load and the cell's loads:
+    # larger blocks free SMs for batch groups.
+    plan = launch.gpu_plan(shape(batch=batch, hidden=hidden), H100_SMS, backward=False)
+    assert plan.resident and plan.grid == grid
+    assert (plan.options["BLOCK_U"], plan.options["BLOCK_B"]) == (units, block_b)
+
+
 @pytest.mark.parametrize(
     "dtype, hidden, units",
     [(torch.float16, 1024, 16), (torch.float32, 768, 16), (torch.float32, 1024, 8), (torch.float16, 1000, 8)],
@@ -167,21 +192,25 @@ def test_small_weights_stay_resident():
     assert launch.gpu_plan(shape(hidden=1024), H100_SMS, backward=True).resident
 
 
-@pytest.mark.parametrize("columns", [1, 16, 17, 100, 384, 512, 600, 768, 1000, 1024, 2304, 3072, 4000, 4096])
+@pytest.mark.parametrize("columns", [1, 16, 17, 100, 300, 384, 512, 600, 768, 1000, 1024, 2304, 3072, 4000, 4096])
 def test_resident_block_pieces_cover_the_columns_in_one_power_of_two(columns):
     width, count = launch.pieces(columns)
     assert width >= 16 and width & (width - 1) == 0 and width <= launch.MAX_PIECE_COLUMNS
     assert columns <= width * count < columns + width
-    # Little padding, and no more pieces than that needs.
-    assert 8 * (width * count - columns) <= max(columns, 8 * 15)
+    # Little padding (an eighth, or 32 columns), and no more pieces than that needs.
+    assert 8 * (width * count - columns) <= max(columns, 256)
     assert width == launch.MAX_PIECE_COLUMNS or count == 1 or 8 * (triton.cdiv(columns, 2 * width) * 2 * width
-                                                                    - columns) > columns
+                                                                    - columns) > max(columns, 256)
 
 
-def test_headline_blocks_come_in_pieces_of_256():
-    # The forward's 768 features and the gathering backward's 3072 gate rows, unpadded.
+def test_headline_blocks_come_in_pieces_of_256_but_the_forwards():
+    # The backward's 3072 gate rows (gathering) or 768 features (summing parts), unpadded; the
+    # forward's 768 features in one piece of 1024: in pieces its 64-row blocks spill.
     assert launch.pieces(768) == (256, 3) and launch.pieces(3072) == (256, 12)
-    assert launch.gpu_plan(shape(), H100_SMS, backward=False).options["NUM_PIECES"] == 3
+    options = launch.gpu_plan(shape(), H100_SMS, backward=False).options
+    assert (options["BLOCK_K"], options["NUM_PIECES"]) == (1024, 1)
+    options = launch.gpu_plan(shape(), H100_SMS, backward=True, gather=False).options
+    assert (options["BLOCK_K"], options["NUM_PIECES"]) == (256, 3)
 
 
 @pytest.mark.parametrize("features", [1, 15, 16, 17, 760, 768, 1000])

@@ -12,8 +12,8 @@ Launch schemes (both run the same kernels, which take the steps ``[step_begin, s
   no program ever waits for another.
 * ``stepwise`` - one launch per timestep, grid ``(batch tiles, unit blocks, D)``: each program
   has one block and the launch boundary orders the steps, so no program ever waits. It is how the
-  interpreter runs the many-program tiling of the GPU (gathers and partial sums across programs included),
-  and a baseline to compare the persistent scheme with on a GPU.
+  interpreter runs the many-program tiling of the GPU (the backward's exchanges between programs
+  included), and a baseline to compare the persistent scheme with on a GPU.
 
 The backward carries the gradient through ``W_hh`` one of two ways (``recurrence.backward_kernel``):
 ``gather`` (every program reads all gate gradients, the default where its transposed blocks fit on
@@ -178,7 +178,7 @@ def _options(shape: Shape, resident: bool, block_b: int, block_u: int, block_p: 
     weight (``P x H`` against ``4H x P``). The backward keeps it resident.
     """
     resident_proj = resident and backward and shape.has_proj
-    block_k, num_pieces = pieces(_contraction(shape, gather)) if resident else (chunk, 1)
+    block_k, num_pieces = _resident_pieces(shape, backward, gather) if resident else (chunk, 1)
     options = dict(
         RESIDENT=resident,
         RESIDENT_PROJ=resident_proj,
@@ -208,31 +208,37 @@ def partial_columns(features: int) -> int:
     return triton.cdiv(features, 16) * 16
 
 
-def _contraction(shape: Shape, gather: bool) -> int:
-    """``K`` of a resident ``W_hh`` block's pieces: the ``P`` features of ``h_{t-1} W_hh^T`` (the
-    forward, and the partial sums' ``W_block^T @ dgates``), or the ``G * H`` gate rows of the
-    gathering backward's ``dgates W_hh``."""
-    return shape.num_gates * shape.hidden if gather else shape.features
+def _resident_pieces(shape: Shape, backward: bool, gather: bool) -> tuple:
+    """``(BLOCK_K, NUM_PIECES)`` of a resident ``W_hh`` block. The gathering backward's ``dgates
+    W_hh`` sums over the ``G * H`` gate rows, the partial sums' ``W_block^T @ dgates`` give a part
+    for each of the ``P`` features: both in ``pieces``. The forward's ``h_{t-1} W_hh^T`` keeps one
+    piece, ``P`` padded to a power of two: in pieces, its 64-row blocks spill (84 bytes a thread
+    in the LSTM's at B=16 H=768, both directions, Triton 3.9) and the RNN's take all 255 registers
+    (``python -m bench.kernels --all``, 2026-12-02)."""
+    if not backward:
+        return _pow2(shape.features), 1
+    return pieces(shape.num_gates * shape.hidden if gather else shape.features)
 
 
 def pieces(columns: int) -> tuple:
     """``(BLOCK_K, NUM_PIECES)``: pieces of one power-of-two width, at least 16 (``tl.dot``'s
     least K) and at most ``MAX_PIECE_COLUMNS``, that cover ``columns``: the fewest whose padding is
-    at most an eighth of them (3072 = 3 x 1024, 2304 = 5 x 512, 768 = 3 x 256, 1000 -> 1 x 1024),
-    else the least padded. A resident block is held in such pieces (``recurrence.resident_block``)
+    at most an eighth of them, or 32 columns (3072 = 12 x 256, 768 = 3 x 256, 1000 -> 4 x 256,
+    300 -> 5 x 64, 100 -> 1 x 128, 20 -> 1 x 32), else the least padded. A resident block is held in such pieces (``recurrence.resident_block``)
     rather than padded to one power of two."""
-    widths = [16 << i for i in range(MAX_PIECE_COLUMNS.bit_length() - 4)][::-1]
-    padded = {width: triton.cdiv(columns, width) * width for width in widths}
-    width = next((width for width in widths if 8 * (padded[width] - columns) <= columns),
-                 min(widths, key=lambda width: (padded[width], -width)))
-    return width, triton.cdiv(columns, width)
+    # (pieces, padded columns, width) of every width; the fewest pieces, then the least padding.
+    options = [(triton.cdiv(columns, width), triton.cdiv(columns, width) * width, width)
+               for width in (16 << i for i in range(MAX_PIECE_COLUMNS.bit_length() - 4))]
+    small = [option for option in options if 8 * (option[1] - columns) <= max(columns, 256)]
+    count, _, width = min(small) if small else min(options, key=lambda option: option[1:])
+    return width, count
 
 
 def resident_bytes(shape: Shape, block_b: int, block_u: int, block_p: int, backward: bool,
                    gather: bool = False) -> int:
     """Shared memory a resident program needs for its weight blocks and dot operands."""
     size = torch.empty((), dtype=shape.dtype).element_size()
-    block_k, num_pieces = pieces(_contraction(shape, gather))
+    block_k, num_pieces = _resident_pieces(shape, backward, gather)
     columns = block_k * num_pieces
     if gather:  # W_hh's transposed block over features, W_hr's over units; every piece of the operands
         block_f = block_p if shape.has_proj else block_u
@@ -256,7 +262,7 @@ def _fits(shape: Shape, block_b: int, block_u: int, block_p: int, backward: bool
     if resident_bytes(shape, block_b, block_u, block_p, backward, gather) > SHARED_MEMORY_BUDGET:
         return False
     if gather:  # every piece of the gate gradients in registers at once
-        block_k, num_pieces = pieces(_contraction(shape, gather))
+        block_k, num_pieces = _resident_pieces(shape, backward, gather)
         return block_k * num_pieces * block_b * torch.empty((), dtype=shape.dtype).element_size() <= OPERAND_BYTES
     # The forward stages its (P, BLOCK_B) operand through registers, the partial sums hold their part
     # of dL/dh (all P, or H with a projection, features) there.
@@ -281,11 +287,14 @@ def plan(shape: Shape, device: torch.device, backward: bool) -> Plan:
 def gpu_plan(shape: Shape, multiprocessors: int, backward: bool, scheme: str = "persistent",
              weights: str | None = None, gather: bool = True) -> Plan:
     """``plan`` for a GPU with ``multiprocessors`` SMs (``python -m bench.kernels`` asks without one).
-    The backward gathers where its transposed blocks fit, else it sums parts."""
+    The backward gathers where its transposed blocks fit, else it sums parts; not where ``H`` is
+    no multiple of 16, which a launch cannot mark as such: there the GRU's gathering backward
+    spills (140 bytes a thread at H = 1000, ``python -m bench.kernels --all``)."""
     found = None
     if weights != "streaming":
-        found = (backward and gather and _resident_persistent_plan(shape, multiprocessors, backward, gather=True)
-                 or _resident_persistent_plan(shape, multiprocessors, backward))
+        if backward and gather and shape.hidden % 16 == 0:
+            found = _resident_persistent_plan(shape, multiprocessors, backward, gather=True)
+        found = found or _resident_persistent_plan(shape, multiprocessors, backward)
     found = found or _streaming_persistent_plan(shape, multiprocessors, backward)
     # The int32 arrival counters are never reset: they reach n_u * 2 * steps (two barriers a step
     # with a projection). Sequences that long launch step by step instead.
@@ -322,29 +331,40 @@ def _interpreter_plan(shape: Shape, scheme: str, resident: bool, backward: bool,
 
 
 def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool, gather: bool = False) -> Plan | None:
-    """The fewest units per block (the most SMs sharing ``W_hh``) whose program fits on an SM.
+    """The resident plan whose programs each walk the fewest batch tiles per step (one after
+    another, an L2 round trip or two each: batch groups on the SMs that smaller blocks leave
+    free), then the fewest units per block (the most SMs sharing ``W_hh``), then the widest tiles;
+    every program must fit on an SM.
 
     The gathering backward's blocks are transposed, blocks of features: ``tl.dot`` wants 16 at
-    least. The partial sums cost each program a write and a read of ``B * P`` values per step, so
-    that backward takes blocks of ``BACKWARD_UNITS`` where they fit (at the headline 48 programs
-    of 16 units instead of 96 of 8), then larger ones, then smaller ones. Not where ``H`` is no
-    multiple of 16: a launch cannot mark it so, and there 16-unit programs spill (56 bytes a
-    thread in the LSTM backward at H = 1000, ``python -m bench.kernels --all``)."""
-    sizes = [size for size in (1, 2, 4, 8, 16, 32, 64) if size >= (16 if gather else shape.smallest_block)]
+    least, and larger ones spill (at B=256 H=768 the RNN's 64-unit blocks, 104 bytes a thread with
+    Triton 3.9; its 32-unit TF32 blocks, 12 with 3.6: ``python -m bench.kernels --all``), so it
+    takes 16. The partial sums cost each program a write and a read of ``B * P`` values per step, so
+    that backward prefers blocks of ``BACKWARD_UNITS`` (at the headline 48 programs of 16 units
+    instead of 96 of 8), then larger ones, then smaller ones. Not where ``H`` is no multiple of
+    16: a launch cannot mark it so, and there 16-unit programs spill (56 bytes a thread in the
+    LSTM backward at H = 1000, ``python -m bench.kernels --all``)."""
+    sizes = [16] if gather else [size for size in (1, 2, 4, 8, 16, 32, 64) if size >= shape.smallest_block]
     if backward and not gather and shape.hidden % 16 == 0:
         sizes = [size for size in sizes if size >= BACKWARD_UNITS] + [size for size in sizes[::-1] if size < BACKWARD_UNITS]
-    for block_u in sizes:
+    candidates = []
+    for preference, block_u in enumerate(sizes):
         programs = triton.cdiv(shape.hidden, block_u)
         block_p = _pow2(triton.cdiv(shape.features, programs))
-        if shape.directions * programs <= multiprocessors:
-            for block_b in (32, 16):
-                if (block_b <= _block_b(shape.batch, LARGEST_BLOCK_B)
-                        and _fits(shape, block_b, block_u, block_p, backward, gather)):
-                    groups = min(triton.cdiv(shape.batch, block_b), multiprocessors // (shape.directions * programs))
-                    options = _options(shape, True, block_b, block_u, block_p, programs, _chunk(shape.dtype), backward,
-                                       gather)
-                    return Plan("persistent", (groups, programs, shape.directions), options, shape.has_proj)
-    return None
+        if shape.directions * programs > multiprocessors:
+            continue
+        for block_b in (32, 16):
+            if block_b <= _block_b(shape.batch, LARGEST_BLOCK_B) and _fits(shape, block_b, block_u, block_p, backward,
+                                                                            gather):
+                groups = min(triton.cdiv(shape.batch, block_b), multiprocessors // (shape.directions * programs))
+                tiles = triton.cdiv(triton.cdiv(shape.batch, block_b), groups)
+                candidates.append((tiles, preference, -block_b, groups, programs, block_u, block_p))
+    if not candidates:
+        return None
+    _, _, negative_block_b, groups, programs, block_u, block_p = min(candidates)
+    options = _options(shape, True, -negative_block_b, block_u, block_p, programs, _chunk(shape.dtype), backward,
+                       gather)
+    return Plan("persistent", (groups, programs, shape.directions), options, shape.has_proj)
 
 
 def _chunk(dtype: torch.dtype) -> int:
