@@ -254,7 +254,7 @@ def weight_loads_in_time_loop(ttgir: str) -> tuple:
     body, first = inspect.getsourcelines(recurrence.weight_block.fn)
     weight_lines = set(range(first, first + len(body))) | _call_spans(source, lambda line: "weight_block(" in line)
     projection_lines = _call_spans(
-        source, lambda line: line.strip().startswith("w_hr, w_hr_ptr") or "w_hr = weight_block(" in line)
+        source, lambda line: line.strip().startswith("w_hr, w_hr_ptr") or "w_hr = resident_block(" in line)
     aliases = dict(re.findall(r"^(#loc\d*) = (.*)$", ttgir, re.MULTILINE))
 
     def location_text(text: str, depth: int = 0) -> str:
