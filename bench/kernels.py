@@ -8,10 +8,11 @@ the interpreter cannot check. A variant is (cell, forward or backward, dtype, op
 batch, hidden, directions) with the plan ``launch.gpu_plan`` makes for an H100/H200 (132 SMs).
 
 For each variant the report also counts the loads of the weights that sit inside the time loop
-(``W_hh in loop``, ``W_hr in loop``): the resident plans load their block of ``W_hh`` once, before
-it; the streaming ones (weights too large for the chip) read it every step, and so does the
-forward's projection (see ``launch._options``). Its last column compares the shared
-memory the plan counted (``launch.resident_bytes``) with what the compiler allocated.
+(``W_hh in loop``, ``W_hr in loop``): the resident plans load their blocks once, before it; the
+streaming ones (weights too large for the chip) read them every step, and so does a forward whose
+block of ``W_hr`` does not fit beside ``W_hh``'s (plan "W_hr streams", ``launch._projection_fits``).
+Its last column compares the shared memory the plan counted (``launch.resident_bytes``) with what
+the compiler allocated.
 
 Run it with ``TRITON_INTERPRET`` unset. ``--check`` exits non-zero if a variant fails to compile,
 spills, or needs more shared memory than an H100 gives a program; ``--all`` compiles the full grid
@@ -197,10 +198,11 @@ def compile_variant(variant: Variant, arch: int) -> Report:
     plan = launch.gpu_plan(shape, MULTIPROCESSORS, backward)
     options = plan.options
     scheme = {True: " gather", False: " parts"}.get(options.get("GATHER"), "")
+    projection = " W_hr streams" if plan.resident and shape.has_proj and not options["RESIDENT_PROJ"] else ""
     description = (f"{'resident' if plan.resident else 'streaming'}{scheme} {plan.grid[0]}x{plan.grid[1]}x{plan.grid[2]} "
-                   f"B{options['BLOCK_B']}xU{options['BLOCK_U']}")
+                   f"B{options['BLOCK_B']}xU{options['BLOCK_U']}{projection}")
     planned = launch.resident_bytes(shape, options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"], backward,
-                                    options.get("GATHER", False))
+                                    options.get("GATHER", False), options["RESIDENT_PROJ"])
     types, constants, divisible = signature(variant, kernel, plan)
     # Pointers from torch allocations are 16-byte aligned; the launches specialise on that too.
     alignment = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.fn.arg_names)
@@ -326,6 +328,8 @@ def failures(report: Report) -> list:
         problems.append(f"needs {report.shared_bytes} bytes of shared memory")
     if report.ok and report.plan.startswith("resident") and report.w_hh_loads_in_loop:
         problems.append("loads W_hh inside the time loop")
+    if report.ok and report.plan.startswith("resident") and "W_hr streams" not in report.plan and report.w_hr_loads_in_loop:
+        problems.append("loads W_hr inside the time loop")
     return problems
 
 

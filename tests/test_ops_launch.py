@@ -123,21 +123,53 @@ def test_bidirectional_headline_plan_shares_the_sms_between_directions(backward)
     assert groups * programs * directions <= H100_SMS
 
 
+def test_headline_projection_keeps_w_hr_on_chip_in_the_forward_too():
+    # LSTM fp16 B=16 H=768 P=384: W_hh's block (32 x 384 in one piece of 512) and W_hr's (16
+    # features x 768 columns in 3 pieces of 256), with their operands, 96 KB.
+    layer = shape("lstm-proj")
+    for backward in (False, True):
+        plan = launch.gpu_plan(layer, H100_SMS, backward)
+        assert plan.resident and plan.options["RESIDENT_PROJ"]
+    options = launch.gpu_plan(layer, H100_SMS, backward=False).options
+    assert (options["BLOCK_KP"], options["NUM_PIECES_P"]) == (256, 3)
+    assert launch.resident_bytes(layer, 16, 8, 16, False, resident_proj=True) == 2 * (32 * 512 + 16 * 768 + 16 * (512 + 768))
+
+
+@pytest.mark.parametrize(
+    "dtype, batch, hidden",
+    [(torch.float32, 64, 768), (torch.float16, 256, 768)],
+    ids=["tf32-B64-H768", "fp16-B256-H768"],
+)
+def test_forward_streams_w_hr_where_it_does_not_fit_beside_w_hh(monkeypatch, dtype, batch, hidden):
+    # TF32 at B=64: W_hh's block and operand take 192 KB already. fp16 at B=256: 32-unit blocks of
+    # 32 batch rows, a 128 x 32 gate tile, beside which h_raw's pieces spill (Triton 3.6).
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    plan = launch.gpu_plan(shape("lstm-proj", dtype, batch, hidden), H100_SMS, backward=False)
+    assert plan.resident and not plan.options["RESIDENT_PROJ"]
+    assert plan.options["NUM_PIECES_P"] == 1
+
+
 def resident_fits(plan, layer, backward):
     """A resident plan's blocks fit the chip: shared memory for the weight blocks and dot operands,
     registers for the (features, batch) tile - the forward's operand, the partial sums over every
     feature (``TILE_ELEMENTS``), the gathering backward's operand (``OPERAND_BYTES``); batch tiles
     of at most ``LARGEST_BLOCK_B`` rows; blocks of at least 16 features where they are transposed;
-    and each program owns exactly one block of units (and of the projection's features)."""
+    and each program owns exactly one block of units (and of the projection's features). A forward
+    that keeps ``W_hr`` on chip too counts its block and operand, with a gate tile of at most
+    ``PROJECTION_GATE_TILE``."""
     options = plan.options
     gather = options.get("GATHER", False)
-    size = launch.resident_bytes(layer, options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"], backward, gather)
+    size = launch.resident_bytes(layer, options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"], backward, gather,
+                                 options["RESIDENT_PROJ"])
     if gather:
         operand = options["BLOCK_K"] * options["NUM_PIECES"] * options["BLOCK_B"] * layer.dtype.itemsize
         registers = operand <= launch.OPERAND_BYTES and options["BLOCK_U"] >= 16 and options["BLOCK_P"] >= 16
     else:
         widest = max(layer.features, layer.hidden if layer.has_proj and backward else 0)
         registers = triton.next_power_of_2(widest) * options["BLOCK_B"] <= launch.TILE_ELEMENTS
+    if options["RESIDENT_PROJ"] and not backward:
+        registers &= layer.gate_slots * options["BLOCK_U"] * options["BLOCK_B"] <= launch.PROJECTION_GATE_TILE
     programs = plan.grid[1]
     return (size <= launch.SHARED_MEMORY_BUDGET
             and registers

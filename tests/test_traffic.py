@@ -1,6 +1,6 @@
 """What the kernels read per launch and per step (``python -m bench.traffic``): the resident plans
-read ``W_hh`` (and, in the backward, ``W_hr``) once per launch and never per step; the streaming
-plan reads them every step. Counted from the interpreter's memory operations."""
+read ``W_hh`` and ``W_hr`` once per launch and never per step; the streaming plan reads them every
+step. Counted from the interpreter's memory operations."""
 
 import functools
 
@@ -33,16 +33,19 @@ def test_resident_weights_are_read_once_per_launch(cell, directions):
         assert per_launch == w_hh, f"{kernel} read {per_launch} elements of W_hh, not its {w_hh}"
 
 
-def test_projection_weights_stay_resident_in_the_backward_and_stream_in_the_forward():
-    config = traffic.Config("lstm_proj", **SMALL)
-    w_hr = traffic.weight_elements(config)["w_hr_ptr"]
-    assert weight_traffic(config, "backward_kernel", "w_hr_ptr") == (w_hr, 0)
-    assert weight_traffic(config, "forward_kernel", "w_hr_ptr") == (0, w_hr)
-    assert weight_traffic(config, "forward_kernel", "w_hh_ptr")[1] == 0
-
-
-def test_streaming_plan_reads_the_weights_every_step():
-    config = traffic.Config("lstm", weights="streaming", **SMALL)
-    w_hh = traffic.weight_elements(config)["w_hh_ptr"]
+@pytest.mark.parametrize("directions", [1, 2], ids=["D1", "D2"])
+def test_projection_weights_are_read_once_per_launch(directions):
+    config = traffic.Config("lstm_proj", directions=directions, **SMALL)
+    sizes = traffic.weight_elements(config)
     for kernel in ("forward_kernel", "backward_kernel"):
-        assert weight_traffic(config, kernel, "w_hh_ptr") == (0, w_hh)
+        for weight in ("w_hh_ptr", "w_hr_ptr"):
+            assert weight_traffic(config, kernel, weight) == (sizes[weight], 0), f"{kernel} {weight}"
+
+
+@pytest.mark.parametrize("cell", ["lstm", "lstm_proj"])
+def test_streaming_plan_reads_the_weights_every_step(cell):
+    config = traffic.Config(cell, weights="streaming", **SMALL)
+    sizes = traffic.weight_elements(config)
+    for kernel in ("forward_kernel", "backward_kernel"):
+        for weight in ("w_hh_ptr", "w_hr_ptr") if cell == "lstm_proj" else ("w_hh_ptr",):
+            assert weight_traffic(config, kernel, weight) == (0, sizes[weight]), f"{kernel} {weight}"

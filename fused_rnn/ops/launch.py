@@ -57,6 +57,9 @@ TILE_ELEMENTS = 64 * 256
 OPERAND_BYTES = 96 * 1024
 # Batch rows of a tile on a GPU: wider tiles make the operands and the partial sums spill.
 LARGEST_BLOCK_B = 32
+# The forward keeps W_hr on chip beside W_hh where the step's gate tile (gate rows x batch rows) is
+# at most this: with 128 x 32 (B=256 H=768, 32-unit blocks) it spills 4 bytes a thread (Triton 3.6).
+PROJECTION_GATE_TILE = 64 * 32
 # The widest piece of a resident block (``pieces``): with 1024-column pieces the LSTM's gathering
 # backward spills 472 bytes a thread at the headline, with 512 none at 246 registers, with 256 212.
 MAX_PIECE_COLUMNS = 256
@@ -82,7 +85,7 @@ def interpreting() -> bool:
 
 def runs_triton(tensor: torch.Tensor) -> bool:
     """Whether the Triton kernels handle this tensor (CUDA, or CPU under the interpreter)."""
-    return tensor.is_cuda or (tensor.device.type == "cpu" and interpreting())
+    return tensor.is_cuda or (tensor.is_cpu and interpreting())
 
 
 def empty(*shape, dtype, device) -> torch.Tensor:
@@ -167,18 +170,14 @@ def _precision(dtype: torch.dtype) -> dict:
 
 
 def _options(shape: Shape, resident: bool, block_b: int, block_u: int, block_p: int, programs: int,
-             chunk: int, backward: bool, gather: bool = False) -> dict:
+             chunk: int, backward: bool, gather: bool = False, resident_proj: bool = False) -> dict:
     """The block constexprs: resident blocks come in ``NUM_PIECES`` pieces of ``BLOCK_K`` columns
-    (``pieces``); streamed ones go ``chunk`` at a time. The gathering backward multiplies by the
-    transposed blocks (``recurrence.backward_kernel``): its ``K`` is ``G * H``, and ``W_hr``'s is
-    ``P``.
-
-    The forward streams ``W_hr``: its operands span all of ``H``, and held next to the cell's they
-    overflow the register file (``python -m bench.kernels`` shows the spills); it is the smaller
-    weight (``P x H`` against ``4H x P``). The backward keeps it resident.
+    (``pieces``), ``W_hr``'s (``resident_proj``) in ``NUM_PIECES_P`` of ``BLOCK_KP``; streamed ones
+    go ``chunk`` at a time. The gathering backward multiplies by the transposed blocks
+    (``recurrence.backward_kernel``): its ``K`` is ``G * H``, and ``W_hr``'s is ``P``.
     """
-    resident_proj = resident and backward and shape.has_proj
     block_k, num_pieces = _resident_pieces(shape, backward, gather) if resident else (chunk, 1)
+    block_kp, num_pieces_p = pieces(shape.features if gather else shape.hidden) if resident_proj else (chunk, 1)
     options = dict(
         RESIDENT=resident,
         RESIDENT_PROJ=resident_proj,
@@ -187,7 +186,8 @@ def _options(shape: Shape, resident: bool, block_b: int, block_u: int, block_p: 
         BLOCK_P=block_p,
         BLOCK_K=block_k,
         NUM_PIECES=num_pieces,
-        BLOCK_KP=_pow2(shape.features if gather else shape.hidden) if resident_proj else chunk,
+        BLOCK_KP=block_kp,
+        NUM_PIECES_P=num_pieces_p,
         **_precision(shape.dtype),
     )
     if backward:
@@ -235,22 +235,39 @@ def pieces(columns: int) -> tuple:
 
 
 def resident_bytes(shape: Shape, block_b: int, block_u: int, block_p: int, backward: bool,
-                   gather: bool = False) -> int:
-    """Shared memory a resident program needs for its weight blocks and dot operands."""
+                   gather: bool = False, resident_proj: bool = False) -> int:
+    """Shared memory a resident program needs for its weight blocks and dot operands; the
+    backward's include ``W_hr``'s, the forward's where it keeps ``W_hr`` too (``resident_proj``)."""
     size = torch.empty((), dtype=shape.dtype).element_size()
     block_k, num_pieces = _resident_pieces(shape, backward, gather)
     columns = block_k * num_pieces
     if gather:  # W_hh's transposed block over features, W_hr's over units; every piece of the operands
         block_f = block_p if shape.has_proj else block_u
-        weights = block_f * columns + (block_u * _pow2(shape.features) if shape.has_proj else 0)
-        operands = (columns + (_pow2(shape.features) if shape.has_proj else 0)) * block_b
+        weights = block_f * columns + (block_u * _columns(shape.features) if shape.has_proj else 0)
+        operands = (columns + (_columns(shape.features) if shape.has_proj else 0)) * block_b
     elif backward:  # the weight blocks (W_hr's too) and the gate gradients, the other operand
-        weights = shape.gate_slots * block_u * columns + (block_p * _pow2(shape.hidden) if shape.has_proj else 0)
+        weights = shape.gate_slots * block_u * columns + (block_p * _columns(shape.hidden) if shape.has_proj else 0)
         operands = shape.gate_slots * block_u * block_b + (block_p * block_b if shape.has_proj else 0)
-    else:  # W_hh's block and h_{t-1} for a batch tile (W_hr streams)
-        weights = shape.gate_slots * block_u * columns
-        operands = block_b * columns
+    else:  # W_hh's block and h_{t-1} for a batch tile, W_hr's block and h_raw's if it stays too
+        projection_columns = _columns(shape.hidden) if resident_proj else 0
+        weights = shape.gate_slots * block_u * columns + block_p * projection_columns
+        operands = block_b * (columns + projection_columns)
     return size * (weights + operands)
+
+
+def _columns(columns: int) -> int:
+    """``columns`` padded to whole ``pieces``."""
+    width, count = pieces(columns)
+    return width * count
+
+
+def _projection_fits(shape: Shape, block_b: int, block_u: int, block_p: int) -> bool:
+    """Whether the forward keeps its block of ``W_hr`` on chip beside ``W_hh``'s: in shared memory,
+    and with a gate tile small enough that the registers hold ``h_raw``'s pieces besides
+    (``PROJECTION_GATE_TILE``). Elsewhere (TF32 from H = 768, 32-unit blocks at B = 256) it
+    streams, the smaller weight: ``P x H`` against ``4H x P`` (``python -m bench.kernels --all``)."""
+    return (shape.gate_slots * block_u * block_b <= PROJECTION_GATE_TILE
+            and resident_bytes(shape, block_b, block_u, block_p, False, resident_proj=True) <= SHARED_MEMORY_BUDGET)
 
 
 def _fits(shape: Shape, block_b: int, block_u: int, block_p: int, backward: bool, gather: bool = False) -> bool:
@@ -305,7 +322,7 @@ def gpu_plan(shape: Shape, multiprocessors: int, backward: bool, scheme: str = "
     programs = triton.cdiv(shape.hidden, options["BLOCK_U"])
     grid = (triton.cdiv(shape.batch, options["BLOCK_B"]), programs, shape.directions)
     options = _options(shape, found.resident, options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"], programs,
-                       _chunk(shape.dtype), backward, options.get("GATHER", False))
+                       _chunk(shape.dtype), backward, options.get("GATHER", False), options["RESIDENT_PROJ"])
     return Plan("stepwise", grid, options, shape.has_proj)
 
 
@@ -320,14 +337,16 @@ def _interpreter_plan(shape: Shape, scheme: str, resident: bool, backward: bool,
         block_u = 16 if gather else max(shape.smallest_block, 8)
         programs = triton.cdiv(shape.hidden, block_u)
         block_p = _pow2(triton.cdiv(shape.features, programs))
-        options = _options(shape, resident, block_b, block_u, block_p, programs, 16, backward, gather)
+        options = _options(shape, resident, block_b, block_u, block_p, programs, 16, backward, gather,
+                           resident and shape.has_proj)
         return Plan(scheme, (batch_tiles, programs, shape.directions), options, shape.has_proj)
     if resident:
         block_u, block_p = max(shape.smallest_block, triton.next_power_of_2(shape.hidden)), _pow2(shape.features)
     else:
         block_u, block_p = shape.smallest_block, 16
     return Plan(scheme, (1, 1, shape.directions),
-                _options(shape, resident, block_b, block_u, block_p, 1, 16, backward, gather), shape.has_proj)
+                _options(shape, resident, block_b, block_u, block_p, 1, 16, backward, gather,
+                         resident and shape.has_proj), shape.has_proj)
 
 
 def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool, gather: bool = False) -> Plan | None:
@@ -362,8 +381,9 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
     if not candidates:
         return None
     _, _, negative_block_b, groups, programs, block_u, block_p = min(candidates)
+    resident_proj = shape.has_proj and (backward or _projection_fits(shape, -negative_block_b, block_u, block_p))
     options = _options(shape, True, -negative_block_b, block_u, block_p, programs, _chunk(shape.dtype), backward,
-                       gather)
+                       gather, resident_proj)
     return Plan("persistent", (groups, programs, shape.directions), options, shape.has_proj)
 
 
