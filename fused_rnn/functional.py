@@ -12,6 +12,8 @@ and on CPU tensors under ``TRITON_INTERPRET=1``; ``fused_rnn.reference`` for emp
 for the options PyTorch's operator lacks on plain CPU tensors.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -261,21 +263,30 @@ def _check_weights(cell, params, num_gates, has_biases, num_layers, num_directio
             f"{' with biases' if has_biases else ''}, got {len(params)} tensors"
         )
     hidden, features = params[1].shape[0] // num_gates, params[1].shape[1]
-    for group in range(groups):
-        layer_input = input_size if group < num_directions else num_directions * features
-        expected = [(num_gates * hidden, layer_input), (num_gates * hidden, features)]
-        if has_biases:
-            expected += [(num_gates * hidden,)] * 2
-        if has_proj:
-            expected.append((features, hidden))
-        for index, shape in enumerate(expected):
-            weight = params[group * per_group + index]
-            if tuple(weight.shape) != shape:
-                raise RuntimeError(
-                    f"{cell}: weight {group * per_group + index} (layer {group // num_directions}, "
-                    f"direction {group % num_directions}) has shape {list(weight.shape)}, expected {list(shape)}"
-                )
+    expected = _weight_shapes(num_gates, hidden, features, has_biases, has_proj, num_layers, num_directions, input_size)
+    if [weight.shape for weight in params] != expected:
+        index, weight, shape = next((index, weight, shape) for index, (weight, shape) in enumerate(zip(params, expected))
+                                    if weight.shape != shape)
+        group = index // per_group
+        raise RuntimeError(
+            f"{cell}: weight {index} (layer {group // num_directions}, direction {group % num_directions}) "
+            f"has shape {list(weight.shape)}, expected {list(shape)}"
+        )
     return hidden, features
+
+
+@functools.lru_cache
+def _weight_shapes(num_gates, hidden, features, has_biases, has_proj, num_layers, num_directions, input_size):
+    """The shape of every weight in ``_flat_weights`` order (cached: this runs on every call)."""
+    shapes = []
+    for group in range(num_layers * num_directions):
+        layer_input = input_size if group < num_directions else num_directions * features
+        shapes += [(num_gates * hidden, layer_input), (num_gates * hidden, features)]
+        if has_biases:
+            shapes += [(num_gates * hidden,)] * 2
+        if has_proj:
+            shapes.append((features, hidden))
+    return shapes
 
 
 def _check_reset(reset, batch_first: bool, num_steps: int, batch: int, input: torch.Tensor) -> torch.Tensor:

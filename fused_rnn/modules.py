@@ -104,8 +104,11 @@ class _FusedRNNBase(nn.modules.rnn.RNNBase):
     def _weights(self):
         """The flat weights, looked up by name at each call so that swapped parameters (as
         ``torch.func.functional_call`` and ``torch.export`` swap them) are the ones used; unlike
-        ``_update_flat_weights`` this assigns no tensor attribute, which ``torch.export`` warns about."""
-        return [getattr(self, name) for name in self._flat_weights_names]
+        ``_update_flat_weights`` this assigns no tensor attribute, which ``torch.export`` warns about.
+        Read from ``_parameters``, where those swaps put them, first: ``getattr`` goes through
+        ``Module.__getattr__``, which costs a CPU call of a small model microseconds."""
+        parameters = self._parameters
+        return [parameters[name] if name in parameters else getattr(self, name) for name in self._flat_weights_names]
 
     def _run(self, run, input, hx, lengths, reset, check_batched_hx, **extra):
         """Prepare the input, call ``functional``'s ``run``, and give the output the input's form."""

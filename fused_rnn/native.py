@@ -35,7 +35,7 @@ _RNG_STATE_BYTES = torch.get_rng_state().numel()
 
 def handles(x: torch.Tensor) -> bool:
     """Whether ``layers`` runs this input: a CPU tensor while Triton is not interpreting."""
-    return x.device.type == "cpu" and not launch.interpreting()
+    return x.is_cpu and not launch.interpreting()
 
 
 def layers(cell, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, lengths):

@@ -5,6 +5,8 @@ gradients with respect to the input, the initial states and every parameter are 
 random upstream gradients on every output.
 """
 
+import re
+
 import pytest
 import torch
 from helpers import KERNEL_DEVICE, assert_close
@@ -252,3 +254,22 @@ def test_dropout_has_no_effect_on_a_single_layer(cell):
         train_output, _ = run_ours(cell, module, x, state, params, dropout=0.5, train=True)
         eval_output, _ = run_ours(cell, module, x, state, params, dropout=0.5, train=False)
     assert torch.equal(train_output, eval_output)
+
+
+@pytest.mark.parametrize("index", range(20))
+def test_a_weight_of_the_wrong_shape_is_named(index):
+    # 2 layers x 2 directions x (W_ih, W_hh, b_ih, b_hh, W_hr): each weight's own index, layer,
+    # direction and shapes, whichever it is - except the first W_hh, which gives the sizes that the
+    # others are checked against: with it cut, some other weight is named.
+    module = make_torch_module("lstm", LSTM_CONFIGS["L2-bidirectional-proj"])
+    x, state = make_inputs("lstm", module, torch.float64)
+    params = list(module._flat_weights)
+    wrong = params[index].detach()[..., :-1]
+    params[index] = wrong
+    expected = list(module._flat_weights[index].shape)
+    match = (rf"weight {index} \(layer {index // 10}, direction {index // 5 % 2}\) has shape "
+             rf"{re.escape(str(list(wrong.shape)))}, expected {re.escape(str(expected))}")
+    if index == 1:
+        match = r"weight \d+ \(layer \d, direction \d\) has shape"
+    with pytest.raises(RuntimeError, match=match):
+        run_ours("lstm", module, x, state, params)
