@@ -3,9 +3,10 @@ what the compiler made of it.
 
 Triton compiles ahead of time for a named target (``GPUTarget``) with the ``ptxas`` it ships, so
 the GPU compiler's verdict - ``tl.dot`` shapes, registers, spills to local memory, shared memory,
-which matrix instructions were emitted - is available on a machine without a GPU. That is what
-the interpreter cannot check. A variant is (cell, forward or backward, dtype, optional inputs,
-batch, hidden, directions) with the plan ``launch.gpu_plan`` makes for an H100/H200 (132 SMs).
+which matrix instructions were emitted and the longest chain of them that depend on each other
+(``chain``) - is available on a machine without a GPU. That is what the interpreter cannot check.
+A variant is (cell, forward or backward, dtype, optional inputs, batch, hidden, directions) with
+the plan ``launch.gpu_plan`` makes for an H100/H200 (132 SMs).
 
 For each variant the report also counts the loads of the weights that sit inside the time loop
 (``W_hh in loop``, ``W_hr in loop``): the resident plans load their blocks once, before it; the
@@ -87,6 +88,7 @@ class Report:
     shared_bytes: int = 0
     planned_bytes: int = 0  # launch.resident_bytes: what the plan counted (0 when streaming)
     matrix_instructions: str = ""  # e.g. "HMMA x64", "HGMMA x16" (wgmma), "DMMA x16" (fp64)
+    mma_chain: int = 0  # the most matrix instructions accumulating into one register: they run one after another
     w_hh_loads_in_loop: int = 0  # loads of W_hh inside the time loop
     w_hr_loads_in_loop: int = 0  # and of W_hr (the LSTM projection)
     error: str = ""
@@ -215,9 +217,10 @@ def compile_variant(variant: Variant, arch: int) -> Report:
         return Report(variant, ok=False, plan=description, error=f"{type(error).__name__}: {first_line}")
     registers, spill = _resource_usage(compiled.asm["ptx"], arch)
     w_hh_loads, w_hr_loads = weight_loads_in_time_loop(compiled.asm["ttgir"])
+    matrix_instructions, mma_chain = _matrix_instructions(compiled.asm["cubin"])
     return Report(variant, ok=True, plan=description, registers=registers, spill_bytes=spill,
                   shared_bytes=compiled.metadata.shared, planned_bytes=planned if plan.resident else 0,
-                  matrix_instructions=_matrix_instructions(compiled.asm["cubin"]),
+                  matrix_instructions=matrix_instructions, mma_chain=mma_chain,
                   w_hh_loads_in_loop=w_hh_loads, w_hr_loads_in_loop=w_hr_loads)
 
 
@@ -306,15 +309,21 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def _matrix_instructions(cubin: bytes) -> str:
+def _matrix_instructions(cubin: bytes) -> tuple:
+    """``(summary, chain)``: how many matrix instructions of each kind the kernel's SASS holds (each
+    warp runs them all), and the most of them writing one accumulator register. Those depend on
+    each other: each waits for the one before, so a step's product takes at least ``chain`` times
+    the instruction's latency."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
         sass = subprocess.run([_tool("nvdisasm"), file.name], capture_output=True, text=True, check=True).stdout
-    counts = {}
-    for opcode in re.findall(r"\b([HQ]GMMA|HMMA|DMMA)\b", sass):
+    counts, accumulators = {}, {}
+    for opcode, destination in re.findall(r"\b([HQ]GMMA|HMMA|DMMA)\S*\s+(R\d+)", sass):
         counts[opcode] = counts.get(opcode, 0) + 1
-    return " ".join(f"{opcode} x{count}" for opcode, count in sorted(counts.items()))
+        accumulators[destination] = accumulators.get(destination, 0) + 1
+    summary = " ".join(f"{opcode} x{count}" for opcode, count in sorted(counts.items()))
+    return summary, max(accumulators.values(), default=0)
 
 
 def failures(report: Report) -> list:
@@ -355,12 +364,13 @@ def main(argv=None) -> int:
         row = [v.cell, v.kernel, v.dtype, v.options, v.batch, v.hidden, v.directions, report.plan]
         if report.ok:
             row += [report.registers, report.spill_bytes, report.shared_bytes, report.planned_bytes,
-                    report.matrix_instructions or "-", report.w_hh_loads_in_loop, report.w_hr_loads_in_loop]
+                    report.matrix_instructions or "-", report.mma_chain, report.w_hh_loads_in_loop,
+                    report.w_hr_loads_in_loop]
         else:
-            row += ["FAILED: " + report.error, "", "", "", "", "", ""]
+            row += ["FAILED: " + report.error, "", "", "", "", "", "", ""]
         rows.append(row)
     header = ["cell", "kernel", "dtype", "options", "B", "H", "D", "plan", "regs", "spill", "shared", "planned",
-              "matrix", "W_hh in loop", "W_hr in loop"]
+              "matrix", "chain", "W_hh in loop", "W_hr in loop"]
     print(text_table([header] + [[str(cell) for cell in row] for row in rows]))
     import triton
 

@@ -8,19 +8,25 @@ the weights when they stream) and turns them into a lower bound in microseconds 
 
     step = round_trips * L2_LATENCY + max(L2 bytes of all programs / L2 bandwidth,
                                           L2 bytes of one program / one SM's L2 bandwidth)
+           + tiles * chain * MMA_LATENCY
            [+ the weights' bytes from HBM per step, streaming plans]
 
 ``round_trips`` counts the dependent trips to L2 on a step's critical path: the stores the next
 step reads and the barrier (an arrival and the poll that sees the last one), then for each batch
 tile a program walks the operand load (every piece at once; in a backward that sums parts, one
-per chunk of programs whose parts ``reduce_partials`` loads) and the cell's loads, which wait for
-the product. Tensor-core time (about 0.1 us at the headline) and the elementwise math hide under
-them.
+per chunk of programs whose parts ``reduce_partials`` loads), with the forward's own loads
+(``gates_x``, the state) issued beside it, and in the backward the cell's loads, which wait for
+the product. ``chain`` is the product's longest run of ``HMMA`` instructions that each wait for
+the one before (``python -m bench.kernels`` counts them in the compiled code): a warp's share of
+the reduction over ``K``, ``K / k`` (``k`` = 16, 8 for TF32), or one piece's ``BLOCK_K / k`` where
+the pieces are batched over the warps (``_chain``). The elementwise math and the tensor cores'
+throughput hide under them.
 The forward is timed in inference (nothing saved), the backward adds the saved tensors.
 
 Assumed constants (public figures; what the GPU gives in practice is for a GPU session to
 measure): 132 SMs; L2 about 5.5 TB/s in all and 64 bytes per clock per SM at 1.755 GHz; an L2 round
-trip about 0.25 us; HBM 3.35 TB/s (H100 SXM) and 4.8 TB/s (H200).
+trip about 0.25 us; HBM 3.35 TB/s (H100 SXM) and 4.8 TB/s (H200); 30 cycles from one dependent
+matrix instruction (``HMMA``) to the next, as microbenchmarks put it on Ampere and Hopper.
 """
 
 import argparse
@@ -38,7 +44,9 @@ L2_BANDWIDTH = 5.5e12
 SM_L2_BANDWIDTH = 64 * 1.755e9
 L2_ROUND_TRIP = 0.25e-6
 SYNC_ROUND_TRIPS = 3  # the step's stores, the barrier's arrival and the poll that sees the last one
-TILE_ROUND_TRIPS = 2  # per batch tile: the operand load and the cell's loads
+FORWARD_TILE_ROUND_TRIPS = 1  # per batch tile: the operand load, the cell's own loads issued beside it
+BACKWARD_TILE_ROUND_TRIPS = 2  # per batch tile: the operand load and the cell's loads
+MMA_LATENCY = 30 / 1.755e9  # one dependent matrix instruction to the next
 CUDNN_US_PER_STEP = 2.0  # cuDNN, LSTM B=16 H=768 fp16 (../shared/NOTES.md: 2.01 ms at T=1024)
 CELLS = {"lstm": (4, 4, True), "gru": (3, 4, False)}  # gates, saved gates, cell state
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -86,7 +94,7 @@ def step_seconds(cell: str, dtype, batch: int, hidden: int, backward: bool, hbm:
             gates * hidden * size            # every unit's gate gradients of the step before, read
             + units * (saved_gates + gates) * size      # saved activations read, gate gradients written
             + units * (size + states + 8))              # grad_h, states, carries
-        round_trips = SYNC_ROUND_TRIPS + tiles * TILE_ROUND_TRIPS
+        round_trips = SYNC_ROUND_TRIPS + tiles * BACKWARD_TILE_ROUND_TRIPS
     elif backward:
         per_program = rows * (
             hidden * 4                       # partial sums of dL/dh_{t-1}, written (fp32)
@@ -95,16 +103,33 @@ def step_seconds(cell: str, dtype, batch: int, hidden: int, backward: bool, hbm:
             + units * (size + states + 8))              # grad_h, states, carries
         # reduce_partials loads REDUCE_CHUNK programs' parts at a time, one dependent trip each.
         chunks = math.ceil(programs / plan.options["REDUCE_CHUNK"])
-        round_trips = SYNC_ROUND_TRIPS + tiles * (TILE_ROUND_TRIPS - 1 + chunks)
+        round_trips = SYNC_ROUND_TRIPS + tiles * (BACKWARD_TILE_ROUND_TRIPS - 1 + chunks)
     else:
         per_program = rows * (hidden * size + units * (gates * size + states))
-        round_trips = SYNC_ROUND_TRIPS + tiles * TILE_ROUND_TRIPS
+        round_trips = SYNC_ROUND_TRIPS + tiles * FORWARD_TILE_ROUND_TRIPS
     weights = 0.0
     if not plan.resident:  # every program reads its blocks again for every batch tile, every step
         weights = 4 * hidden * hidden * size * groups * math.ceil(batch / block_b) / groups
         per_program += weights / (groups * programs)
     bandwidth = max(groups * programs * per_program / L2_BANDWIDTH, per_program / SM_L2_BANDWIDTH)
-    return round_trips * L2_ROUND_TRIP + bandwidth + (weights / hbm if weights > 50e6 else 0.0)
+    product = tiles * _chain(shape, plan, backward) * MMA_LATENCY
+    return round_trips * L2_ROUND_TRIP + bandwidth + product + (weights / hbm if weights > 50e6 else 0.0)
+
+
+def _chain(shape, plan, backward: bool) -> float:
+    """Dependent ``HMMA`` instructions of one batch tile's product (see the module's docstring):
+    the products of fewer than 64 rows, the gathering backward's 16 features and the forward's
+    blocks of fewer than 64 gate rows. Those of 64 rows and more (and the parts, ``W_block^T @
+    dgates``, whose rows are the block's columns) take ``HGMMA``, issued asynchronously and not
+    counted here."""
+    options = plan.options
+    k_step = 8 if shape.dtype == torch.float32 else 16
+    rows = 16 if backward else shape.gate_slots * options["BLOCK_U"]
+    if not plan.resident or (backward and not options["GATHER"]) or rows >= 64:
+        return 0.0
+    if options["GROUP_PIECES"] > 1:
+        return options["BLOCK_K"] / k_step
+    return options["BLOCK_K"] * options["NUM_PIECES"] / k_step
 
 
 def rows(cells, batches, hiddens, dtypes):

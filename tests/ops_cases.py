@@ -126,8 +126,11 @@ def option_cases(mode, P=None, grid=OPTION_GRID):
 
 def plan_cases(mode, P=None):
     """What runs on every plan: all options in both directions over several programs' worth of
-    units, and two batch tiles."""
-    return [Case(mode, 3, 5, 20, P, D=2, options=ALL_TRAINING), Case(mode, 2, 67, 7)]
+    units, two batch tiles, and blocks whose products go as batched pieces
+    (``launch.group_pieces``): 48 features, two pieces in the stepwise forward's blocks; the
+    LSTM's 4 x 128 gate rows, two pieces of 256 in the gathering backward."""
+    return [Case(mode, 3, 5, 20, P, D=2, options=ALL_TRAINING), Case(mode, 2, 67, 7), Case(mode, 2, 3, 48),
+            Case(mode, 2, 3, 128)]
 
 
 @dataclasses.dataclass

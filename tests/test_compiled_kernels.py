@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from bench.kernels import CELLS
 
 
@@ -42,3 +44,26 @@ def test_reports_compile_the_shape_as_a_launch_specialises_it():
         assert marked & {"B", "H", "P"} == divisible
         # The partial-sum rows (where the backward sums parts) are padded to a multiple of 16 whatever the shape.
         assert {"partial_columns", "partial_proj_columns"} <= marked
+
+
+@pytest.mark.parametrize("kernel, chain, matrix", [("forward", 8, "HMMA x32"), ("backward", 24, "HMMA x48")])
+def test_headline_products_split_their_reduction_over_the_warps(tmp_path, kernel, chain, matrix):
+    # One tl.dot over all of K gave every warp the whole reduction, dependent matrix instructions
+    # into one accumulator: 60 in the forward's (32, 1024) @ (1024, 16), 163 in the gathering
+    # backward's (16, 3072) @ (3072, 16), the same on each of the 8 warps. Batched over the
+    # pieces (recurrence.recurrent_matmul), a warp's chain is one piece's k-steps.
+    from fused_rnn.ops.launch import SEVERAL_GROUPS
+
+    if kernel == "backward" and not SEVERAL_GROUPS:
+        pytest.skip("this Triton spills blocks in several batched groups: the backward keeps one tl.dot (launch.SEVERAL_GROUPS)")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    script = ("from bench.kernels import Variant, compile_variant; "
+              f"r = compile_variant(Variant('lstm', '{kernel}', 'float16', 'all', 16, 768), 90); "
+              "print(r.ok, r.spill_bytes, r.mma_chain, r.matrix_instructions, sep=',')")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                            cwd=os.path.dirname(os.path.dirname(__file__)), timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ok, spill, longest, instructions = result.stdout.strip().splitlines()[-1].split(",")
+    assert (ok, spill) == ("True", "0"), result.stdout
+    assert 0 < int(longest) <= chain and instructions == matrix, result.stdout

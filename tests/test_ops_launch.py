@@ -124,7 +124,7 @@ def test_bidirectional_headline_plan_shares_the_sms_between_directions(backward)
 
 
 def test_headline_projection_keeps_w_hr_on_chip_in_the_forward_too():
-    # LSTM fp16 B=16 H=768 P=384: W_hh's block (32 x 384 in one piece of 512) and W_hr's (16
+    # LSTM fp16 B=16 H=768 P=384: W_hh's block (32 x 384, padded to 512) and W_hr's (16
     # features x 768 columns in 3 pieces of 256), with their operands, 96 KB.
     layer = shape("lstm-proj")
     for backward in (False, True):
@@ -236,13 +236,43 @@ def test_resident_block_pieces_cover_the_columns_in_one_power_of_two(columns):
 
 
 def test_headline_blocks_come_in_pieces_of_256_but_the_forwards():
-    # The backward's 3072 gate rows (gathering) or 768 features (summing parts), unpadded; the
-    # forward's 768 features in one piece of 1024: in pieces its 64-row blocks spill.
+    # The backward's 3072 gate rows (gathering: 3 batched groups of 4 where the Triton compiles
+    # them without spilling) or 768 features (summing parts), unpadded; the forward's 768 features
+    # padded to 1024: 8 pieces of 128 in one batched tl.dot for its 32-row blocks, one piece for
+    # 64 rows (HGMMA; in chained pieces those spilled).
     assert launch.pieces(768) == (256, 3) and launch.pieces(3072) == (256, 12)
+    options = launch.gpu_plan(shape(), H100_SMS, backward=True).options
+    group = 4 if launch.SEVERAL_GROUPS else 1
+    assert (options["BLOCK_K"], options["NUM_PIECES"], options["GROUP_PIECES"]) == (256, 12, group)
     options = launch.gpu_plan(shape(), H100_SMS, backward=False).options
-    assert (options["BLOCK_K"], options["NUM_PIECES"]) == (1024, 1)
+    assert (options["BLOCK_K"], options["NUM_PIECES"], options["GROUP_PIECES"]) == (128, 8, 8)
+    options = launch.gpu_plan(shape(directions=2), H100_SMS, backward=False).options
+    assert options["BLOCK_U"] == 16
+    assert (options["BLOCK_K"], options["NUM_PIECES"], options["GROUP_PIECES"]) == (1024, 1, 1)
     options = launch.gpu_plan(shape(), H100_SMS, backward=True, gather=False).options
-    assert (options["BLOCK_K"], options["NUM_PIECES"]) == (256, 3)
+    assert (options["BLOCK_K"], options["NUM_PIECES"], options["GROUP_PIECES"]) == (256, 3, 1)
+
+
+def test_a_triton_that_spills_several_groups_batches_only_blocks_of_one(monkeypatch):
+    # Triton 3.6 spills wherever a block is multiplied in more than one batched group: there the
+    # headline's backward (12 pieces, groups of 4) and its TF32 forward (8 pieces of 128 x 16 x 4
+    # bytes, groups of 4) keep one tl.dot, its fp16 forward (one group of 8) batches.
+    monkeypatch.setattr(launch, "SEVERAL_GROUPS", False)
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert launch.gpu_plan(shape(), H100_SMS, backward=True).options["GROUP_PIECES"] == 1
+    assert launch.gpu_plan(shape(), H100_SMS, backward=False).options["GROUP_PIECES"] == 8
+    options = launch.gpu_plan(shape(dtype=torch.float32), H100_SMS, backward=False).options
+    assert (options["NUM_PIECES"], options["GROUP_PIECES"]) == (8, 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda dtype: str(dtype).removeprefix("torch."))
+def test_batched_groups_divide_the_pieces_and_bound_their_operand(dtype):
+    for block_k, num_pieces, block_b in itertools.product((16, 32, 128, 256), (1, 2, 3, 8, 12), (16, 32)):
+        group = launch.group_pieces(shape(dtype=dtype), block_k, num_pieces, block_b)
+        assert group & (group - 1) == 0 and num_pieces % group == 0
+        assert group == 1 or group * block_k * block_b * dtype.itemsize <= launch.GROUP_OPERAND_BYTES
+        assert dtype != torch.float64 or group == 1
 
 
 @pytest.mark.parametrize("features", [1, 15, 16, 17, 760, 768, 1000])

@@ -24,25 +24,21 @@ from .recurrence import gate_slots, join_gates, load_gates, previous_state, spli
 
 @triton.jit
 def gru_forward_cell(
-    gates_h, gates_x_ptr, b_hh_ptr, h_ptr, c_ptr, saved_ptr, zoneout_c_ptr, zoneout_p,
-    x_rows, prev_rows, init_rows, out_rows, row_mask, active, reset, first_unit, H, P,
-    HAS_HH_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, ZONEOUT: tl.constexpr,
-    SAVE: tl.constexpr,
+    gates_h, gates_x, h_prev, b_hh_ptr, c_ptr, saved_ptr, zoneout_c_ptr, zoneout_p,
+    x_rows, out_rows, row_mask, active, first_unit, H,
+    HAS_HH_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, ZONEOUT: tl.constexpr, SAVE: tl.constexpr,
     BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """One step for the block's units, given ``gates_h = W_block @ h_{t-1}^T``; returns ``h_t``."""
+    """One step for the block's units, given ``gates_h = W_block @ h_{t-1}^T``, the block's
+    ``gates_x`` tile and its units' ``h_{t-1}``; returns ``h_t``."""
     if HAS_HH_BIAS:
         columns, column_mask = gate_slots(first_unit, H, 3, 4, BLOCK_U)
         gates_h += tl.load(b_hh_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)[:, None]
     r_h, z_h, n_h, _ = split_gates(gates_h, BLOCK_U, BLOCK_B)
-    gates_x = load_gates(gates_x_ptr, x_rows, H, first_unit, row_mask, 3, 4, BLOCK_U).to(ACC_DTYPE)
     r_x, z_x, n_x, _ = split_gates(gates_x, BLOCK_U, BLOCK_B)
     r = tl.sigmoid(r_x + r_h)
     z = tl.sigmoid(z_x + z_h)
     n = tanh(n_x + r * n_h)
-    units = first_unit + tl.arange(0, BLOCK_U)
-    mask = (units < H)[:, None] & row_mask[None, :]
-    h_prev = previous_state(h_ptr, prev_rows, init_rows, P, units, mask, reset, HAS_RESETS).to(ACC_DTYPE)
     if SAVE:
         store_gates(saved_ptr, x_rows, H, first_unit, row_mask, join_gates(r, z, n, n_h), 4, 4, BLOCK_U)
     return (1.0 - z) * n + z * h_prev

@@ -60,6 +60,17 @@ LARGEST_BLOCK_B = 32
 # The forward keeps W_hr on chip beside W_hh where the step's gate tile (gate rows x batch rows) is
 # at most this: with 128 x 32 (B=256 H=768, 32-unit blocks) it spills 4 bytes a thread (Triton 3.6).
 PROJECTION_GATE_TILE = 64 * 32
+# The forward's batched pieces (``_resident_pieces``): 8 of them at P=768 (padded to 1024), one a warp.
+FORWARD_PIECE_COLUMNS = 128
+# Bytes of the operand of one batched group of pieces (``group_pieces``): the forward's 8 pieces of
+# 128 x 16 at the headline, the gathering backward's 4 of 256 x 16.
+GROUP_OPERAND_BYTES = 32 * 1024
+# Whether a block may be multiplied in several batched groups: Triton 3.9 compiles them without
+# spilling; Triton 3.6, the GPU machines', spills wherever a block has more than one group (4 bytes
+# a thread in the TF32 forward, 428 to 692 in the gathering backward at the headline, whose
+# longest chain of dependent HMMA falls from 163 to 24 batched; ``python -m bench.kernels``,
+# 2026-12-04). There a block batches only where one group takes all its pieces.
+SEVERAL_GROUPS = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 9)
 # The widest piece of a resident block (``pieces``): with 1024-column pieces the LSTM's gathering
 # backward spills 472 bytes a thread at the headline, with 512 none at 246 registers, with 256 212.
 MAX_PIECE_COLUMNS = 256
@@ -176,7 +187,11 @@ def _options(shape: Shape, resident: bool, block_b: int, block_u: int, block_p: 
     go ``chunk`` at a time. The gathering backward multiplies by the transposed blocks
     (``recurrence.backward_kernel``): its ``K`` is ``G * H``, and ``W_hr``'s is ``P``.
     """
-    block_k, num_pieces = _resident_pieces(shape, backward, gather) if resident else (chunk, 1)
+    batched = resident and (gather if backward else _batches_forward(shape, block_u))
+    block_k, num_pieces = _resident_pieces(shape, backward, gather, batched) if resident else (chunk, 1)
+    group = group_pieces(shape, block_k, num_pieces, block_b) if batched else 1
+    if group < num_pieces and not SEVERAL_GROUPS:
+        group = 1
     block_kp, num_pieces_p = pieces(shape.features if gather else shape.hidden) if resident_proj else (chunk, 1)
     options = dict(
         RESIDENT=resident,
@@ -186,6 +201,7 @@ def _options(shape: Shape, resident: bool, block_b: int, block_u: int, block_p: 
         BLOCK_P=block_p,
         BLOCK_K=block_k,
         NUM_PIECES=num_pieces,
+        GROUP_PIECES=group,
         BLOCK_KP=block_kp,
         NUM_PIECES_P=num_pieces_p,
         **_precision(shape.dtype),
@@ -208,15 +224,42 @@ def partial_columns(features: int) -> int:
     return triton.cdiv(features, 16) * 16
 
 
-def _resident_pieces(shape: Shape, backward: bool, gather: bool) -> tuple:
+def _batches_forward(shape: Shape, block_u: int) -> bool:
+    """Whether the forward multiplies its resident block in batched pieces
+    (``recurrence.recurrent_matmul``): blocks of fewer than 64 gate rows, which run on ``HMMA``
+    anyway (64 rows and more take ``HGMMA``, which a batched ``tl.dot`` would give up), with
+    ``P`` at least 32 (two pieces of ``tl.dot``'s least 16) and a multiple of 16 (at P = 1000 the
+    batched forward spills 8 bytes a thread with Triton 3.6). The gathering backward always may
+    (its blocks have 16 rows); how many groups, ``group_pieces`` and ``SEVERAL_GROUPS`` decide."""
+    return shape.gate_slots * block_u < 64 and shape.features >= 32 and shape.features % 16 == 0
+
+
+def group_pieces(shape: Shape, block_k: int, num_pieces: int, block_b: int) -> int:
+    """Pieces a batched ``tl.dot`` takes at once (``recurrence.recurrent_matmul``): the most, a
+    power of two that divides ``num_pieces``, whose operand stays within ``GROUP_OPERAND_BYTES``
+    (the headline's forward: all 8; its gathering backward: 3 groups of 4); 1 (a piece at a
+    time) for fp64, which multiplies in registers, not with ``tl.dot``."""
+    if shape.dtype == torch.float64:
+        return 1
+    size = torch.empty((), dtype=shape.dtype).element_size()
+    group = 1
+    while num_pieces % (2 * group) == 0 and 2 * group * block_k * block_b * size <= GROUP_OPERAND_BYTES:
+        group *= 2
+    return group
+
+
+def _resident_pieces(shape: Shape, backward: bool, gather: bool, batched: bool = False) -> tuple:
     """``(BLOCK_K, NUM_PIECES)`` of a resident ``W_hh`` block. The gathering backward's ``dgates
     W_hh`` sums over the ``G * H`` gate rows, the partial sums' ``W_block^T @ dgates`` give a part
-    for each of the ``P`` features: both in ``pieces``. The forward's ``h_{t-1} W_hh^T`` keeps one
-    piece, ``P`` padded to a power of two: in pieces, its 64-row blocks spill (84 bytes a thread
-    in the LSTM's at B=16 H=768, both directions, Triton 3.9) and the RNN's take all 255 registers
-    (``python -m bench.kernels --all``, 2026-12-02)."""
+    for each of the ``P`` features: both in ``pieces``. The forward's ``h_{t-1} W_hh^T`` pads
+    ``P`` to a power of two: one piece, or where its product is ``batched`` pieces of at most
+    ``FORWARD_PIECE_COLUMNS`` (at least two). Its 64-row blocks in chained pieces spilled (84
+    bytes a thread in the LSTM's at B=16 H=768, both directions, Triton 3.9; ``python -m
+    bench.kernels --all``, 2026-12-02)."""
     if not backward:
-        return _pow2(shape.features), 1
+        columns = _pow2(shape.features)
+        width = min(FORWARD_PIECE_COLUMNS, columns // 2) if batched else columns
+        return width, columns // width
     return pieces(shape.num_gates * shape.hidden if gather else shape.features)
 
 

@@ -25,15 +25,15 @@ from .recurrence import (
 
 @triton.jit
 def lstm_forward_cell(
-    gates_h, gates_x_ptr, b_hh_ptr, h_ptr, c_ptr, saved_ptr, zoneout_c_ptr, zoneout_p,
-    x_rows, prev_rows, init_rows, out_rows, row_mask, active, reset, first_unit, H, P,
-    HAS_HH_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, ZONEOUT: tl.constexpr,
-    SAVE: tl.constexpr,
+    gates_h, gates_x, c_prev, b_hh_ptr, c_ptr, saved_ptr, zoneout_c_ptr, zoneout_p,
+    x_rows, out_rows, row_mask, active, first_unit, H,
+    HAS_HH_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, ZONEOUT: tl.constexpr, SAVE: tl.constexpr,
     BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """One step for the block's units, given ``gates_h = W_block @ h_{t-1}^T``: writes ``c_t``
-    (and the activations) and returns ``o * tanh(c_t)``."""
-    gates = gates_h + load_gates(gates_x_ptr, x_rows, H, first_unit, row_mask, 4, 4, BLOCK_U).to(ACC_DTYPE)
+    """One step for the block's units, given ``gates_h = W_block @ h_{t-1}^T``, the block's
+    ``gates_x`` tile and ``c_{t-1}``: writes ``c_t`` (and the activations) and returns
+    ``o * tanh(c_t)``."""
+    gates = gates_h + gates_x
     i, f, g, o = split_gates(gates, BLOCK_U, BLOCK_B)
     i = tl.sigmoid(i)
     f = tl.sigmoid(f)
@@ -41,7 +41,6 @@ def lstm_forward_cell(
     o = tl.sigmoid(o)
     units = first_unit + tl.arange(0, BLOCK_U)
     mask = (units < H)[:, None] & row_mask[None, :]
-    c_prev = previous_state(c_ptr, prev_rows, init_rows, H, units, mask, reset, HAS_RESETS)
     c = f * c_prev + i * g
     h = o * tanh(c)
     # Zoneout keeps units of c_{t-1} in c_t, after h has taken tanh of the new value (Krueger et al.).

@@ -193,53 +193,105 @@ def weight_block(w_ptr, first, N, K, ks, NUM_GATES: tl.constexpr, GATE_SLOTS: tl
     """Columns ``ks`` of this program's block of a weight, the operand of ``recurrent_matmul``.
 
     Forward (not ``TRANSPOSED``): the rows of a ``(NUM_GATES * N, K)`` weight that belong to the
-    block's ``BLOCK_ROWS`` units from ``first``, gate-major: ``(GATE_SLOTS * BLOCK_ROWS, len(ks))``.
+    block's ``BLOCK_ROWS`` units from ``first``, gate-major: ``(GATE_SLOTS * BLOCK_ROWS, columns)``.
     ``TRANSPOSED`` (the backward): the block's columns ``first, ...`` of a ``(K, N)`` weight, as
-    the rows of its transpose: ``(BLOCK_ROWS, len(ks))``. Zero past the real gates, rows and K."""
+    the rows of its transpose: ``(BLOCK_ROWS, columns)``. Zero past the real gates, rows and K.
+    ``ks`` of shape ``(columns,)`` gives that tile; of shape ``(pieces, 1, columns)``, a stack of
+    such tiles, one per piece (``group_columns``)."""
     if TRANSPOSED:
         columns = first + tl.arange(0, BLOCK_ROWS)
-        mask = (columns < N)[:, None] & (ks < K)[None, :]
-        return load_tile(w_ptr, ks.to(tl.int64), N, columns, mask)
+        mask = (columns < N)[:, None] & (ks < K)
+        return tl.load(w_ptr + ks.to(tl.int64) * N + columns[:, None], mask=mask, other=0.0)
     rows, row_mask = gate_slots(first, N, NUM_GATES, GATE_SLOTS, BLOCK_ROWS)
-    mask = row_mask[:, None] & (ks < K)[None, :]
-    return tl.load(w_ptr + rows.to(tl.int64)[:, None] * K + ks[None, :], mask=mask, other=0.0)
+    mask = row_mask[:, None] & (ks < K)
+    return tl.load(w_ptr + rows.to(tl.int64)[:, None] * K + ks, mask=mask, other=0.0)
+
+
+@triton.jit
+def group_columns(first_piece, GROUP_PIECES: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The columns of ``GROUP_PIECES`` pieces of ``BLOCK_K`` from ``first_piece``: a vector for one
+    piece, else ``(GROUP_PIECES, 1, BLOCK_K)``, a piece per leading index."""
+    if GROUP_PIECES == 1:
+        columns = first_piece * BLOCK_K + tl.arange(0, BLOCK_K)
+    else:
+        pieces = first_piece + tl.arange(0, GROUP_PIECES)
+        columns = pieces[:, None, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, None, :]
+    return columns
 
 
 @triton.jit
 def resident_block(w_ptr, first, N, K, NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                   BLOCK_K: tl.constexpr, NUM_PIECES: tl.constexpr, TRANSPOSED: tl.constexpr):
+                   BLOCK_K: tl.constexpr, NUM_PIECES: tl.constexpr, GROUP_PIECES: tl.constexpr,
+                   TRANSPOSED: tl.constexpr):
     """This program's whole block of a weight (``weight_block``), loaded once before the time loop
-    to stay on chip for the whole launch: a tuple of ``NUM_PIECES`` column pieces of ``BLOCK_K``
-    (``launch.pieces``), so that ``K`` need not be padded to one power of two."""
+    to stay on chip for the whole launch: ``NUM_PIECES`` column pieces of ``BLOCK_K``
+    (``launch.pieces``), so that ``K`` need not be padded to one power of two, as a tuple of
+    groups of ``GROUP_PIECES`` pieces (``group_columns``), each a stack for one batched ``tl.dot``
+    where there are several (``recurrent_matmul`` says why)."""
     pieces = ()
-    for piece in tl.static_range(NUM_PIECES):
-        ks = piece * BLOCK_K + tl.arange(0, BLOCK_K)
+    for group in tl.static_range(NUM_PIECES // GROUP_PIECES):
+        ks = group_columns(group * GROUP_PIECES, GROUP_PIECES, BLOCK_K)
         pieces = pieces + (weight_block(w_ptr, first, N, K, ks, NUM_GATES, GATE_SLOTS, BLOCK_ROWS, TRANSPOSED),)
     return pieces
 
 
 @triton.jit
+def load_operand(x_ptr, x_rows, K, row_mask, BLOCK_K: tl.constexpr, NUM_PIECES: tl.constexpr,
+                 GROUP_PIECES: tl.constexpr, RESIDENT: tl.constexpr):
+    """The operand ``x = x_ptr[x_rows, :K]`` of a resident block's ``recurrent_matmul``, which
+    other programs wrote in the previous step (hence ``.cg``), in the block's groups of pieces,
+    transposed: ``(BLOCK_K, batch)`` tiles, or ``(GROUP_PIECES, BLOCK_K, batch)`` stacks. Every
+    one is issued before the first product, so their L2 round trips overlap: one per step, not
+    one per piece. A streamed block loads its operand chunk by chunk instead (nothing here)."""
+    pieces = ()
+    if RESIDENT:
+        for group in tl.static_range(NUM_PIECES // GROUP_PIECES):
+            # The block's columns, turned to run down the operand's rows.
+            ks = group_columns(group * GROUP_PIECES, GROUP_PIECES, BLOCK_K)
+            if GROUP_PIECES == 1:
+                ks = ks[:, None]
+            else:
+                ks = tl.reshape(ks, (GROUP_PIECES, BLOCK_K, 1))
+            pieces = pieces + (tl.load(x_ptr + x_rows * K + ks, mask=(ks < K) & row_mask, other=0.0,
+                                       cache_modifier=".cg"),)
+    return pieces
+
+
+@triton.jit
+def group_matmul(a, b, acc, GROUP_PIECES: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """``acc + a @ b`` for one piece, or for a group the sum over its pieces of their products,
+    one batched ``tl.dot``."""
+    if GROUP_PIECES == 1:
+        acc = matmul(a, b, acc, DOT_PRECISION, DOT_UPCAST)
+    else:
+        parts = tl.zeros((GROUP_PIECES, acc.shape[0], acc.shape[1]), dtype=acc.dtype)
+        acc += tl.sum(matmul(a, b, parts, DOT_PRECISION, DOT_UPCAST), axis=0)
+    return acc
+
+
+@triton.jit
 def recurrent_matmul(
-    w, w_ptr, first, N, K, x_ptr, x_rows, row_mask,
+    w, w_ptr, first, N, K, operand, x_ptr, x_rows, row_mask,
     NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_K: tl.constexpr, NUM_PIECES: tl.constexpr, RESIDENT: tl.constexpr, TRANSPOSED: tl.constexpr,
+    BLOCK_K: tl.constexpr, NUM_PIECES: tl.constexpr, GROUP_PIECES: tl.constexpr, RESIDENT: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
-    """``W_block @ x^T`` for ``x = x_ptr[x_rows, :K]``, which other programs wrote in the previous
-    step (hence ``.cg``): ``(GATE_SLOTS * BLOCK_ROWS, BLOCK_B)``, see ``weight_block``.
+    """``W_block @ x^T`` for ``x = x_ptr[x_rows, :K]``: ``(GATE_SLOTS * BLOCK_ROWS, BLOCK_B)``,
+    see ``weight_block``.
 
-    ``RESIDENT``: ``w`` is the whole block (``resident_block``). Every piece of ``x`` is loaded
-    before the first product, so their L2 round trips overlap: one per step, not one per piece.
-    Otherwise the block streams from ``w_ptr`` in ``BLOCK_K`` chunks.
+    ``RESIDENT``: ``w`` is the whole block (``resident_block``) and ``operand`` the pieces of ``x``
+    (``load_operand``). A ``tl.dot`` gives each warp a whole reduction over ``K``, one matrix
+    instruction after another into the same accumulator; where the block has few rows, the 8
+    warps all do the same (the gathering backward's ``(16, 3072) @ (3072, 16)``: 192 dependent
+    instructions on each warp). Groups of ``GROUP_PIECES`` pieces are batched dots instead, a
+    piece per warp, and the pieces' products are summed: chains of ``BLOCK_K / 16``.
+    Otherwise the block streams from ``w_ptr`` in ``BLOCK_K`` chunks, and ``x`` with it.
     """
     acc = tl.zeros((GATE_SLOTS * BLOCK_ROWS, BLOCK_B), dtype=ACC_DTYPE)
     if RESIDENT:
-        pieces = ()
-        for piece in tl.static_range(NUM_PIECES):
-            ks = piece * BLOCK_K + tl.arange(0, BLOCK_K)
-            pieces = pieces + (load_fresh_tile(x_ptr, x_rows, K, ks, (ks < K)[:, None] & row_mask[None, :]),)
-        for piece in tl.static_range(NUM_PIECES):
-            acc = matmul(w[piece], pieces[piece], acc, DOT_PRECISION, DOT_UPCAST)
+        for group in tl.static_range(NUM_PIECES // GROUP_PIECES):
+            acc = group_matmul(w[group], operand[group], acc, GROUP_PIECES, DOT_PRECISION, DOT_UPCAST)
     else:
         for k_start in range(0, K, BLOCK_K):
             ks = k_start + tl.arange(0, BLOCK_K)
@@ -391,6 +443,7 @@ def step_rows(t, T, first_row, lengths_ptr, resets_ptr, B, D, direction,
 
 @triton.heuristics({
     "HAS_HH_BIAS": lambda args: args["b_hh_ptr"] is not None,
+    "HAS_CELL_STATE": lambda args: args["c_ptr"] is not None,
     "HAS_PROJ": lambda args: args["w_hr_ptr"] is not None,
     "HAS_LENGTHS": lambda args: args["lengths_ptr"] is not None,
     "HAS_RESETS": lambda args: args["resets_ptr"] is not None,
@@ -405,11 +458,11 @@ def forward_kernel(
     h_ptr, c_ptr, h_raw_ptr, saved_ptr, recurrent_ptr,
     T, B, H, P, zoneout_p, barrier_ptr, step_begin, step_end,
     CELL_FORWARD: tl.constexpr, NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr, HAS_HH_BIAS: tl.constexpr,
-    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_H_MASK: tl.constexpr,
+    HAS_CELL_STATE: tl.constexpr, HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_H_MASK: tl.constexpr,
     ZONEOUT: tl.constexpr, SAVE: tl.constexpr, GRID_SYNC: tl.constexpr, RESIDENT: tl.constexpr, RESIDENT_PROJ: tl.constexpr,
     STEP_PHASE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_PIECES: tl.constexpr, BLOCK_KP: tl.constexpr, NUM_PIECES_P: tl.constexpr,
+    NUM_PIECES: tl.constexpr, GROUP_PIECES: tl.constexpr, BLOCK_KP: tl.constexpr, NUM_PIECES_P: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """Forward recurrence of a layer over the steps ``[step_begin, step_end)``, both directions.
@@ -444,9 +497,10 @@ def forward_kernel(
     w_hh = 0.0
     w_hr = 0.0
     if RESIDENT and STEP_PHASE != 2:
-        w_hh = resident_block(w_hh_ptr, first_unit, H, P, NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_K, NUM_PIECES, False)
+        w_hh = resident_block(w_hh_ptr, first_unit, H, P, NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_K, NUM_PIECES,
+                              GROUP_PIECES, False)
     if RESIDENT_PROJ and STEP_PHASE != 1:
-        w_hr = resident_block(w_hr_ptr, first_feature, P, H, 1, 1, BLOCK_P, BLOCK_KP, NUM_PIECES_P, False)
+        w_hr = resident_block(w_hr_ptr, first_feature, P, H, 1, 1, BLOCK_P, BLOCK_KP, NUM_PIECES_P, 1, False)
     arrivals = 0
     for step in range(step_begin, step_end):
         t = step + direction * (T - 1 - 2 * step)
@@ -466,14 +520,25 @@ def forward_kernel(
                 for block_start in range(first_unit, H, tl.num_programs(1) * BLOCK_U):
                     units = block_start + tl.arange(0, BLOCK_U)
                     mask = (units < H)[:, None] & row_mask[None, :]
+                    operand = load_operand(operand_ptr, operand_rows, P, row_mask, BLOCK_K, NUM_PIECES, GROUP_PIECES,
+                                           RESIDENT)
+                    # What the cell reads of its own - gates_x and the state its units left, c_{t-1}
+                    # (the LSTM) or h_{t-1} (the GRU; the RNN's step ignores it, and the compiler
+                    # drops the load) - is loaded before the product, so that its L2 round trip
+                    # overlaps the operand's rather than following it.
+                    gates_x = load_gates(gates_x_ptr, x_rows, H, block_start, row_mask, NUM_GATES, GATE_SLOTS, BLOCK_U)
+                    if HAS_CELL_STATE:
+                        state = previous_state(c_ptr, prev_rows, init_rows, H, units, mask, reset, HAS_RESETS)
+                    else:
+                        state = previous_state(h_ptr, prev_rows, init_rows, P, units, mask, reset, HAS_RESETS)
                     gates_h = recurrent_matmul(
-                        w_hh, w_hh_ptr, block_start, H, P, operand_ptr, operand_rows, row_mask,
-                        NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_B, BLOCK_K, NUM_PIECES, RESIDENT, False,
+                        w_hh, w_hh_ptr, block_start, H, P, operand, operand_ptr, operand_rows, row_mask,
+                        NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_B, BLOCK_K, NUM_PIECES, GROUP_PIECES, RESIDENT, False,
                         ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
                     h = CELL_FORWARD(
-                        gates_h, gates_x_ptr, b_hh_ptr, h_ptr, c_ptr, saved_ptr, zoneout_c_ptr, zoneout_p,
-                        x_rows, prev_rows, init_rows, out_rows, row_mask, active, reset, block_start, H, P,
-                        HAS_HH_BIAS, HAS_LENGTHS, HAS_RESETS, ZONEOUT, SAVE, BLOCK_U, BLOCK_B, ACC_DTYPE)
+                        gates_h, gates_x.to(ACC_DTYPE), state.to(ACC_DTYPE), b_hh_ptr, c_ptr, saved_ptr, zoneout_c_ptr,
+                        zoneout_p, x_rows, out_rows, row_mask, active, block_start, H, HAS_HH_BIAS, HAS_LENGTHS,
+                        ZONEOUT, SAVE, BLOCK_U, BLOCK_B, ACC_DTYPE)
                     if HAS_PROJ:
                         store_tile(h_raw_ptr, x_rows, H, units, mask, h)
                     else:
@@ -494,9 +559,10 @@ def forward_kernel(
                     for block_start in range(first_feature, P, tl.num_programs(1) * BLOCK_P):
                         features = block_start + tl.arange(0, BLOCK_P)
                         mask = (features < P)[:, None] & row_mask[None, :]
+                        operand = load_operand(h_raw_ptr, x_rows, H, row_mask, BLOCK_KP, NUM_PIECES_P, 1, RESIDENT_PROJ)
                         h = recurrent_matmul(
-                            w_hr, w_hr_ptr, block_start, P, H, h_raw_ptr, x_rows, row_mask, 1, 1, BLOCK_P, BLOCK_B,
-                            BLOCK_KP, NUM_PIECES_P, RESIDENT_PROJ, False, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
+                            w_hr, w_hr_ptr, block_start, P, H, operand, h_raw_ptr, x_rows, row_mask, 1, 1, BLOCK_P, BLOCK_B,
+                            BLOCK_KP, NUM_PIECES_P, 1, RESIDENT_PROJ, False, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
                         store_hidden(
                             h, h_ptr, zoneout_h_ptr, h_mask_ptr, recurrent_ptr, zoneout_p, x_rows, prev_rows,
                             init_rows, out_rows, state_rows, buffer_rows((step + 1) % 2, batch_rows, B, D, direction),
@@ -512,7 +578,7 @@ def gather_hidden_grad(
     mask, reset_before,
     NUM_GATES: tl.constexpr, GATHER: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_H_MASK: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, NUM_PIECES: tl.constexpr,
-    REDUCE_CHUNK: tl.constexpr, RESIDENT: tl.constexpr,
+    GROUP_PIECES: tl.constexpr, REDUCE_CHUNK: tl.constexpr, RESIDENT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """``dL/dh_t`` for the ``(BLOCK_F, batch)`` tile of features from ``first_feature``: the
@@ -526,9 +592,12 @@ def gather_hidden_grad(
     dh += load_tile(dh_carry_ptr, state_rows, P, features, mask)
     if step > 0:
         if GATHER:
+            operand = load_operand(recurrent_grad_ptr, before_rows, NUM_GATES * H, row_mask, BLOCK_K, NUM_PIECES,
+                                   GROUP_PIECES, RESIDENT)
             incoming = recurrent_matmul(
-                w_hh, w_hh_ptr, first_feature, P, NUM_GATES * H, recurrent_grad_ptr, before_rows, row_mask, 1, 1,
-                BLOCK_F, BLOCK_B, BLOCK_K, NUM_PIECES, RESIDENT, True, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
+                w_hh, w_hh_ptr, first_feature, P, NUM_GATES * H, operand, recurrent_grad_ptr, before_rows, row_mask,
+                1, 1, BLOCK_F, BLOCK_B, BLOCK_K, NUM_PIECES, GROUP_PIECES, RESIDENT, True, ACC_DTYPE, DOT_PRECISION,
+                DOT_UPCAST)
         else:
             num_parts = tl.num_programs(1)
             incoming = reduce_partials(partial_ptr, (1 - step % 2) * num_parts, num_parts, batch_rows, B, D,
@@ -561,7 +630,8 @@ def backward_kernel(
     HAS_RESETS: tl.constexpr, HAS_H_MASK: tl.constexpr, ZONEOUT: tl.constexpr, GRID_SYNC: tl.constexpr,
     RESIDENT: tl.constexpr, RESIDENT_PROJ: tl.constexpr, STEP_PHASE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_PIECES: tl.constexpr, BLOCK_KP: tl.constexpr, NUM_PIECES_P: tl.constexpr, REDUCE_CHUNK: tl.constexpr,
+    NUM_PIECES: tl.constexpr, GROUP_PIECES: tl.constexpr, BLOCK_KP: tl.constexpr, NUM_PIECES_P: tl.constexpr,
+    REDUCE_CHUNK: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """Backward (BPTT) of ``forward_kernel`` over the steps ``[step_begin, step_end)``, each
@@ -614,15 +684,15 @@ def backward_kernel(
         if RESIDENT and STEP_PHASE != 2:
             BLOCK_F: tl.constexpr = BLOCK_P if HAS_PROJ else BLOCK_U
             w_hh = resident_block(w_hh_ptr, tl.program_id(1) * BLOCK_F, P, NUM_GATES * H, 1, 1, BLOCK_F, BLOCK_K,
-                                  NUM_PIECES, True)
+                                  NUM_PIECES, GROUP_PIECES, True)
         if RESIDENT_PROJ and STEP_PHASE != 1:
-            w_hr = resident_block(w_hr_ptr, first_unit, H, P, 1, 1, BLOCK_U, BLOCK_KP, NUM_PIECES_P, True)
+            w_hr = resident_block(w_hr_ptr, first_unit, H, P, 1, 1, BLOCK_U, BLOCK_KP, NUM_PIECES_P, 1, True)
     else:
         if RESIDENT and STEP_PHASE != 1:
-            w_hh = resident_block(w_hh_ptr, first_unit, H, P, NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_K, NUM_PIECES,
+            w_hh = resident_block(w_hh_ptr, first_unit, H, P, NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_K, NUM_PIECES, 1,
                                   False)
         if RESIDENT_PROJ and STEP_PHASE != 2:
-            w_hr = resident_block(w_hr_ptr, first_feature, P, H, 1, 1, BLOCK_P, BLOCK_KP, NUM_PIECES_P, False)
+            w_hr = resident_block(w_hr_ptr, first_feature, P, H, 1, 1, BLOCK_P, BLOCK_KP, NUM_PIECES_P, 1, False)
     arrivals = 0
     for step in range(step_begin, step_end):
         # Walking time backwards: T-1, ..., 0 for the forward direction; 0, ..., T-1 in reverse.
@@ -644,7 +714,7 @@ def backward_kernel(
                             h_mask_ptr, step, x_rows, buffer_rows(t_before, batch_rows, B, D, direction), state_rows,
                             batch_rows, row_mask, B, D, direction, H, P, partial_columns, block_start, mask,
                             reset_before, NUM_GATES, GATHER, HAS_RESETS, HAS_H_MASK, BLOCK_P, BLOCK_B, BLOCK_K,
-                            NUM_PIECES, REDUCE_CHUNK, RESIDENT, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
+                            NUM_PIECES, GROUP_PIECES, REDUCE_CHUNK, RESIDENT, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
                         dh_new, carry = zoneout_grad(dh, zoneout_h_ptr, x_rows, P, features, mask, zoneout_p, ZONEOUT)
                         if HAS_LENGTHS:
                             # Past a sequence's end h_t is h_{t-1}: dh goes around the projection and the cell.
@@ -675,9 +745,12 @@ def backward_kernel(
                     mask = (units < H)[:, None] & row_mask[None, :]
                     if HAS_PROJ:
                         if GATHER:
+                            operand = load_operand(grad_h_proj_ptr, x_rows, P, row_mask, BLOCK_KP, NUM_PIECES_P, 1,
+                                                   RESIDENT_PROJ)
                             dh = recurrent_matmul(
-                                w_hr, w_hr_ptr, block_start, H, P, grad_h_proj_ptr, x_rows, row_mask, 1, 1, BLOCK_U,
-                                BLOCK_B, BLOCK_KP, NUM_PIECES_P, RESIDENT_PROJ, True, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
+                                w_hr, w_hr_ptr, block_start, H, P, operand, grad_h_proj_ptr, x_rows, row_mask, 1, 1,
+                                BLOCK_U, BLOCK_B, BLOCK_KP, NUM_PIECES_P, 1, RESIDENT_PROJ, True, ACC_DTYPE,
+                                DOT_PRECISION, DOT_UPCAST)
                         else:
                             dh = reduce_partials(partial_proj_ptr, 0, num_parts, batch_rows, B, D, direction,
                                                  partial_proj_columns, units, mask, BLOCK_U, BLOCK_B, REDUCE_CHUNK,
@@ -688,7 +761,7 @@ def backward_kernel(
                             h_mask_ptr, step, x_rows, buffer_rows(t_before, batch_rows, B, D, direction), state_rows,
                             batch_rows, row_mask, B, D, direction, H, P, partial_columns, block_start, mask,
                             reset_before, NUM_GATES, GATHER, HAS_RESETS, HAS_H_MASK, BLOCK_U, BLOCK_B, BLOCK_K,
-                            NUM_PIECES, REDUCE_CHUNK, RESIDENT, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
+                            NUM_PIECES, GROUP_PIECES, REDUCE_CHUNK, RESIDENT, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
                     dh_total = dh
                     if not HAS_PROJ:
                         dh, carry_zoneout = zoneout_grad(dh, zoneout_h_ptr, x_rows, P, units, mask, zoneout_p, ZONEOUT)

@@ -21,9 +21,9 @@ from .recurrence import load_gates, load_tile, store_gates, tanh
 
 
 @triton.jit
-def _forward(gates_h, gates_x_ptr, saved_ptr, x_rows, row_mask, first_unit, H, RELU: tl.constexpr,
-             ZONEOUT: tl.constexpr, SAVE: tl.constexpr, BLOCK_U: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    preactivation = gates_h + load_gates(gates_x_ptr, x_rows, H, first_unit, row_mask, 1, 1, BLOCK_U).to(ACC_DTYPE)
+def _forward(gates_h, gates_x, saved_ptr, x_rows, row_mask, first_unit, H, RELU: tl.constexpr,
+             ZONEOUT: tl.constexpr, SAVE: tl.constexpr, BLOCK_U: tl.constexpr):
+    preactivation = gates_h + gates_x
     if RELU:
         h = tl.maximum(preactivation, 0.0, propagate_nan=tl.PropagateNan.ALL)
     else:
@@ -58,28 +58,24 @@ def _backward(dh, h_ptr, saved_ptr, dgates_x_ptr, x_rows, out_rows, row_mask, ac
 # The shared kernels call a cell's step with one signature; these bind the nonlinearity.
 @triton.jit
 def rnn_tanh_forward_cell(
-    gates_h, gates_x_ptr, b_hh_ptr, h_ptr, c_ptr, saved_ptr, zoneout_c_ptr, zoneout_p,
-    x_rows, prev_rows, init_rows, out_rows, row_mask, active, reset, first_unit, H, P,
-    HAS_HH_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, ZONEOUT: tl.constexpr,
-    SAVE: tl.constexpr,
+    gates_h, gates_x, h_prev, b_hh_ptr, c_ptr, saved_ptr, zoneout_c_ptr, zoneout_p,
+    x_rows, out_rows, row_mask, active, first_unit, H,
+    HAS_HH_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, ZONEOUT: tl.constexpr, SAVE: tl.constexpr,
     BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """``h_t = tanh(gates_x[t] + gates_h)`` for the block's units."""
-    return _forward(gates_h, gates_x_ptr, saved_ptr, x_rows, row_mask, first_unit, H, False, ZONEOUT, SAVE,
-                    BLOCK_U, ACC_DTYPE)
+    return _forward(gates_h, gates_x, saved_ptr, x_rows, row_mask, first_unit, H, False, ZONEOUT, SAVE, BLOCK_U)
 
 
 @triton.jit
 def rnn_relu_forward_cell(
-    gates_h, gates_x_ptr, b_hh_ptr, h_ptr, c_ptr, saved_ptr, zoneout_c_ptr, zoneout_p,
-    x_rows, prev_rows, init_rows, out_rows, row_mask, active, reset, first_unit, H, P,
-    HAS_HH_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, ZONEOUT: tl.constexpr,
-    SAVE: tl.constexpr,
+    gates_h, gates_x, h_prev, b_hh_ptr, c_ptr, saved_ptr, zoneout_c_ptr, zoneout_p,
+    x_rows, out_rows, row_mask, active, first_unit, H,
+    HAS_HH_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, ZONEOUT: tl.constexpr, SAVE: tl.constexpr,
     BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """``h_t = max(gates_x[t] + gates_h, 0)`` for the block's units."""
-    return _forward(gates_h, gates_x_ptr, saved_ptr, x_rows, row_mask, first_unit, H, True, ZONEOUT, SAVE,
-                    BLOCK_U, ACC_DTYPE)
+    return _forward(gates_h, gates_x, saved_ptr, x_rows, row_mask, first_unit, H, True, ZONEOUT, SAVE, BLOCK_U)
 
 
 @triton.jit
