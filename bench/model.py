@@ -124,7 +124,7 @@ def _chain(shape, plan, backward: bool) -> float:
     counted here."""
     options = plan.options
     k_step = 8 if shape.dtype == torch.float32 else 16
-    rows = 16 if backward else shape.gate_slots * options["BLOCK_U"]
+    rows = options["BLOCK_U"] if backward else shape.gate_slots * options["BLOCK_U"]
     if not plan.resident or (backward and not options["GATHER"]) or rows >= 64:
         return 0.0
     if options["GROUP_PIECES"] > 1:

@@ -16,13 +16,17 @@ import pytest
 from bench.kernels import CELLS
 
 
-def test_every_kernel_compiles_for_sm90_without_spilling(tmp_path):
+def compile_in_subprocess(arguments, tmp_path, timeout):
+    """Run ``python arguments`` from the checkout with the interpreter off (it does not compile) and
+    an empty Triton cache, so that the kernels are compiled for real."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile for real, not from a cache
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.kernels", "--arch", "90", "--check"],
-        capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)), timeout=1800,
-    )
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    return subprocess.run([sys.executable, *arguments], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.dirname(__file__)), timeout=timeout)
+
+
+def test_every_kernel_compiles_for_sm90_without_spilling(tmp_path):
+    result = compile_in_subprocess(["-m", "bench.kernels", "--arch", "90", "--check"], tmp_path, 1800)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     rows = [line for line in result.stdout.splitlines() if line.split()[:1] and line.split()[0] in CELLS]
     assert {row.split()[0] for row in rows} == set(CELLS), result.stdout
@@ -56,13 +60,10 @@ def test_headline_products_split_their_reduction_over_the_warps(tmp_path, kernel
 
     if kernel == "backward" and not SEVERAL_GROUPS:
         pytest.skip("this Triton spills blocks in several batched groups: the backward keeps one tl.dot (launch.SEVERAL_GROUPS)")
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     script = ("from bench.kernels import Variant, compile_variant; "
               f"r = compile_variant(Variant('lstm', '{kernel}', 'float16', 'all', 16, 768), 90); "
               "print(r.ok, r.spill_bytes, r.mma_chain, r.matrix_instructions, sep=',')")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                            cwd=os.path.dirname(os.path.dirname(__file__)), timeout=600)
+    result = compile_in_subprocess(["-c", script], tmp_path, 600)
     assert result.returncode == 0, result.stderr[-4000:]
     ok, spill, longest, instructions = result.stdout.strip().splitlines()[-1].split(",")
     assert (ok, spill) == ("True", "0"), result.stdout

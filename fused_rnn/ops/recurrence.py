@@ -281,7 +281,8 @@ def recurrent_matmul(
     see ``weight_block``.
 
     ``RESIDENT``: ``w`` is the whole block (``resident_block``) and ``operand`` the pieces of ``x``
-    (``load_operand``). A ``tl.dot`` gives each warp a whole reduction over ``K``, one matrix
+    (``load_operand``), or None to load them here; a caller loads them first to issue its own loads
+    beside them (the forward's cell inputs). A ``tl.dot`` gives each warp a whole reduction over ``K``, one matrix
     instruction after another into the same accumulator; where the block has few rows, the 8
     warps all do the same (the gathering backward's ``(16, 3072) @ (3072, 16)``: 192 dependent
     instructions on each warp). Groups of ``GROUP_PIECES`` pieces are batched dots instead, a
@@ -290,6 +291,8 @@ def recurrent_matmul(
     """
     acc = tl.zeros((GATE_SLOTS * BLOCK_ROWS, BLOCK_B), dtype=ACC_DTYPE)
     if RESIDENT:
+        if operand is None:
+            operand = load_operand(x_ptr, x_rows, K, row_mask, BLOCK_K, NUM_PIECES, GROUP_PIECES, RESIDENT)
         for group in tl.static_range(NUM_PIECES // GROUP_PIECES):
             acc = group_matmul(w[group], operand[group], acc, GROUP_PIECES, DOT_PRECISION, DOT_UPCAST)
     else:
@@ -559,9 +562,8 @@ def forward_kernel(
                     for block_start in range(first_feature, P, tl.num_programs(1) * BLOCK_P):
                         features = block_start + tl.arange(0, BLOCK_P)
                         mask = (features < P)[:, None] & row_mask[None, :]
-                        operand = load_operand(h_raw_ptr, x_rows, H, row_mask, BLOCK_KP, NUM_PIECES_P, 1, RESIDENT_PROJ)
                         h = recurrent_matmul(
-                            w_hr, w_hr_ptr, block_start, P, H, operand, h_raw_ptr, x_rows, row_mask, 1, 1, BLOCK_P, BLOCK_B,
+                            w_hr, w_hr_ptr, block_start, P, H, None, h_raw_ptr, x_rows, row_mask, 1, 1, BLOCK_P, BLOCK_B,
                             BLOCK_KP, NUM_PIECES_P, 1, RESIDENT_PROJ, False, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
                         store_hidden(
                             h, h_ptr, zoneout_h_ptr, h_mask_ptr, recurrent_ptr, zoneout_p, x_rows, prev_rows,
@@ -592,10 +594,8 @@ def gather_hidden_grad(
     dh += load_tile(dh_carry_ptr, state_rows, P, features, mask)
     if step > 0:
         if GATHER:
-            operand = load_operand(recurrent_grad_ptr, before_rows, NUM_GATES * H, row_mask, BLOCK_K, NUM_PIECES,
-                                   GROUP_PIECES, RESIDENT)
             incoming = recurrent_matmul(
-                w_hh, w_hh_ptr, first_feature, P, NUM_GATES * H, operand, recurrent_grad_ptr, before_rows, row_mask,
+                w_hh, w_hh_ptr, first_feature, P, NUM_GATES * H, None, recurrent_grad_ptr, before_rows, row_mask,
                 1, 1, BLOCK_F, BLOCK_B, BLOCK_K, NUM_PIECES, GROUP_PIECES, RESIDENT, True, ACC_DTYPE, DOT_PRECISION,
                 DOT_UPCAST)
         else:
@@ -745,10 +745,8 @@ def backward_kernel(
                     mask = (units < H)[:, None] & row_mask[None, :]
                     if HAS_PROJ:
                         if GATHER:
-                            operand = load_operand(grad_h_proj_ptr, x_rows, P, row_mask, BLOCK_KP, NUM_PIECES_P, 1,
-                                                   RESIDENT_PROJ)
                             dh = recurrent_matmul(
-                                w_hr, w_hr_ptr, block_start, H, P, operand, grad_h_proj_ptr, x_rows, row_mask, 1, 1,
+                                w_hr, w_hr_ptr, block_start, H, P, None, grad_h_proj_ptr, x_rows, row_mask, 1, 1,
                                 BLOCK_U, BLOCK_B, BLOCK_KP, NUM_PIECES_P, 1, RESIDENT_PROJ, True, ACC_DTYPE,
                                 DOT_PRECISION, DOT_UPCAST)
                         else:
