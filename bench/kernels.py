@@ -87,8 +87,8 @@ class Report:
     spill_bytes: int = 0  # bytes a thread spills to local memory: registers the compiler could not keep
     shared_bytes: int = 0
     planned_bytes: int = 0  # launch.resident_bytes: what the plan counted (0 when streaming)
-    matrix_instructions: str = ""  # e.g. "HMMA x64", "HGMMA x16" (wgmma), "DMMA x16" (fp64)
-    mma_chain: int = 0  # the most matrix instructions accumulating into one register: they run one after another
+    matrix_instructions: str = ""  # e.g. "HMMA.16816 x64", "HGMMA.64x16x16 x16" (wgmma), "DMMA.884 x16" (fp64)
+    mma_chain: int = 0  # the longest run of HMMA (DMMA) each accumulating onto the one before: they wait for each other
     w_hh_loads_in_loop: int = 0  # loads of W_hh inside the time loop
     w_hr_loads_in_loop: int = 0  # and of W_hr (the LSTM projection)
     error: str = ""
@@ -186,6 +186,16 @@ def signature(variant: Variant, kernel, plan):
     return types, constants, divisible
 
 
+def describe(shape, plan) -> str:
+    """A plan in a few words: resident or streaming weights, the backward's scheme, the grid and the
+    blocks, e.g. ``resident gather 1x48x1 B16xU16``."""
+    options = plan.options
+    scheme = {True: " gather", False: " parts"}.get(options.get("GATHER"), "")
+    projection = " W_hr streams" if plan.resident and shape.has_proj and not options["RESIDENT_PROJ"] else ""
+    return (f"{'resident' if plan.resident else 'streaming'}{scheme} {plan.grid[0]}x{plan.grid[1]}x{plan.grid[2]} "
+            f"B{options['BLOCK_B']}xU{options['BLOCK_U']}{projection}")
+
+
 def compile_variant(variant: Variant, arch: int) -> Report:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -199,10 +209,7 @@ def compile_variant(variant: Variant, arch: int) -> Report:
     backward = variant.kernel == "backward"
     plan = launch.gpu_plan(shape, MULTIPROCESSORS, backward)
     options = plan.options
-    scheme = {True: " gather", False: " parts"}.get(options.get("GATHER"), "")
-    projection = " W_hr streams" if plan.resident and shape.has_proj and not options["RESIDENT_PROJ"] else ""
-    description = (f"{'resident' if plan.resident else 'streaming'}{scheme} {plan.grid[0]}x{plan.grid[1]}x{plan.grid[2]} "
-                   f"B{options['BLOCK_B']}xU{options['BLOCK_U']}{projection}")
+    description = describe(shape, plan)
     planned = launch.resident_bytes(shape, options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"], backward,
                                     options.get("GATHER", False), options["RESIDENT_PROJ"])
     types, constants, divisible = signature(variant, kernel, plan)
@@ -217,10 +224,10 @@ def compile_variant(variant: Variant, arch: int) -> Report:
         return Report(variant, ok=False, plan=description, error=f"{type(error).__name__}: {first_line}")
     registers, spill = _resource_usage(compiled.asm["ptx"], arch)
     w_hh_loads, w_hr_loads = weight_loads_in_time_loop(compiled.asm["ttgir"])
-    matrix_instructions, mma_chain = _matrix_instructions(compiled.asm["cubin"])
+    matrix, mma_chain = matrix_instructions(_disassemble(compiled.asm["cubin"]))
     return Report(variant, ok=True, plan=description, registers=registers, spill_bytes=spill,
                   shared_bytes=compiled.metadata.shared, planned_bytes=planned if plan.resident else 0,
-                  matrix_instructions=matrix_instructions, mma_chain=mma_chain,
+                  matrix_instructions=matrix, mma_chain=mma_chain,
                   w_hh_loads_in_loop=w_hh_loads, w_hr_loads_in_loop=w_hr_loads)
 
 
@@ -309,21 +316,55 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def _matrix_instructions(cubin: bytes) -> tuple:
-    """``(summary, chain)``: how many matrix instructions of each kind the kernel's SASS holds (each
-    warp runs them all), and the most of them writing one accumulator register. Those depend on
-    each other: each waits for the one before, so a step's product takes at least ``chain`` times
-    the instruction's latency."""
+# Multiply-adds of a synchronous matrix instruction's shape (m16n8k16 fp16/bf16, m16n8k8 TF32,
+# m8n8k4 fp64); an HGMMA names its own (64xNx16) and is its warpgroup's: four warps issue it.
+_MMA_SHAPES = {"16816": 16 * 8 * 16, "1688": 16 * 8 * 8, "884": 8 * 8 * 4}
+
+
+def multiply_adds(matrix_instructions: str, num_warps: int) -> dict:
+    """Multiply-adds of each opcode in a report's ``matrix_instructions`` (``"HMMA.16816 x48"``)
+    in one pass through the code, all ``num_warps`` warps together."""
+    totals = {}
+    for name, count in re.findall(r"(\S+) x(\d+)", matrix_instructions):
+        opcode, shape = name.split(".")
+        if opcode.endswith("GMMA"):
+            m, n, k = map(int, shape.split("x"))
+            each = m * n * k * num_warps // 4
+        else:
+            each = _MMA_SHAPES[shape] * num_warps
+        totals[opcode] = totals.get(opcode, 0) + each * int(count)
+    return totals
+
+
+def _disassemble(cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
-        sass = subprocess.run([_tool("nvdisasm"), file.name], capture_output=True, text=True, check=True).stdout
-    counts, accumulators = {}, {}
-    for opcode, destination in re.findall(r"\b([HQ]GMMA|HMMA|DMMA)\S*\s+(R\d+)", sass):
-        counts[opcode] = counts.get(opcode, 0) + 1
-        accumulators[destination] = accumulators.get(destination, 0) + 1
-    summary = " ".join(f"{opcode} x{count}" for opcode, count in sorted(counts.items()))
-    return summary, max(accumulators.values(), default=0)
+        return subprocess.run([_tool("nvdisasm"), file.name], capture_output=True, text=True, check=True).stdout
+
+
+def matrix_instructions(sass: str) -> tuple:
+    """``(summary, chain)`` of a kernel's SASS: how many matrix instructions of each kind and shape
+    it holds (each warp runs them all), and the longest run of synchronous ones (``HMMA``, ``DMMA``)
+    each accumulating onto the result of the one before (its last operand, ``RZ`` for zero, is the
+    previous one's destination). Those wait for each other, so such a product takes at least
+    ``chain`` times the instruction's latency; ``HGMMA`` is asynchronous, its accumulation the
+    tensor core's own."""
+    counts, chain, longest = {}, {}, 0  # chain: register -> the run of matrix instructions that wrote it last
+    for line in sass.splitlines():
+        matrix = re.search(r"\b([HQ]GMMA|HMMA|DMMA)\.(\w+)\S*\s+(R\d+),([^;]*);", line)
+        if matrix:
+            opcode, shape, destination, sources = matrix.groups()
+            counts[f"{opcode}.{shape}"] = counts.get(f"{opcode}.{shape}", 0) + 1
+            if not opcode.endswith("GMMA"):
+                chain[destination] = 1 + chain.get(sources.split(",")[-1].strip().split(".")[0], 0)
+                longest = max(longest, chain[destination])
+            continue
+        other = re.search(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?[A-Z][\w.]*\s+(R\d+)", line)
+        if other:  # any other instruction writing a register ends the run there
+            chain[other.group(1)] = 0
+    summary = " ".join(f"{name} x{count}" for name, count in sorted(counts.items()))
+    return summary, longest
 
 
 def failures(report: Report) -> list:

@@ -261,3 +261,29 @@ def test_drift_run_writes_the_documented_json(tmp_path, capsys):
     for row in results["rows"]:
         assert list(row) == list(drift.ROW_KEYS)
         assert 0 <= row["median"] <= row["max"] < 1e-2
+
+
+@pytest.mark.parametrize("version", ["3.6", "3.9"])
+def test_cost_model_reads_the_committed_compiler_reports_of_todays_plans(version, monkeypatch, capsys):
+    # bench.model refuses a report whose plan is not the launcher's today: the committed reports
+    # must be regenerated (python -m bench.kernels --all --json) whenever a plan changes.
+    from bench import model
+
+    monkeypatch.setattr(launch, "interpreting", lambda: False)  # fp32 plans as on a GPU (TF32)
+    path = REPO / "bench" / "results" / f"kernels-sm90-triton-{version}-all.json"
+    assert model.main(["--kernels", str(path)]) == 0
+    headline = [line.split() for line in capsys.readouterr().out.splitlines()
+                if line.split()[:4] == ["lstm", "16", "768", "float16"]]
+    assert len(headline) == 1 and "gather" in headline[0]
+
+
+def test_cost_model_refuses_a_report_of_another_plan(tmp_path, monkeypatch):
+    from bench import model
+
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    reports = json.loads((REPO / "bench" / "results" / "kernels-sm90-triton-3.6-all.json").read_text())
+    for report in reports["reports"]:
+        report["plan"] = report["plan"].replace("1x48x1", "1x47x1")
+    (tmp_path / "stale.json").write_text(json.dumps(reports))
+    with pytest.raises(ValueError, match="no compiler report of today's plan"):
+        model.main(["--kernels", str(tmp_path / "stale.json")])

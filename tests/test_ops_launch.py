@@ -58,13 +58,13 @@ def test_headline_forward_plan_gives_96_programs_of_8_units_each_an_sm():
 
 
 def test_headline_backward_gathers_with_48_programs_of_16_units():
-    # Each program holds the columns of W_hh of 16 features (all 3072 gate rows, in 12 pieces of
-    # 256: 96 KB) and reads all of the previous step's gate gradients (96 KB) each step.
+    # Each program holds the columns of W_hh of 16 features (all 3072 gate rows, in 96 pieces of
+    # 32: 96 KB) and reads all of the previous step's gate gradients (96 KB) each step.
     plan = launch.gpu_plan(shape(), H100_SMS, backward=True)
     assert plan.scheme == "persistent" and plan.resident and plan.options["GATHER"]
     assert plan.grid == (1, 48, 1)
     assert plan.options["BLOCK_U"] == 16 and plan.options["BLOCK_B"] == 16
-    assert (plan.options["BLOCK_K"], plan.options["NUM_PIECES"]) == (256, 12)
+    assert (plan.options["BLOCK_K"], plan.options["NUM_PIECES"]) == (32, 96)
     assert launch.resident_bytes(shape(), 16, 16, 16, backward=True, gather=True) == 2 * 96 * 1024
 
 
@@ -235,15 +235,17 @@ def test_resident_block_pieces_cover_the_columns_in_one_power_of_two(columns):
                                                                     - columns) > max(columns, 256)
 
 
-def test_headline_blocks_come_in_pieces_of_256_but_the_forwards():
-    # The backward's 3072 gate rows (gathering: 3 batched groups of 4 where the Triton compiles
-    # them without spilling) or 768 features (summing parts), unpadded; the forward's 768 features
-    # padded to 1024: 8 pieces of 128 in one batched tl.dot for its 32-row blocks, one piece for
-    # 64 rows (HGMMA; in chained pieces those spilled).
+def test_headline_blocks_come_in_pieces():
+    # The gathering backward's 3072 gate rows in 96 pieces of 32, batched 8 at a time (a piece a
+    # warp: in fewer, larger groups Triton 3.6 spilled or repeated the product on several warps);
+    # the parts backward's 768 features in 3 of 256, unpadded; the forward's 768 features padded
+    # to 1024: 8 pieces of 128 in one batched tl.dot for its 32-row blocks, one piece for 64 rows
+    # (HGMMA; in chained pieces those spilled).
     assert launch.pieces(768) == (256, 3) and launch.pieces(3072) == (256, 12)
     options = launch.gpu_plan(shape(), H100_SMS, backward=True).options
-    group = 4 if launch.SEVERAL_GROUPS else 1
-    assert (options["BLOCK_K"], options["NUM_PIECES"], options["GROUP_PIECES"]) == (256, 12, group)
+    assert (options["BLOCK_K"], options["NUM_PIECES"], options["GROUP_PIECES"]) == (32, 96, 8)
+    options = launch.gpu_plan(shape(cell="gru"), H100_SMS, backward=True).options
+    assert (options["BLOCK_K"], options["NUM_PIECES"], options["GROUP_PIECES"]) == (32, 72, 8)
     options = launch.gpu_plan(shape(), H100_SMS, backward=False).options
     assert (options["BLOCK_K"], options["NUM_PIECES"], options["GROUP_PIECES"]) == (128, 8, 8)
     options = launch.gpu_plan(shape(directions=2), H100_SMS, backward=False).options
@@ -253,24 +255,19 @@ def test_headline_blocks_come_in_pieces_of_256_but_the_forwards():
     assert (options["BLOCK_K"], options["NUM_PIECES"], options["GROUP_PIECES"]) == (256, 3, 1)
 
 
-def test_a_triton_that_spills_several_groups_batches_only_blocks_of_one(monkeypatch):
-    # Triton 3.6 spills wherever a block is multiplied in more than one batched group: there the
-    # headline's backward (12 pieces, groups of 4) and its TF32 forward (8 pieces of 128 x 16 x 4
-    # bytes, groups of 4) keep one tl.dot, its fp16 forward (one group of 8) batches.
-    monkeypatch.setattr(launch, "SEVERAL_GROUPS", False)
+def test_the_tf32_forward_batches_all_its_pieces_at_once(monkeypatch):
+    # 8 pieces of 128 x 16 x 4 bytes: in two groups of 4 they spilled with Triton 3.6.
     monkeypatch.setattr(launch, "interpreting", lambda: False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    assert launch.gpu_plan(shape(), H100_SMS, backward=True).options["GROUP_PIECES"] == 1
-    assert launch.gpu_plan(shape(), H100_SMS, backward=False).options["GROUP_PIECES"] == 8
     options = launch.gpu_plan(shape(dtype=torch.float32), H100_SMS, backward=False).options
-    assert (options["NUM_PIECES"], options["GROUP_PIECES"]) == (8, 1)
+    assert (options["DOT_PRECISION"], options["NUM_PIECES"], options["GROUP_PIECES"]) == ("tf32", 8, 8)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda dtype: str(dtype).removeprefix("torch."))
 def test_batched_groups_divide_the_pieces_and_bound_their_operand(dtype):
     for block_k, num_pieces, block_b in itertools.product((16, 32, 128, 256), (1, 2, 3, 8, 12), (16, 32)):
         group = launch.group_pieces(shape(dtype=dtype), block_k, num_pieces, block_b)
-        assert group & (group - 1) == 0 and num_pieces % group == 0
+        assert group & (group - 1) == 0 and num_pieces % group == 0 and group <= launch.COMPILE_OPTIONS["num_warps"]
         assert group == 1 or group * block_k * block_b * dtype.itemsize <= launch.GROUP_OPERAND_BYTES
         assert dtype != torch.float64 or group == 1
 

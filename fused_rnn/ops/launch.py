@@ -62,18 +62,18 @@ LARGEST_BLOCK_B = 32
 PROJECTION_GATE_TILE = 64 * 32
 # The forward's batched pieces (``_resident_pieces``): 8 of them at P=768 (padded to 1024), one a warp.
 FORWARD_PIECE_COLUMNS = 128
-# Bytes of the operand of one batched group of pieces (``group_pieces``): the forward's 8 pieces of
-# 128 x 16 at the headline, the gathering backward's 4 of 256 x 16.
-GROUP_OPERAND_BYTES = 32 * 1024
-# Whether a block may be multiplied in several batched groups: Triton 3.9 compiles them without
-# spilling; Triton 3.6, the GPU machines', spills wherever a block has more than one group (4 bytes
-# a thread in the TF32 forward, 428 to 692 in the gathering backward at the headline, whose
-# longest chain of dependent HMMA falls from 163 to 24 batched; ``python -m bench.kernels``,
-# 2026-12-04). There a block batches only where one group takes all its pieces.
-SEVERAL_GROUPS = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 9)
+# Bytes of the operand of one batched group of pieces (``group_pieces``): the TF32 forward's 8 pieces
+# of 128 x 16 at the headline. In two groups of 4 they spilled 4 bytes a thread with Triton 3.6.
+GROUP_OPERAND_BYTES = 64 * 1024
 # The widest piece of a resident block (``pieces``): with 1024-column pieces the LSTM's gathering
 # backward spills 472 bytes a thread at the headline, with 512 none at 246 registers, with 256 212.
 MAX_PIECE_COLUMNS = 256
+# The gathering backward's pieces are narrower: 8 of them (32 x 16 fp16, 1 KB) make a group
+# (``group_pieces``), whose batched dot gives each warp a piece, a chain of 2 dependent HMMA. In groups
+# of 4 pieces of 256 columns (the headline's 12 pieces) Triton 3.6 spilled 428 bytes a thread, in
+# groups of 8 of 128 412; in groups smaller than the 8 warps it repeats the product on several
+# warps (python -m bench.kernels, 2026-12-04).
+GATHER_PIECE_COLUMNS = 32
 # Elements of the (parts, features, batch) tile ``reduce_partials`` loads at once: 8 programs' (16
 # units x 16 rows) parts. Twice that spills with Triton 3.6 (python -m bench.kernels --all).
 REDUCE_ELEMENTS = 2048
@@ -190,8 +190,6 @@ def _options(shape: Shape, resident: bool, block_b: int, block_u: int, block_p: 
     batched = resident and (gather if backward else _batches_forward(shape, block_u))
     block_k, num_pieces = _resident_pieces(shape, backward, gather, batched) if resident else (chunk, 1)
     group = group_pieces(shape, block_k, num_pieces, block_b) if batched else 1
-    if group < num_pieces and not SEVERAL_GROUPS:
-        group = 1
     block_kp, num_pieces_p = pieces(shape.features if gather else shape.hidden) if resident_proj else (chunk, 1)
     options = dict(
         RESIDENT=resident,
@@ -229,21 +227,23 @@ def _batches_forward(shape: Shape, block_u: int) -> bool:
     (``recurrence.recurrent_matmul``): blocks of fewer than 64 gate rows, which run on ``HMMA``
     anyway (64 rows and more take ``HGMMA``, which a batched ``tl.dot`` would give up), with
     ``P`` at least 32 (two pieces of ``tl.dot``'s least 16) and a multiple of 16 (at P = 1000 the
-    batched forward spills 8 bytes a thread with Triton 3.6). The gathering backward always may
-    (its blocks have 16 rows); how many groups, ``group_pieces`` and ``SEVERAL_GROUPS`` decide."""
+    batched forward spills 8 bytes a thread with Triton 3.6). The gathering backward always
+    batches (its blocks have 16 rows); in how many groups, ``group_pieces`` decides."""
     return shape.gate_slots * block_u < 64 and shape.features >= 32 and shape.features % 16 == 0
 
 
 def group_pieces(shape: Shape, block_k: int, num_pieces: int, block_b: int) -> int:
     """Pieces a batched ``tl.dot`` takes at once (``recurrence.recurrent_matmul``): the most, a
-    power of two that divides ``num_pieces``, whose operand stays within ``GROUP_OPERAND_BYTES``
-    (the headline's forward: all 8; its gathering backward: 3 groups of 4); 1 (a piece at a
-    time) for fp64, which multiplies in registers, not with ``tl.dot``."""
+    power of two that divides ``num_pieces``, at most one a warp, whose operand stays within
+    ``GROUP_OPERAND_BYTES`` (the headline's forward: all 8; its gathering backward: 12 groups of
+    8); 1 (a piece at a time) for fp64, which multiplies in registers, not with ``tl.dot``. A
+    group of fewer pieces than warps leaves warps repeating each other's products (Triton 3.6)."""
     if shape.dtype == torch.float64:
         return 1
     size = torch.empty((), dtype=shape.dtype).element_size()
     group = 1
-    while num_pieces % (2 * group) == 0 and 2 * group * block_k * block_b * size <= GROUP_OPERAND_BYTES:
+    while (num_pieces % (2 * group) == 0 and 2 * group <= COMPILE_OPTIONS["num_warps"]
+           and 2 * group * block_k * block_b * size <= GROUP_OPERAND_BYTES):
         group *= 2
     return group
 
@@ -251,7 +251,8 @@ def group_pieces(shape: Shape, block_k: int, num_pieces: int, block_b: int) -> i
 def _resident_pieces(shape: Shape, backward: bool, gather: bool, batched: bool = False) -> tuple:
     """``(BLOCK_K, NUM_PIECES)`` of a resident ``W_hh`` block. The gathering backward's ``dgates
     W_hh`` sums over the ``G * H`` gate rows, the partial sums' ``W_block^T @ dgates`` give a part
-    for each of the ``P`` features: both in ``pieces``. The forward's ``h_{t-1} W_hh^T`` pads
+    for each of the ``P`` features: both in ``pieces``, the gathering backward's of at most
+    ``GATHER_PIECE_COLUMNS``. The forward's ``h_{t-1} W_hh^T`` pads
     ``P`` to a power of two: one piece, or where its product is ``batched`` pieces of at most
     ``FORWARD_PIECE_COLUMNS`` (at least two). Its 64-row blocks in chained pieces spilled (84
     bytes a thread in the LSTM's at B=16 H=768, both directions, Triton 3.9; ``python -m
@@ -260,18 +261,20 @@ def _resident_pieces(shape: Shape, backward: bool, gather: bool, batched: bool =
         columns = _pow2(shape.features)
         width = min(FORWARD_PIECE_COLUMNS, columns // 2) if batched else columns
         return width, columns // width
-    return pieces(shape.num_gates * shape.hidden if gather else shape.features)
+    if gather:
+        return pieces(shape.num_gates * shape.hidden, GATHER_PIECE_COLUMNS)
+    return pieces(shape.features)
 
 
-def pieces(columns: int) -> tuple:
+def pieces(columns: int, widest: int = MAX_PIECE_COLUMNS) -> tuple:
     """``(BLOCK_K, NUM_PIECES)``: pieces of one power-of-two width, at least 16 (``tl.dot``'s
-    least K) and at most ``MAX_PIECE_COLUMNS``, that cover ``columns``: the fewest whose padding is
-    at most an eighth of them, or 32 columns (3072 = 12 x 256, 768 = 3 x 256, 1000 -> 4 x 256,
-    300 -> 5 x 64, 100 -> 1 x 128, 20 -> 1 x 32), else the least padded. A resident block is held in such pieces (``recurrence.resident_block``)
-    rather than padded to one power of two."""
+    least K) and at most ``widest``, that cover ``columns``: the fewest whose padding is at most an
+    eighth of them, or 32 columns (3072 = 12 x 256, 768 = 3 x 256, 1000 -> 4 x 256, 300 -> 5 x 64,
+    100 -> 1 x 128, 20 -> 1 x 32), else the least padded. A resident block is held in such pieces
+    (``recurrence.resident_block``) rather than padded to one power of two."""
     # (pieces, padded columns, width) of every width; the fewest pieces, then the least padding.
     options = [(triton.cdiv(columns, width), triton.cdiv(columns, width) * width, width)
-               for width in (16 << i for i in range(MAX_PIECE_COLUMNS.bit_length() - 4))]
+               for width in (16 << i for i in range(widest.bit_length() - 4))]
     small = [option for option in options if 8 * (option[1] - columns) <= max(columns, 256)]
     count, _, width = min(small) if small else min(options, key=lambda option: option[1:])
     return width, count
