@@ -16,9 +16,9 @@ in microseconds per step:
 ``round_trips`` counts the dependent trips to L2 on a step's critical path: the stores the next
 step reads and the barrier (an arrival and the poll that sees the last one), then for each batch
 tile a program walks the operand load (every piece at once; in a backward that sums parts, one
-per chunk of programs whose parts ``reduce_partials`` loads), with the forward's own loads
-(``gates_x``, the state) issued beside it, and in the backward the cell's loads, which wait for
-the product. A batch tile's product takes the longer of two times: ``chain``, its longest run of
+per chunk of programs whose parts ``reduce_partials`` loads), with the cell's own loads (the
+forward's ``gates_x`` and state, the backward's saved activations and states) issued before it.
+A batch tile's product takes the longer of two times: ``chain``, its longest run of
 ``HMMA`` instructions that each wait for the one before, and the multiply-adds of all its matrix
 instructions (all warps: where a product's output tile is small, warps repeat each other's work)
 at the SM's tensor-core rate. The elementwise math hides under them. The forward is timed in
@@ -49,8 +49,7 @@ L2_BANDWIDTH = 5.5e12
 SM_L2_BANDWIDTH = 64 * 1.755e9
 L2_ROUND_TRIP = 0.25e-6
 SYNC_ROUND_TRIPS = 3  # the step's stores, the barrier's arrival and the poll that sees the last one
-FORWARD_TILE_ROUND_TRIPS = 1  # per batch tile: the operand load, the cell's own loads issued beside it
-BACKWARD_TILE_ROUND_TRIPS = 2  # per batch tile: the operand load and the cell's loads
+TILE_ROUND_TRIPS = 1  # per batch tile: the operand load, the cell's own loads issued beside it
 CLOCK = 1.755e9
 MMA_LATENCY = 30 / CLOCK  # one dependent matrix instruction to the next
 MULTIPLY_ADDS_PER_CLOCK = {"HGMMA": 2048, "HMMA": 1024}  # an SM's, fp16 / bf16; TF32 half
@@ -131,7 +130,7 @@ def step_seconds(cell: str, dtype_name: str, batch: int, hidden: int, backward: 
             gates * hidden * size            # every unit's gate gradients of the step before, read
             + units * (saved_gates + gates) * size      # saved activations read, gate gradients written
             + units * (size + states + 8))              # grad_h, states, carries
-        round_trips = SYNC_ROUND_TRIPS + tiles * BACKWARD_TILE_ROUND_TRIPS
+        round_trips = SYNC_ROUND_TRIPS + tiles * TILE_ROUND_TRIPS
     elif backward:
         per_program = rows * (
             hidden * 4                       # partial sums of dL/dh_{t-1}, written (fp32)
@@ -140,10 +139,10 @@ def step_seconds(cell: str, dtype_name: str, batch: int, hidden: int, backward: 
             + units * (size + states + 8))              # grad_h, states, carries
         # reduce_partials loads REDUCE_CHUNK programs' parts at a time, one dependent trip each.
         chunks = math.ceil(programs / plan.options["REDUCE_CHUNK"])
-        round_trips = SYNC_ROUND_TRIPS + tiles * (BACKWARD_TILE_ROUND_TRIPS - 1 + chunks)
+        round_trips = SYNC_ROUND_TRIPS + tiles * chunks
     else:
         per_program = rows * (hidden * size + units * (gates * size + states))
-        round_trips = SYNC_ROUND_TRIPS + tiles * FORWARD_TILE_ROUND_TRIPS
+        round_trips = SYNC_ROUND_TRIPS + tiles * TILE_ROUND_TRIPS
     weights = 0.0
     if not plan.resident:  # every program reads its blocks again for every batch tile, every step
         weights = 4 * hidden * hidden * size * groups * math.ceil(batch / block_b) / groups

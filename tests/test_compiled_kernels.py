@@ -92,3 +92,19 @@ def test_chains_follow_the_accumulator():
     summary, chain = matrix_instructions(sass)
     assert summary == "HGMMA.64x16x16 x2 HMMA.16816 x7" and chain == 3
     assert multiply_adds(summary, 8) == {"HGMMA": 2 * 64 * 16 * 16 * 2, "HMMA": 7 * 16 * 8 * 16 * 8}
+
+
+@pytest.mark.parametrize("kernel", ["forward", "backward"])
+def test_a_step_issues_its_loads_before_the_product(tmp_path, kernel):
+    # What the cell reads of its own does not depend on the product: loaded after it, it cost
+    # the step one more L2 round trip. In the compiled headline (no options) every global load of
+    # the time loop comes before the first matrix instruction; after it only the barrier's polls
+    # (.STRONG.GPU, like the operand's .cg loads) read global memory.
+    script = ("import re, bench.kernels as K; sass = []; disassemble = K._disassemble; "
+              "K._disassemble = lambda cubin: sass.append(disassemble(cubin)) or sass[-1]; "
+              f"r = K.compile_variant(K.Variant('lstm', '{kernel}', 'float16', 'none', 16, 768), 90); "
+              "code = sass[0][re.search(r'\\bHMMA', sass[0]).start():]; "
+              "print(r.ok, r.spill_bytes, len(re.findall(r'\\bLDG(?![.\\w]*STRONG)[.\\w]*', code)), sep=',')")
+    result = compile_in_subprocess(["-c", script], tmp_path, 600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.strip().splitlines()[-1] == "True,0,0", result.stdout

@@ -45,23 +45,35 @@ def gru_forward_cell(
 
 
 @triton.jit
-def gru_backward_cell(
-    dh, saved_ptr, h_ptr, c_ptr, dgates_x_ptr, dgates_h_ptr, dc_carry_ptr, dc0_ptr, zoneout_c_ptr, zoneout_p,
-    x_rows, prev_rows, init_rows, out_rows, state_rows, row_mask, active, reset, first_unit, H, P,
-    HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, ZONEOUT: tl.constexpr,
-    BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr, ACC_DTYPE: tl.constexpr,
+def gru_backward_inputs(
+    saved_ptr, h_ptr, c_ptr, dc_carry_ptr, x_rows, prev_rows, init_rows, out_rows, state_rows, row_mask, reset,
+    first_unit, H, P, HAS_RESETS: tl.constexpr, ZONEOUT: tl.constexpr, BLOCK_U: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
-    """Gate gradients of one step for the block's units, given ``dh = dL/dh_t``.
+    """What ``gru_backward_cell`` reads for the block's units: the saved activations and ``h_{t-1}``."""
+    units = first_unit + tl.arange(0, BLOCK_U)
+    mask = (units < H)[:, None] & row_mask[None, :]
+    saved = load_gates(saved_ptr, x_rows, H, first_unit, row_mask, 4, 4, BLOCK_U)
+    return saved, previous_state(h_ptr, prev_rows, init_rows, P, units, mask, reset, HAS_RESETS)
+
+
+@triton.jit
+def gru_backward_cell(
+    dh, inputs, dgates_x_ptr, dgates_h_ptr, dc_carry_ptr, dc0_ptr, zoneout_c_ptr, zoneout_p,
+    x_rows, state_rows, row_mask, active, reset, first_unit, H,
+    HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, ZONEOUT: tl.constexpr,
+    BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Gate gradients of one step for the block's units, given ``dh = dL/dh_t`` and
+    ``gru_backward_inputs``.
 
     Writes ``dgates_x`` (r, z, n) and ``dgates_h`` (r, z, n * r: the gradient of
     ``h W_hh^T + b_hh``, what is multiplied by ``W_hh``). Returns the latter, gate-major, and
     ``z * dh``, the gradient reaching ``h_{t-1}`` around ``W_hh``.
     """
-    units = first_unit + tl.arange(0, BLOCK_U)
-    mask = (units < H)[:, None] & row_mask[None, :]
-    saved = load_gates(saved_ptr, x_rows, H, first_unit, row_mask, 4, 4, BLOCK_U).to(ACC_DTYPE)
-    r, z, n, n_h = split_gates(saved, BLOCK_U, BLOCK_B)
-    h_prev = previous_state(h_ptr, prev_rows, init_rows, P, units, mask, reset, HAS_RESETS).to(ACC_DTYPE)
+    saved, h_prev = inputs
+    h_prev = h_prev.to(dh.dtype)
+    r, z, n, n_h = split_gates(saved.to(dh.dtype), BLOCK_U, BLOCK_B)
     dn = dh * (1.0 - z) * (1.0 - n * n)
     dr = dn * n_h * r * (1.0 - r)
     dz = dh * (h_prev - n) * z * (1.0 - z)
@@ -76,8 +88,8 @@ def gru_backward_cell(
     return dgates_h, dh * z
 
 
-CELL = recurrence.Cell("gru", num_gates=3, saved_gates=4, has_cell_state=False,
-                       forward=gru_forward_cell, backward=gru_backward_cell, separate_hidden_grad=True)
+CELL = recurrence.Cell("gru", num_gates=3, saved_gates=4, has_cell_state=False, forward=gru_forward_cell,
+                       backward_inputs=gru_backward_inputs, backward=gru_backward_cell, separate_hidden_grad=True)
 
 
 @torch.library.custom_op("fused_rnn::gru_forward", mutates_args=())

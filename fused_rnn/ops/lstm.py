@@ -55,29 +55,45 @@ def lstm_forward_cell(
 
 
 @triton.jit
-def lstm_backward_cell(
-    dh, saved_ptr, h_ptr, c_ptr, dgates_x_ptr, dgates_h_ptr, dc_carry_ptr, dc0_ptr, zoneout_c_ptr, zoneout_p,
-    x_rows, prev_rows, init_rows, out_rows, state_rows, row_mask, active, reset, first_unit, H, P,
-    HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, ZONEOUT: tl.constexpr,
-    BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr, ACC_DTYPE: tl.constexpr,
+def lstm_backward_inputs(
+    saved_ptr, h_ptr, c_ptr, dc_carry_ptr, x_rows, prev_rows, init_rows, out_rows, state_rows, row_mask, reset,
+    first_unit, H, P, HAS_RESETS: tl.constexpr, ZONEOUT: tl.constexpr, BLOCK_U: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
-    """Gate gradients of one step for the block's units, given ``dh = dL/d(o * tanh(c_t))``.
+    """What ``lstm_backward_cell`` reads for the block's units: the saved activations, ``c_{t-1}``,
+    ``c_t`` and the cell-state carry ``dL/dc_t``."""
+    units = first_unit + tl.arange(0, BLOCK_U)
+    mask = (units < H)[:, None] & row_mask[None, :]
+    saved = load_gates(saved_ptr, x_rows, H, first_unit, row_mask, 4, 4, BLOCK_U)
+    c_prev = previous_state(c_ptr, prev_rows, init_rows, H, units, mask, reset, HAS_RESETS)
+    if ZONEOUT != 0:
+        # c_t holds units of c_{t-1}: the cell computes the new value that went through tanh again.
+        c = c_prev
+    else:
+        c = load_tile(c_ptr, out_rows, H, units, mask)
+    return saved, c_prev, c, load_tile(dc_carry_ptr, state_rows, H, units, mask)
+
+
+@triton.jit
+def lstm_backward_cell(
+    dh, inputs, dgates_x_ptr, dgates_h_ptr, dc_carry_ptr, dc0_ptr, zoneout_c_ptr, zoneout_p,
+    x_rows, state_rows, row_mask, active, reset, first_unit, H,
+    HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, ZONEOUT: tl.constexpr,
+    BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Gate gradients of one step for the block's units, given ``dh = dL/d(o * tanh(c_t))`` and
+    ``lstm_backward_inputs``.
 
     Moves the cell-state carry from ``dL/dc_t`` to ``dL/dc_{t-1}`` (into ``dc0`` where the step
     reset). Returns the gate-major gate gradients and the gradient reaching ``h_{t-1}`` other than
     through ``W_hh`` (none for the LSTM).
     """
+    saved, c_prev, c, dc_carry = inputs
     units = first_unit + tl.arange(0, BLOCK_U)
     mask = (units < H)[:, None] & row_mask[None, :]
-    saved = load_gates(saved_ptr, x_rows, H, first_unit, row_mask, 4, 4, BLOCK_U).to(ACC_DTYPE)
-    i, f, g, o = split_gates(saved, BLOCK_U, BLOCK_B)
-    c_prev = previous_state(c_ptr, prev_rows, init_rows, H, units, mask, reset, HAS_RESETS)
+    i, f, g, o = split_gates(saved.to(c_prev.dtype), BLOCK_U, BLOCK_B)
     if ZONEOUT != 0:
-        # c_t holds units of c_{t-1}: the new value that went through tanh is computed again.
         c = f * c_prev + i * g
-    else:
-        c = load_tile(c_ptr, out_rows, H, units, mask)
-    dc_carry = load_tile(dc_carry_ptr, state_rows, H, units, mask)
     dc_new, dc_kept = zoneout_grad(dc_carry, zoneout_c_ptr, x_rows, H, units, mask, zoneout_p, ZONEOUT)
     tanh_c = tanh(c)
     dc = dc_new + dh * o * (1.0 - tanh_c * tanh_c)
@@ -97,8 +113,8 @@ def lstm_backward_cell(
     return dgates, tl.zeros_like(dh)
 
 
-CELL = recurrence.Cell("lstm", num_gates=4, saved_gates=4, has_cell_state=True,
-                       forward=lstm_forward_cell, backward=lstm_backward_cell)
+CELL = recurrence.Cell("lstm", num_gates=4, saved_gates=4, has_cell_state=True, forward=lstm_forward_cell,
+                       backward_inputs=lstm_backward_inputs, backward=lstm_backward_cell)
 
 
 @torch.library.custom_op("fused_rnn::lstm_forward", mutates_args=())

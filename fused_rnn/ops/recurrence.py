@@ -19,7 +19,8 @@ where that block does not fit on an SM, turns the gate gradients of its units in
 workspace that the owner of each feature sums after the barrier (``reduce_partials``).
 
 The cell's own math (gate nonlinearities, states, what it saves) comes in as a ``@triton.jit``
-function (``CELL_FORWARD``, ``CELL_BACKWARD``) from ``ops/lstm.py``, ``gru.py`` and ``rnn.py``.
+function (``CELL_FORWARD``, ``CELL_BACKWARD``, and ``CELL_BACKWARD_INPUTS``, what the backward step
+reads of its own) from ``ops/lstm.py``, ``gru.py`` and ``rnn.py``.
 
 Buffers, for ``T`` steps, batch ``B``, ``D`` directions, ``H`` units, ``P`` features of ``h``:
 ``h (T+2, B, D, P)`` holds the forward direction's ``h_0`` in slot 0, the reverse direction's in
@@ -123,12 +124,10 @@ def join_gates(gate_0, gate_1, gate_2, gate_3):
 @triton.jit
 def previous_state(ptr, prev_rows, init_rows, row_length, features, mask, reset, HAS_RESETS: tl.constexpr):
     """The state a step starts from, as a ``(features, batch)`` tile: the one the previous step
-    wrote, or the initial state in the rows that reset here."""
-    state = load_tile(ptr, prev_rows, row_length, features, mask)
+    wrote, or the initial state in the rows that reset here (one load, each row from its own)."""
     if HAS_RESETS:
-        initial = load_tile(ptr, init_rows, row_length, features, mask & reset[None, :])
-        state = tl.where(reset[None, :], initial, state)
-    return state
+        prev_rows = tl.where(reset, init_rows, prev_rows)
+    return load_tile(ptr, prev_rows, row_length, features, mask)
 
 
 @triton.jit
@@ -575,7 +574,7 @@ def forward_kernel(
 
 @triton.jit
 def gather_hidden_grad(
-    w_hh, w_hh_ptr, grad_h_ptr, dh_carry_ptr, dh0_ptr, recurrent_grad_ptr, partial_ptr, h_mask_ptr, step,
+    w_hh, w_hh_ptr, operand, grad_h_ptr, dh_carry_ptr, dh0_ptr, recurrent_grad_ptr, partial_ptr, h_mask_ptr, step,
     x_rows, before_rows, state_rows, batch_rows, row_mask, B, D, direction, H, P, partial_columns, first_feature,
     mask, reset_before,
     NUM_GATES: tl.constexpr, GATHER: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_H_MASK: tl.constexpr,
@@ -586,8 +585,8 @@ def gather_hidden_grad(
     """``dL/dh_t`` for the ``(BLOCK_F, batch)`` tile of features from ``first_feature``: the
     gradient of the output sequence, the carry (what reached ``h_t`` around ``W_hh``), and what
     the previous backward step sends through ``W_hh``. With ``GATHER`` that is its gate gradients,
-    every program's (``recurrent_grad`` at ``before_rows``), times the block's columns of
-    ``W_hh``; else the sum of the parts every program wrote (``reduce_partials``). Where that step
+    every program's (``recurrent_grad`` at ``before_rows``: ``operand``, loaded by the caller, or
+    None to load them here), times the block's columns of ``W_hh``; else the sum of the parts every program wrote (``reduce_partials``). Where that step
     reset, it belongs to ``h_0`` instead and goes to ``dh0``."""
     features = first_feature + tl.arange(0, BLOCK_F)
     dh = load_tile(grad_h_ptr, x_rows, P, features, mask).to(ACC_DTYPE)
@@ -595,7 +594,7 @@ def gather_hidden_grad(
     if step > 0:
         if GATHER:
             incoming = recurrent_matmul(
-                w_hh, w_hh_ptr, first_feature, P, NUM_GATES * H, None, recurrent_grad_ptr, before_rows, row_mask,
+                w_hh, w_hh_ptr, first_feature, P, NUM_GATES * H, operand, recurrent_grad_ptr, before_rows, row_mask,
                 1, 1, BLOCK_F, BLOCK_B, BLOCK_K, NUM_PIECES, GROUP_PIECES, RESIDENT, True, ACC_DTYPE, DOT_PRECISION,
                 DOT_UPCAST)
         else:
@@ -625,7 +624,8 @@ def backward_kernel(
     dgates_x_ptr, dgates_h_ptr, grad_h_proj_ptr, dh_carry_ptr, dh0_ptr, dc_carry_ptr, dc0_ptr,
     partial_ptr, partial_proj_ptr,
     T, B, H, P, partial_columns, partial_proj_columns, zoneout_p, barrier_ptr, step_begin, step_end,
-    CELL_BACKWARD: tl.constexpr, NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr, GATHER: tl.constexpr,
+    CELL_BACKWARD_INPUTS: tl.constexpr, CELL_BACKWARD: tl.constexpr, NUM_GATES: tl.constexpr,
+    GATE_SLOTS: tl.constexpr, GATHER: tl.constexpr,
     HAS_PROJ: tl.constexpr, SEPARATE_HIDDEN_GRAD: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     HAS_RESETS: tl.constexpr, HAS_H_MASK: tl.constexpr, ZONEOUT: tl.constexpr, GRID_SYNC: tl.constexpr,
     RESIDENT: tl.constexpr, RESIDENT_PROJ: tl.constexpr, STEP_PHASE: tl.constexpr,
@@ -641,8 +641,9 @@ def backward_kernel(
 
     Per step: ``dh_t`` for the features the program owns (``gather_hidden_grad``); [proj] then
     a barrier (``STEP_PHASE`` as in the forward: 1 runs up to it, 2 from it) and ``dL/d(o *
-    tanh(c_t))`` for its units through ``W_hr``; the cell's gate gradients. The product by ``W_hh``
-    that carries them to the previous step runs one of two ways (``launch`` chooses):
+    tanh(c_t))`` for its units through ``W_hr``; the cell's gate gradients, from what
+    ``CELL_BACKWARD_INPUTS`` loaded before the product. The product by ``W_hh`` that carries them
+    to the previous step runs one of two ways (``launch`` chooses):
 
     * ``GATHER``: after the step's barrier, every program reads all of the gate gradients and
       multiplies them by its block's columns of ``W_hh`` (``TRANSPOSED`` blocks, ``BLOCK_U >= 16``
@@ -710,7 +711,7 @@ def backward_kernel(
                         features = block_start + tl.arange(0, BLOCK_P)
                         mask = (features < P)[:, None] & row_mask[None, :]
                         dh = gather_hidden_grad(
-                            w_hh, w_hh_ptr, grad_h_ptr, dh_carry_ptr, dh0_ptr, recurrent_grad_ptr, partial_ptr,
+                            w_hh, w_hh_ptr, None, grad_h_ptr, dh_carry_ptr, dh0_ptr, recurrent_grad_ptr, partial_ptr,
                             h_mask_ptr, step, x_rows, buffer_rows(t_before, batch_rows, B, D, direction), state_rows,
                             batch_rows, row_mask, B, D, direction, H, P, partial_columns, block_start, mask,
                             reset_before, NUM_GATES, GATHER, HAS_RESETS, HAS_H_MASK, BLOCK_P, BLOCK_B, BLOCK_K,
@@ -743,6 +744,21 @@ def backward_kernel(
                 for block_start in range(first_unit, H, num_parts * BLOCK_U):
                     units = block_start + tl.arange(0, BLOCK_U)
                     mask = (units < H)[:, None] & row_mask[None, :]
+                    # All of the step's loads go out before the product, so that their L2 round trips
+                    # overlap: the gathering product's operand (masked off entirely at the first
+                    # step, which has no step before it), then what the cell reads of its own (the
+                    # saved activations, its states). In the other order, or with the cell's loads
+                    # after the product's, Triton 3.6 and 3.9 spilled 4 to 20 bytes a thread where
+                    # the operand fills the registers (LSTM H=768, GRU H=768 and 1024).
+                    before_rows = buffer_rows(t_before, batch_rows, B, D, direction)
+                    if GATHER and not HAS_PROJ:
+                        operand = load_operand(recurrent_grad_ptr, before_rows, NUM_GATES * H, row_mask & (step > 0),
+                                               BLOCK_K, NUM_PIECES, GROUP_PIECES, RESIDENT)
+                    else:
+                        operand = None
+                    inputs = CELL_BACKWARD_INPUTS(
+                        saved_ptr, h_ptr, c_ptr, dc_carry_ptr, x_rows, prev_rows, init_rows, out_rows, state_rows,
+                        row_mask, reset, block_start, H, P, HAS_RESETS, ZONEOUT, BLOCK_U, ACC_DTYPE)
                     if HAS_PROJ:
                         if GATHER:
                             dh = recurrent_matmul(
@@ -755,8 +771,8 @@ def backward_kernel(
                                                  ACC_DTYPE)
                     else:
                         dh = gather_hidden_grad(
-                            w_hh, w_hh_ptr, grad_h_ptr, dh_carry_ptr, dh0_ptr, recurrent_grad_ptr, partial_ptr,
-                            h_mask_ptr, step, x_rows, buffer_rows(t_before, batch_rows, B, D, direction), state_rows,
+                            w_hh, w_hh_ptr, operand, grad_h_ptr, dh_carry_ptr, dh0_ptr, recurrent_grad_ptr, partial_ptr,
+                            h_mask_ptr, step, x_rows, before_rows, state_rows,
                             batch_rows, row_mask, B, D, direction, H, P, partial_columns, block_start, mask,
                             reset_before, NUM_GATES, GATHER, HAS_RESETS, HAS_H_MASK, BLOCK_U, BLOCK_B, BLOCK_K,
                             NUM_PIECES, GROUP_PIECES, REDUCE_CHUNK, RESIDENT, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
@@ -764,10 +780,9 @@ def backward_kernel(
                     if not HAS_PROJ:
                         dh, carry_zoneout = zoneout_grad(dh, zoneout_h_ptr, x_rows, P, units, mask, zoneout_p, ZONEOUT)
                     dgates_h, carry = CELL_BACKWARD(
-                        dh, saved_ptr, h_ptr, c_ptr, dgates_x_ptr, dgates_h_ptr, dc_carry_ptr, dc0_ptr,
-                        zoneout_c_ptr, zoneout_p, x_rows, prev_rows, init_rows, out_rows, state_rows, row_mask,
-                        active, reset, block_start, H, P, HAS_LENGTHS, HAS_RESETS, ZONEOUT, BLOCK_U, BLOCK_B,
-                        ACC_DTYPE)
+                        dh, inputs, dgates_x_ptr, dgates_h_ptr, dc_carry_ptr, dc0_ptr, zoneout_c_ptr, zoneout_p,
+                        x_rows, state_rows, row_mask, active, reset, block_start, H, HAS_LENGTHS, HAS_RESETS,
+                        ZONEOUT, BLOCK_U, BLOCK_B)
                     if not HAS_PROJ:
                         carry += carry_zoneout
                         if HAS_LENGTHS:
@@ -793,6 +808,7 @@ class Cell:
     saved_gates: int      # activations per unit saved for the backward (0: it reads h_t)
     has_cell_state: bool  # the LSTM's c
     forward: object       # @triton.jit step functions, see forward_kernel / backward_kernel
+    backward_inputs: object  # what the backward step reads of its own, loaded before the product
     backward: object
     separate_hidden_grad: bool = False  # GRU: d(h W_hh^T + b_hh) differs from d(gates_x)
 
@@ -910,7 +926,8 @@ def backward(cell: Cell, grad_h, grad_c_n, w_hh, w_hr, lengths, resets, h_mask, 
          _none_if_empty(c), _none_if_empty(saved), dgates_x, _none_if_empty(dgates_h), _none_if_empty(grad_h_proj),
          dh_carry, dh0, dc_carry, dc0, partial, partial_proj, T, B, H, P, columns, proj_columns,
          float(zoneout_p)),
-        plan, T, CELL_BACKWARD=cell.backward, NUM_GATES=cell.num_gates, GATE_SLOTS=cell.gate_slots,
+        plan, T, CELL_BACKWARD_INPUTS=cell.backward_inputs, CELL_BACKWARD=cell.backward, NUM_GATES=cell.num_gates,
+        GATE_SLOTS=cell.gate_slots,
     )
     # What each direction's last step (t = 0 forwards, T - 1 in reverse) sends through W_hh reaches h_0.
     if plan.options["GATHER"]:

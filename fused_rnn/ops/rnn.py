@@ -35,15 +35,8 @@ def _forward(gates_h, gates_x, saved_ptr, x_rows, row_mask, first_unit, H, RELU:
 
 
 @triton.jit
-def _backward(dh, h_ptr, saved_ptr, dgates_x_ptr, x_rows, out_rows, row_mask, active, first_unit, H, P,
-              HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, ZONEOUT: tl.constexpr,
-              BLOCK_U: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    units = first_unit + tl.arange(0, BLOCK_U)
-    mask = (units < H)[:, None] & row_mask[None, :]
-    if ZONEOUT != 0:
-        h = load_gates(saved_ptr, x_rows, H, first_unit, row_mask, 1, 1, BLOCK_U).to(ACC_DTYPE)
-    else:
-        h = load_tile(h_ptr, out_rows, P, units, mask).to(ACC_DTYPE)
+def _backward(dh, h, dgates_x_ptr, x_rows, row_mask, active, first_unit, H,
+              HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, BLOCK_U: tl.constexpr):
     if RELU:
         # As torch's ReLU backward (threshold_backward): zero where h <= 0, so a NaN h passes dh.
         dgates = tl.where(h <= 0.0, 0.0, dh)
@@ -53,6 +46,23 @@ def _backward(dh, h_ptr, saved_ptr, dgates_x_ptr, x_rows, out_rows, row_mask, ac
         dgates = tl.where(active[None, :], dgates, 0.0)
     store_gates(dgates_x_ptr, x_rows, H, first_unit, row_mask, dgates, 1, 1, BLOCK_U)
     return dgates, tl.zeros_like(dh)
+
+
+@triton.jit
+def rnn_backward_inputs(
+    saved_ptr, h_ptr, c_ptr, dc_carry_ptr, x_rows, prev_rows, init_rows, out_rows, state_rows, row_mask, reset,
+    first_unit, H, P, HAS_RESETS: tl.constexpr, ZONEOUT: tl.constexpr, BLOCK_U: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """What the RNN's backward reads for the block's units: ``h_t``, or with zoneout the new value
+    it saved (``h_t`` holds units of ``h_{t-1}`` there)."""
+    units = first_unit + tl.arange(0, BLOCK_U)
+    mask = (units < H)[:, None] & row_mask[None, :]
+    if ZONEOUT != 0:
+        h = load_gates(saved_ptr, x_rows, H, first_unit, row_mask, 1, 1, BLOCK_U)
+    else:
+        h = load_tile(h_ptr, out_rows, P, units, mask)
+    return (h.to(ACC_DTYPE),)
 
 
 # The shared kernels call a cell's step with one signature; these bind the nonlinearity.
@@ -80,33 +90,31 @@ def rnn_relu_forward_cell(
 
 @triton.jit
 def rnn_tanh_backward_cell(
-    dh, saved_ptr, h_ptr, c_ptr, dgates_x_ptr, dgates_h_ptr, dc_carry_ptr, dc0_ptr, zoneout_c_ptr, zoneout_p,
-    x_rows, prev_rows, init_rows, out_rows, state_rows, row_mask, active, reset, first_unit, H, P,
+    dh, inputs, dgates_x_ptr, dgates_h_ptr, dc_carry_ptr, dc0_ptr, zoneout_c_ptr, zoneout_p,
+    x_rows, state_rows, row_mask, active, reset, first_unit, H,
     HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, ZONEOUT: tl.constexpr,
-    BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """``dL/dpreactivation = dh * (1 - h_t^2)``; nothing reaches ``h_{t-1}`` around ``W_hh``."""
-    return _backward(dh, h_ptr, saved_ptr, dgates_x_ptr, x_rows, out_rows, row_mask, active, first_unit, H, P,
-                     HAS_LENGTHS, False, ZONEOUT, BLOCK_U, ACC_DTYPE)
+    return _backward(dh, inputs[0], dgates_x_ptr, x_rows, row_mask, active, first_unit, H, HAS_LENGTHS, False, BLOCK_U)
 
 
 @triton.jit
 def rnn_relu_backward_cell(
-    dh, saved_ptr, h_ptr, c_ptr, dgates_x_ptr, dgates_h_ptr, dc_carry_ptr, dc0_ptr, zoneout_c_ptr, zoneout_p,
-    x_rows, prev_rows, init_rows, out_rows, state_rows, row_mask, active, reset, first_unit, H, P,
+    dh, inputs, dgates_x_ptr, dgates_h_ptr, dc_carry_ptr, dc0_ptr, zoneout_c_ptr, zoneout_p,
+    x_rows, state_rows, row_mask, active, reset, first_unit, H,
     HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, ZONEOUT: tl.constexpr,
-    BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """``dL/dpreactivation = 0`` where ``h_t <= 0``, else ``dh``."""
-    return _backward(dh, h_ptr, saved_ptr, dgates_x_ptr, x_rows, out_rows, row_mask, active, first_unit, H, P,
-                     HAS_LENGTHS, True, ZONEOUT, BLOCK_U, ACC_DTYPE)
+    return _backward(dh, inputs[0], dgates_x_ptr, x_rows, row_mask, active, first_unit, H, HAS_LENGTHS, True, BLOCK_U)
 
 
 CELLS = {
-    "tanh": recurrence.Cell("rnn_tanh", num_gates=1, saved_gates=0, has_cell_state=False,
-                            forward=rnn_tanh_forward_cell, backward=rnn_tanh_backward_cell),
-    "relu": recurrence.Cell("rnn_relu", num_gates=1, saved_gates=0, has_cell_state=False,
-                            forward=rnn_relu_forward_cell, backward=rnn_relu_backward_cell),
+    "tanh": recurrence.Cell("rnn_tanh", num_gates=1, saved_gates=0, has_cell_state=False, forward=rnn_tanh_forward_cell,
+                            backward_inputs=rnn_backward_inputs, backward=rnn_tanh_backward_cell),
+    "relu": recurrence.Cell("rnn_relu", num_gates=1, saved_gates=0, has_cell_state=False, forward=rnn_relu_forward_cell,
+                            backward_inputs=rnn_backward_inputs, backward=rnn_relu_backward_cell),
 }
 
 
