@@ -125,13 +125,14 @@ def test_bidirectional_headline_plan_shares_the_sms_between_directions(backward)
 
 def test_headline_projection_keeps_w_hr_on_chip_in_the_forward_too():
     # LSTM fp16 B=16 H=768 P=384: W_hh's block (32 x 384, padded to 512) and W_hr's (16
-    # features x 768 columns in 3 pieces of 256), with their operands, 96 KB.
+    # features x 768 columns in 24 pieces of 32, batched 8 at a time like the gathering
+    # backward's), with their operands, 96 KB.
     layer = shape("lstm-proj")
     for backward in (False, True):
         plan = launch.gpu_plan(layer, H100_SMS, backward)
         assert plan.resident and plan.options["RESIDENT_PROJ"]
     options = launch.gpu_plan(layer, H100_SMS, backward=False).options
-    assert (options["BLOCK_KP"], options["NUM_PIECES_P"]) == (256, 3)
+    assert (options["BLOCK_KP"], options["NUM_PIECES_P"], options["GROUP_PIECES_P"]) == (32, 24, 8)
     assert launch.resident_bytes(layer, 16, 8, 16, False, resident_proj=True) == 2 * (32 * 512 + 16 * 768 + 16 * (512 + 768))
 
 

@@ -68,12 +68,12 @@ GROUP_OPERAND_BYTES = 64 * 1024
 # The widest piece of a resident block (``pieces``): with 1024-column pieces the LSTM's gathering
 # backward spills 472 bytes a thread at the headline, with 512 none at 246 registers, with 256 212.
 MAX_PIECE_COLUMNS = 256
-# The gathering backward's pieces are narrower: 8 of them (32 x 16 fp16, 1 KB) make a group
-# (``group_pieces``), whose batched dot gives each warp a piece, a chain of 2 dependent HMMA. In groups
-# of 4 pieces of 256 columns (the headline's 12 pieces) Triton 3.6 spilled 428 bytes a thread, in
-# groups of 8 of 128 412; in groups smaller than the 8 warps it repeats the product on several
-# warps (python -m bench.kernels, 2026-12-04).
-GATHER_PIECE_COLUMNS = 32
+# The pieces of blocks of 16 (to 32) rows, the gathering backward's and W_hr's, are narrower: 8 of
+# them (32 x 16 fp16, 1 KB) make a group (``group_pieces``), whose batched dot gives each warp a
+# piece, a chain of 2 dependent HMMA. In groups of 4 pieces of 256 columns (the headline's 12)
+# Triton 3.6 spilled 428 bytes a thread, in groups of 8 of 128 412; in groups smaller than the 8
+# warps it repeats the product on several warps (python -m bench.kernels, 2026-12-04).
+NARROW_PIECE_COLUMNS = 32
 # Elements of the (parts, features, batch) tile ``reduce_partials`` loads at once: 8 programs' (16
 # units x 16 rows) parts. Twice that spills with Triton 3.6 (python -m bench.kernels --all).
 REDUCE_ELEMENTS = 2048
@@ -183,14 +183,17 @@ def _precision(dtype: torch.dtype) -> dict:
 def _options(shape: Shape, resident: bool, block_b: int, block_u: int, block_p: int, programs: int,
              chunk: int, backward: bool, gather: bool = False, resident_proj: bool = False) -> dict:
     """The block constexprs: resident blocks come in ``NUM_PIECES`` pieces of ``BLOCK_K`` columns
-    (``pieces``), ``W_hr``'s (``resident_proj``) in ``NUM_PIECES_P`` of ``BLOCK_KP``; streamed ones
-    go ``chunk`` at a time. The gathering backward multiplies by the transposed blocks
+    (``pieces``), batched ``GROUP_PIECES`` at a time, ``W_hr``'s (``resident_proj``) in
+    ``NUM_PIECES_P`` of ``BLOCK_KP``, ``GROUP_PIECES_P`` at a time; streamed ones go ``chunk`` at a
+    time. The gathering backward multiplies by the transposed blocks
     (``recurrence.backward_kernel``): its ``K`` is ``G * H``, and ``W_hr``'s is ``P``.
     """
     batched = resident and (gather if backward else _batches_forward(shape, block_u))
     block_k, num_pieces = _resident_pieces(shape, backward, gather, batched) if resident else (chunk, 1)
     group = group_pieces(shape, block_k, num_pieces, block_b) if batched else 1
-    block_kp, num_pieces_p = pieces(shape.features if gather else shape.hidden) if resident_proj else (chunk, 1)
+    batched_proj = resident_proj and _batches_projection(backward, gather, block_u, block_p)
+    block_kp, num_pieces_p = _projection_pieces(shape, gather, batched_proj) if resident_proj else (chunk, 1)
+    group_p = group_pieces(shape, block_kp, num_pieces_p, block_b) if batched_proj else 1
     options = dict(
         RESIDENT=resident,
         RESIDENT_PROJ=resident_proj,
@@ -202,6 +205,7 @@ def _options(shape: Shape, resident: bool, block_b: int, block_u: int, block_p: 
         GROUP_PIECES=group,
         BLOCK_KP=block_kp,
         NUM_PIECES_P=num_pieces_p,
+        GROUP_PIECES_P=group_p,
         **_precision(shape.dtype),
     )
     if backward:
@@ -252,7 +256,7 @@ def _resident_pieces(shape: Shape, backward: bool, gather: bool, batched: bool =
     """``(BLOCK_K, NUM_PIECES)`` of a resident ``W_hh`` block. The gathering backward's ``dgates
     W_hh`` sums over the ``G * H`` gate rows, the partial sums' ``W_block^T @ dgates`` give a part
     for each of the ``P`` features: both in ``pieces``, the gathering backward's of at most
-    ``GATHER_PIECE_COLUMNS``. The forward's ``h_{t-1} W_hh^T`` pads
+    ``NARROW_PIECE_COLUMNS``. The forward's ``h_{t-1} W_hh^T`` pads
     ``P`` to a power of two: one piece, or where its product is ``batched`` pieces of at most
     ``FORWARD_PIECE_COLUMNS`` (at least two). Its 64-row blocks in chained pieces spilled (84
     bytes a thread in the LSTM's at B=16 H=768, both directions, Triton 3.9; ``python -m
@@ -262,8 +266,22 @@ def _resident_pieces(shape: Shape, backward: bool, gather: bool, batched: bool =
         width = min(FORWARD_PIECE_COLUMNS, columns // 2) if batched else columns
         return width, columns // width
     if gather:
-        return pieces(shape.num_gates * shape.hidden, GATHER_PIECE_COLUMNS)
+        return pieces(shape.num_gates * shape.hidden, NARROW_PIECE_COLUMNS)
     return pieces(shape.features)
+
+
+def _batches_projection(backward: bool, gather: bool, block_u: int, block_p: int) -> bool:
+    """Whether ``W_hr``'s product is batched like the gathering backward's: the forward's (``BLOCK_P``
+    feature rows) and the gathering backward's (``BLOCK_U`` unit rows) where they have fewer than
+    64; the partial sums' ``W_block^T @ dh`` has ``H`` rows."""
+    return (gather or not backward) and (block_u if gather else block_p) < 64
+
+
+def _projection_pieces(shape: Shape, gather: bool, batched: bool) -> tuple:
+    """``(BLOCK_KP, NUM_PIECES_P)`` of a resident ``W_hr`` block: over its ``P`` columns in the
+    gathering backward (the transposed block), else over ``H``; narrow where its product is
+    ``batched``."""
+    return pieces(shape.features if gather else shape.hidden, NARROW_PIECE_COLUMNS if batched else MAX_PIECE_COLUMNS)
 
 
 def pieces(columns: int, widest: int = MAX_PIECE_COLUMNS) -> tuple:
@@ -287,24 +305,19 @@ def resident_bytes(shape: Shape, block_b: int, block_u: int, block_p: int, backw
     size = torch.empty((), dtype=shape.dtype).element_size()
     block_k, num_pieces = _resident_pieces(shape, backward, gather)
     columns = block_k * num_pieces
+    width, count = _projection_pieces(shape, gather, _batches_projection(backward, gather, block_u, block_p))
+    projection_columns = width * count if shape.has_proj and (backward or resident_proj) else 0
     if gather:  # W_hh's transposed block over features, W_hr's over units; every piece of the operands
         block_f = block_p if shape.has_proj else block_u
-        weights = block_f * columns + (block_u * _columns(shape.features) if shape.has_proj else 0)
-        operands = (columns + (_columns(shape.features) if shape.has_proj else 0)) * block_b
+        weights = block_f * columns + block_u * projection_columns
+        operands = (columns + projection_columns) * block_b
     elif backward:  # the weight blocks (W_hr's too) and the gate gradients, the other operand
-        weights = shape.gate_slots * block_u * columns + (block_p * _columns(shape.hidden) if shape.has_proj else 0)
+        weights = shape.gate_slots * block_u * columns + block_p * projection_columns
         operands = shape.gate_slots * block_u * block_b + (block_p * block_b if shape.has_proj else 0)
     else:  # W_hh's block and h_{t-1} for a batch tile, W_hr's block and h_raw's if it stays too
-        projection_columns = _columns(shape.hidden) if resident_proj else 0
         weights = shape.gate_slots * block_u * columns + block_p * projection_columns
         operands = block_b * (columns + projection_columns)
     return size * (weights + operands)
-
-
-def _columns(columns: int) -> int:
-    """``columns`` padded to whole ``pieces``."""
-    width, count = pieces(columns)
-    return width * count
 
 
 def _projection_fits(shape: Shape, block_b: int, block_u: int, block_p: int) -> bool:

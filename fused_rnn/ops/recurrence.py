@@ -465,7 +465,7 @@ def forward_kernel(
     STEP_PHASE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
     NUM_PIECES: tl.constexpr, GROUP_PIECES: tl.constexpr, BLOCK_KP: tl.constexpr, NUM_PIECES_P: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    GROUP_PIECES_P: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """Forward recurrence of a layer over the steps ``[step_begin, step_end)``, both directions.
 
@@ -502,7 +502,8 @@ def forward_kernel(
         w_hh = resident_block(w_hh_ptr, first_unit, H, P, NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_K, NUM_PIECES,
                               GROUP_PIECES, False)
     if RESIDENT_PROJ and STEP_PHASE != 1:
-        w_hr = resident_block(w_hr_ptr, first_feature, P, H, 1, 1, BLOCK_P, BLOCK_KP, NUM_PIECES_P, 1, False)
+        w_hr = resident_block(w_hr_ptr, first_feature, P, H, 1, 1, BLOCK_P, BLOCK_KP, NUM_PIECES_P, GROUP_PIECES_P,
+                              False)
     arrivals = 0
     for step in range(step_begin, step_end):
         t = step + direction * (T - 1 - 2 * step)
@@ -563,7 +564,8 @@ def forward_kernel(
                         mask = (features < P)[:, None] & row_mask[None, :]
                         h = recurrent_matmul(
                             w_hr, w_hr_ptr, block_start, P, H, None, h_raw_ptr, x_rows, row_mask, 1, 1, BLOCK_P, BLOCK_B,
-                            BLOCK_KP, NUM_PIECES_P, 1, RESIDENT_PROJ, False, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
+                            BLOCK_KP, NUM_PIECES_P, GROUP_PIECES_P, RESIDENT_PROJ, False, ACC_DTYPE, DOT_PRECISION,
+                            DOT_UPCAST)
                         store_hidden(
                             h, h_ptr, zoneout_h_ptr, h_mask_ptr, recurrent_ptr, zoneout_p, x_rows, prev_rows,
                             init_rows, out_rows, state_rows, buffer_rows((step + 1) % 2, batch_rows, B, D, direction),
@@ -631,7 +633,7 @@ def backward_kernel(
     RESIDENT: tl.constexpr, RESIDENT_PROJ: tl.constexpr, STEP_PHASE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
     NUM_PIECES: tl.constexpr, GROUP_PIECES: tl.constexpr, BLOCK_KP: tl.constexpr, NUM_PIECES_P: tl.constexpr,
-    REDUCE_CHUNK: tl.constexpr,
+    GROUP_PIECES_P: tl.constexpr, REDUCE_CHUNK: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """Backward (BPTT) of ``forward_kernel`` over the steps ``[step_begin, step_end)``, each
@@ -687,7 +689,8 @@ def backward_kernel(
             w_hh = resident_block(w_hh_ptr, tl.program_id(1) * BLOCK_F, P, NUM_GATES * H, 1, 1, BLOCK_F, BLOCK_K,
                                   NUM_PIECES, GROUP_PIECES, True)
         if RESIDENT_PROJ and STEP_PHASE != 1:
-            w_hr = resident_block(w_hr_ptr, first_unit, H, P, 1, 1, BLOCK_U, BLOCK_KP, NUM_PIECES_P, 1, True)
+            w_hr = resident_block(w_hr_ptr, first_unit, H, P, 1, 1, BLOCK_U, BLOCK_KP, NUM_PIECES_P, GROUP_PIECES_P,
+                                  True)
     else:
         if RESIDENT and STEP_PHASE != 1:
             w_hh = resident_block(w_hh_ptr, first_unit, H, P, NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_K, NUM_PIECES, 1,
@@ -763,8 +766,8 @@ def backward_kernel(
                         if GATHER:
                             dh = recurrent_matmul(
                                 w_hr, w_hr_ptr, block_start, H, P, None, grad_h_proj_ptr, x_rows, row_mask, 1, 1,
-                                BLOCK_U, BLOCK_B, BLOCK_KP, NUM_PIECES_P, 1, RESIDENT_PROJ, True, ACC_DTYPE,
-                                DOT_PRECISION, DOT_UPCAST)
+                                BLOCK_U, BLOCK_B, BLOCK_KP, NUM_PIECES_P, GROUP_PIECES_P, RESIDENT_PROJ, True,
+                                ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
                         else:
                             dh = reduce_partials(partial_proj_ptr, 0, num_parts, batch_rows, B, D, direction,
                                                  partial_proj_columns, units, mask, BLOCK_U, BLOCK_B, REDUCE_CHUNK,
