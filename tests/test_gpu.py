@@ -22,7 +22,7 @@ SHAPES = {
     "B4-T6-H48-I20-2layers-bidirectional": dict(batch=4, steps=6, input_size=20, hidden_size=48,
                                                num_layers=2, bidirectional=True),
     "B5-T9-H64-I40-proj24": dict(batch=5, steps=9, input_size=40, hidden_size=64, proj_size=24),
-    # The headline's projection: W_hr on chip in the forward too, 3 pieces of 256 columns; and at
+    # The headline's projection: W_hr on chip in the forward too, 24 pieces of 32 columns; and at
     # B=256 the forward's W_hr streaming beside a resident W_hh (launch._projection_fits).
     "B16-T12-H768-I64-proj384": dict(batch=16, steps=12, input_size=64, hidden_size=768, proj_size=384),
     "B256-T4-H768-I32-proj384": dict(batch=256, steps=4, input_size=32, hidden_size=768, proj_size=384),

@@ -48,7 +48,6 @@ def gru_forward_cell(
 def gru_backward_inputs(
     saved_ptr, h_ptr, c_ptr, dc_carry_ptr, x_rows, prev_rows, init_rows, out_rows, state_rows, row_mask, reset,
     first_unit, H, P, HAS_RESETS: tl.constexpr, ZONEOUT: tl.constexpr, BLOCK_U: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
 ):
     """What ``gru_backward_cell`` reads for the block's units: the saved activations and ``h_{t-1}``."""
     units = first_unit + tl.arange(0, BLOCK_U)

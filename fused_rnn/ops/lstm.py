@@ -58,7 +58,6 @@ def lstm_forward_cell(
 def lstm_backward_inputs(
     saved_ptr, h_ptr, c_ptr, dc_carry_ptr, x_rows, prev_rows, init_rows, out_rows, state_rows, row_mask, reset,
     first_unit, H, P, HAS_RESETS: tl.constexpr, ZONEOUT: tl.constexpr, BLOCK_U: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
 ):
     """What ``lstm_backward_cell`` reads for the block's units: the saved activations, ``c_{t-1}``,
     ``c_t`` and the cell-state carry ``dL/dc_t``."""
@@ -91,7 +90,7 @@ def lstm_backward_cell(
     saved, c_prev, c, dc_carry = inputs
     units = first_unit + tl.arange(0, BLOCK_U)
     mask = (units < H)[:, None] & row_mask[None, :]
-    i, f, g, o = split_gates(saved.to(c_prev.dtype), BLOCK_U, BLOCK_B)
+    i, f, g, o = split_gates(saved.to(dh.dtype), BLOCK_U, BLOCK_B)
     if ZONEOUT != 0:
         c = f * c_prev + i * g
     dc_new, dc_kept = zoneout_grad(dc_carry, zoneout_c_ptr, x_rows, H, units, mask, zoneout_p, ZONEOUT)

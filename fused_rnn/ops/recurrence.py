@@ -281,11 +281,12 @@ def recurrent_matmul(
 
     ``RESIDENT``: ``w`` is the whole block (``resident_block``) and ``operand`` the pieces of ``x``
     (``load_operand``), or None to load them here; a caller loads them first to issue its own loads
-    beside them (the forward's cell inputs). A ``tl.dot`` gives each warp a whole reduction over ``K``, one matrix
-    instruction after another into the same accumulator; where the block has few rows, the 8
-    warps all do the same (the gathering backward's ``(16, 3072) @ (3072, 16)``: 192 dependent
-    instructions on each warp). Groups of ``GROUP_PIECES`` pieces are batched dots instead, a
-    piece per warp, and the pieces' products are summed: chains of ``BLOCK_K / 16``.
+    beside them (the cells' inputs, forward and backward). A ``tl.dot`` gives each warp a whole
+    reduction over ``K``, one matrix instruction after another into the same accumulator; where
+    the block has few rows, the 8 warps all do the same (the gathering backward's ``(16, 3072) @
+    (3072, 16)``: 192 dependent instructions on each warp). Groups of ``GROUP_PIECES`` pieces are
+    batched dots instead, a piece per warp, and the pieces' products are summed: chains of
+    ``BLOCK_K / 16``.
     Otherwise the block streams from ``w_ptr`` in ``BLOCK_K`` chunks, and ``x`` with it.
     """
     acc = tl.zeros((GATE_SLOTS * BLOCK_ROWS, BLOCK_B), dtype=ACC_DTYPE)
@@ -588,8 +589,9 @@ def gather_hidden_grad(
     gradient of the output sequence, the carry (what reached ``h_t`` around ``W_hh``), and what
     the previous backward step sends through ``W_hh``. With ``GATHER`` that is its gate gradients,
     every program's (``recurrent_grad`` at ``before_rows``: ``operand``, loaded by the caller, or
-    None to load them here), times the block's columns of ``W_hh``; else the sum of the parts every program wrote (``reduce_partials``). Where that step
-    reset, it belongs to ``h_0`` instead and goes to ``dh0``."""
+    None to load them here), times the block's columns of ``W_hh``; else the sum of the parts
+    every program wrote (``reduce_partials``). Where that step reset, it belongs to ``h_0``
+    instead and goes to ``dh0``."""
     features = first_feature + tl.arange(0, BLOCK_F)
     dh = load_tile(grad_h_ptr, x_rows, P, features, mask).to(ACC_DTYPE)
     dh += load_tile(dh_carry_ptr, state_rows, P, features, mask)
@@ -761,7 +763,7 @@ def backward_kernel(
                         operand = None
                     inputs = CELL_BACKWARD_INPUTS(
                         saved_ptr, h_ptr, c_ptr, dc_carry_ptr, x_rows, prev_rows, init_rows, out_rows, state_rows,
-                        row_mask, reset, block_start, H, P, HAS_RESETS, ZONEOUT, BLOCK_U, ACC_DTYPE)
+                        row_mask, reset, block_start, H, P, HAS_RESETS, ZONEOUT, BLOCK_U)
                     if HAS_PROJ:
                         if GATHER:
                             dh = recurrent_matmul(

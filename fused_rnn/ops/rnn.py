@@ -37,6 +37,7 @@ def _forward(gates_h, gates_x, saved_ptr, x_rows, row_mask, first_unit, H, RELU:
 @triton.jit
 def _backward(dh, h, dgates_x_ptr, x_rows, row_mask, active, first_unit, H,
               HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, BLOCK_U: tl.constexpr):
+    h = h.to(dh.dtype)
     if RELU:
         # As torch's ReLU backward (threshold_backward): zero where h <= 0, so a NaN h passes dh.
         dgates = tl.where(h <= 0.0, 0.0, dh)
@@ -52,7 +53,6 @@ def _backward(dh, h, dgates_x_ptr, x_rows, row_mask, active, first_unit, H,
 def rnn_backward_inputs(
     saved_ptr, h_ptr, c_ptr, dc_carry_ptr, x_rows, prev_rows, init_rows, out_rows, state_rows, row_mask, reset,
     first_unit, H, P, HAS_RESETS: tl.constexpr, ZONEOUT: tl.constexpr, BLOCK_U: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
 ):
     """What the RNN's backward reads for the block's units: ``h_t``, or with zoneout the new value
     it saved (``h_t`` holds units of ``h_{t-1}`` there)."""
@@ -62,7 +62,7 @@ def rnn_backward_inputs(
         h = load_gates(saved_ptr, x_rows, H, first_unit, row_mask, 1, 1, BLOCK_U)
     else:
         h = load_tile(h_ptr, out_rows, P, units, mask)
-    return (h.to(ACC_DTYPE),)
+    return (h,)
 
 
 # The shared kernels call a cell's step with one signature; these bind the nonlinearity.
