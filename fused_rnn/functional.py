@@ -224,7 +224,7 @@ def _check_devices(name: str, tensors, input: torch.Tensor) -> None:
             )
 
 
-def _check_dtypes(name: str, tensors, input: torch.Tensor) -> None:
+def check_dtypes(name: str, tensors, input: torch.Tensor) -> None:
     dtype = input.dtype
     for tensor in tensors:
         if tensor.dtype != dtype:
@@ -336,13 +336,13 @@ def _run(mode, input, hx, params, has_biases, num_layers, dropout, train, bidire
         hx = None if hx is None else tuple(state.to(dtype) for state in hx)
     num_directions = 2 if bidirectional else 1
     groups = num_layers * num_directions
-    _check_dtypes("parameter", params, x)
+    check_dtypes("parameter", params, x)
     hidden, features = _check_weights(mode, params, NUM_GATES[mode], has_biases, num_layers, num_directions, x.shape[2])
     state_shapes = [(groups, batch, features), (groups, batch, hidden)][: 2 if mode == "LSTM" else 1]
     if hx is None:
         hx = tuple(torch.zeros(shape, dtype=x.dtype, device=x.device) for shape in state_shapes)
     else:
-        _check_dtypes("hidden", hx, x)
+        check_dtypes("hidden", hx, x)
         for state, shape in zip(hx, state_shapes):
             if tuple(state.shape) != shape:
                 raise RuntimeError(f"Expected hidden size {shape}, got {list(state.shape)}")

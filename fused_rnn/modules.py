@@ -2,8 +2,10 @@
 
 Constructor, parameters (names, shapes, order, initialisation), ``state_dict``, argument checks
 and return values are PyTorch's own: the modules build on ``torch.nn.RNNBase`` and borrow
-``nn.LSTM``'s hidden-state checks. Only ``forward`` differs: it runs ``fused_rnn.functional``.
-The modules deliberately do not subclass ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``, which
+``nn.LSTM``'s hidden-state checks. Only ``forward`` differs: it runs ``fused_rnn.functional``,
+except in an eager call on plain CPU tensors without the options below, which is torch.nn's own
+``forward`` (``_torch_serves``): that is where ``fused_rnn.native`` would end anyway, at
+torch.nn's cost per call. The modules deliberately do not subclass ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``, which
 ``torch.compile`` refuses to trace.
 
 What ``torch.nn`` lacks, all off by default so that a module stays a drop-in: ``forward``'s
@@ -15,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import functional
+from . import functional, native
 
 __all__ = ["LSTM", "GRU", "RNN", "convert"]
 
@@ -110,8 +112,26 @@ class _FusedRNNBase(nn.modules.rnn.RNNBase):
         parameters = self._parameters
         return [parameters[name] if name in parameters else getattr(self, name) for name in self._flat_weights_names]
 
+    def _torch_serves(self, input, lengths, reset) -> bool:
+        """Whether torch.nn's own ``forward`` runs this call: in eager mode, on plain CPU tensors
+        (``native.handles``), without what torch.nn lacks. It ends in the same ``torch._VF``
+        operator as ``fused_rnn.native``, minus this package's layers of Python: a small model's
+        call costs what it costs with torch.nn, and errors, packed input and results are torch.nn's."""
+        data = input.data if isinstance(input, PackedSequence) else input
+        return (isinstance(data, torch.Tensor) and native.handles(data) and lengths is None and reset is None
+                and not self.zoneout and not (self.training and (self.recurrent_dropout or self.weight_drop))
+                and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+
     def _run(self, run, input, hx, lengths, reset, check_batched_hx, **extra):
-        """Prepare the input, call ``functional``'s ``run``, and give the output the input's form."""
+        """Prepare the input, call ``functional``'s ``run``, and give the output the input's form;
+        or leave the call to torch.nn's ``forward`` (``_torch_forward``) where it serves."""
+        if self._torch_serves(input, lengths, reset):
+            # torch.nn checks all but the states' dtype, which its operator reports cryptically
+            # ("get_mkldnn_dtype: unsupported data type").
+            states = hx if isinstance(hx, (tuple, list)) else () if hx is None else (hx,)
+            data = input.data if isinstance(input, PackedSequence) else input
+            functional.check_dtypes("hidden", [state for state in states if isinstance(state, torch.Tensor)], data)
+            return self._torch_forward(input, hx)
         input, hx, lengths, reset, packed, is_batched = self._prepare(input, hx, lengths, reset, check_batched_hx)
         output, state = run(
             input, hx, self._weights(), batch_first=self.batch_first and packed is None, lengths=lengths,
@@ -148,6 +168,8 @@ class LSTM(_FusedRNNBase):
 
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
     check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+    _torch_forward = nn.LSTM.forward
 
     def __init__(self, *args, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
@@ -178,6 +200,8 @@ class GRU(_FusedRNNBase):
     (``zoneout`` acts on ``h``).
     """
 
+    _torch_forward = nn.GRU.forward
+
     def __init__(self, *args, **kwargs):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
@@ -199,6 +223,8 @@ class RNN(_FusedRNNBase):
     and returns ``output, h_n`` like nn.RNN; ``lengths``, ``reset`` and the regularizers as in
     ``LSTM`` (``zoneout`` acts on ``h``).
     """
+
+    _torch_forward = nn.RNN.forward
 
     def __init__(self, *args, **kwargs):
         if "proj_size" in kwargs:

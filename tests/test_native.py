@@ -248,7 +248,48 @@ def test_eager_backward_is_torch_native_not_the_custom_op(cell, native_calls):
     assert "fused_rnn" not in type(output.grad_fn).__name__
 
 
-# nn.RNN has no fused module yet: ``native.layers`` is called directly with its flat weights.
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+def test_eager_module_calls_are_torch_nn_forward_unless_options_need_more(cell, native_calls, monkeypatch):
+    # Calls of the functional layer (fused_rnn.functional), counted; torch.nn's forward skips it.
+    functional_calls = collections.Counter()
+    run = functional._run
+
+    def counting(*args, **kwargs):
+        functional_calls["_run"] += 1
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "_run", counting)
+    fused = getattr(fused_rnn, cell)(INPUT_SIZE, HIDDEN_SIZE, recurrent_dropout=0.5)
+    x = torch.randn(STEPS, BATCH, INPUT_SIZE)
+    operator = {"LSTM": "lstm", "GRU": "gru", "RNN": "rnn_tanh"}[cell]
+    expected_runs = 0
+    for train, extra, runs_functional in [(False, {}, False), (False, dict(lengths=torch.tensor(LENGTHS)), True),
+                                          (False, dict(reset=torch.rand(STEPS, BATCH) < 0.3), True),
+                                          (True, {}, True)]:  # recurrent dropout acts in training
+        fused.train(train)
+        before = native_calls[operator]
+        fused(x, **extra)
+        expected_runs += runs_functional
+        assert functional_calls["_run"] == expected_runs, (train, list(extra))
+        # The reference recurrence runs resets and recurrent dropout, PyTorch's operator the rest.
+        assert native_calls[operator] == before + (not extra and not train or "lengths" in extra)
+    fused.eval()
+    fused(pack_padded_sequence(x, LENGTHS, enforce_sorted=False))
+    assert functional_calls["_run"] == expected_runs
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_eager_module_calls_name_a_state_of_the_wrong_dtype(cell, native_calls):
+    # torch.nn's operator would say "get_mkldnn_dtype: unsupported data type" (LSTM) or
+    # "mat1 and mat2 must have the same dtype" (GRU).
+    fused = getattr(fused_rnn, cell)(INPUT_SIZE, HIDDEN_SIZE)
+    state = torch.randn(1, BATCH, HIDDEN_SIZE, dtype=torch.float64)
+    hx = (state, state.float()) if cell == "LSTM" else state
+    with pytest.raises(RuntimeError, match=r"hidden dtype \(torch.float64\) does not match input dtype \(torch.float32\)"):
+        fused(torch.randn(STEPS, BATCH, INPUT_SIZE), hx)
+
+
+# ``native.layers`` called directly with nn.RNN's flat weights.
 RNN_CASES = {
     "1layer": dict(),
     "2layers-bidirectional": dict(num_layers=2, bidirectional=True),
