@@ -9,9 +9,11 @@ what the entry points (``bench``, ``bench.drift``) share and may use before fuse
 import os
 import sys
 
-# What a config times: the presets run MODES; gradient_penalty (second derivatives) when asked for.
+# What a config times: the presets run MODES; gradient_penalty (second derivatives) and the packed
+# modes (a PackedSequence of unequal lengths in, both modules) when asked for.
 MODES = ("forward", "forward_backward")
-ALL_MODES = (*MODES, "gradient_penalty")
+PACKED_MODES = ("packed_forward", "packed_forward_backward")
+ALL_MODES = (*MODES, "gradient_penalty", *PACKED_MODES)
 
 
 def interpret_kernels(what: str, command: str) -> None:

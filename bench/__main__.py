@@ -41,7 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="forward under no_grad, and/or forward + backward (default: both); "
                              "gradient_penalty: a backward with create_graph=True, then the penalty's "
                              "backward through it (second derivatives; torch.nn runs without cuDNN, "
-                             "which refuses them)")
+                             "which refuses them); packed_forward, packed_forward_backward: the same two "
+                             "with a PackedSequence of unequal lengths (T/2 to T) as both modules' input")
     parser.add_argument("--headline", action="store_true",
                         help="the headline preset instead of the grid: LSTM B=16 T=1024 H=768, fp16 and bf16")
     parser.add_argument("--smoke", action="store_true",

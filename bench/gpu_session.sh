@@ -9,6 +9,8 @@
 #              derivatives, against torch.nn without cuDNN, which refuses them)
 #   partial    the headline's forward+backward with the backward summing parts instead of
 #              gathering (FUSED_RNN_BACKWARD=partial): what the gathering backward gains
+#   packed     the headline (fp16) with a PackedSequence of unequal lengths as both modules' input:
+#              the kernels' lengths path against cuDNN's packed RNN, forward and forward+backward
 #   bash bench/gpu_session.sh                  the first four (may not fit one 10-minute call)
 #   bash bench/gpu_session.sh tests headline   one call; then `... grid` in the next
 # Every stage runs under `timeout`, so a hung kernel costs minutes, not the session.
@@ -38,8 +40,11 @@ for stage in "${@:-tests headline grid drift}"; do
             partial)
                 FUSED_RNN_BACKWARD=partial timeout 120 python3 -m bench --headline --mode forward_backward \
                     --no-progress --out "$out" 2>&1 | tee "$out/bench-headline-partial.log" | tail -n 8 ;;
+            packed)
+                timeout 120 python3 -m bench --headline --dtype float16 --mode packed_forward packed_forward_backward \
+                    --no-progress --out "$out" 2>&1 | tee "$out/bench-headline-packed.log" | tail -n 8 ;;
             *)
-                echo "unknown stage: $step (tests, headline, grid, drift, second_order, partial)"; exit 2 ;;
+                echo "unknown stage: $step (tests, headline, grid, drift, second_order, partial, packed)"; exit 2 ;;
         esac
     done
 done

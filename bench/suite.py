@@ -34,8 +34,9 @@ from typing import Callable, Optional
 import torch
 import triton
 import triton.testing
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-from bench import MODES, text_table
+from bench import MODES, PACKED_MODES, text_table
 import fused_rnn
 from fused_rnn.ops.launch import interpreting
 
@@ -173,19 +174,45 @@ def build_modules(config: Config, device: str):
 
 
 def make_inputs(config: Config, device: str):
-    """Input ``x (T, B, input)`` (requiring grad) and the fixed upstream gradient ``(T, B, D*H)`` of the output."""
+    """Input ``x (T, B, input)`` (requiring grad) and the fixed upstream gradient ``(T, B, D*H)`` of the output.
+
+    In the packed modes ``x`` is a ``PackedSequence`` of ``batch`` sequences of random lengths
+    from ``T / 2`` to ``T`` (the longest ``T``), unsorted, whose data requires grad, and the
+    upstream gradient has the shape of the packed output's data."""
     dtype = getattr(torch, config.dtype)
     features = config.hidden * (2 if config.bidirectional else 1)
-    x = torch.randn(config.seq, config.batch, config.input, device=device, dtype=dtype, requires_grad=True)
+    x = torch.randn(config.seq, config.batch, config.input, device=device, dtype=dtype,
+                    requires_grad=not packed(config.mode))
+    if packed(config.mode):
+        lengths = torch.randint(max(1, config.seq // 2), config.seq + 1, (config.batch,))
+        lengths[0] = config.seq
+        sequence = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        x = sequence._replace(data=sequence.data.requires_grad_())
+        return x, torch.randn(x.data.shape[0], features, device=device, dtype=dtype)
     upstream = torch.randn(config.seq, config.batch, features, device=device, dtype=dtype)
     return x, upstream
+
+
+def packed(mode: str) -> bool:
+    """Whether ``mode`` feeds a ``PackedSequence``; it times what ``mode`` without "packed_" times."""
+    return mode in PACKED_MODES
+
+
+def leaf(x) -> torch.Tensor:
+    """The tensor a config's input gradient goes to: ``x``, or a ``PackedSequence``'s data."""
+    return x.data if isinstance(x, PackedSequence) else x
+
+
+def output_tensor(output) -> torch.Tensor:
+    """A module's output as a tensor: a ``PackedSequence``'s data."""
+    return output.data if isinstance(output, PackedSequence) else output
 
 
 def step(module, x, upstream, mode: str) -> Callable[[], None]:
     """What is timed: the forward under ``no_grad``; forward + backward of ``sum(output * upstream)``;
     or a gradient penalty: that backward with ``create_graph=True``, then the backward of
     ``|grad x|^2`` into the weights (second derivatives; see ``gradient_penalty``)."""
-    if mode == "forward":
+    if mode in ("forward", "packed_forward"):
         def forward():
             with torch.no_grad():
                 module(x)
@@ -194,8 +221,7 @@ def step(module, x, upstream, mode: str) -> Callable[[], None]:
         return lambda: gradient_penalty(module, x, upstream)[-1].backward()
 
     def forward_backward():
-        output = module(x)[0]
-        output.backward(upstream)
+        output_tensor(module(x)[0]).backward(upstream)
     return forward_backward
 
 
@@ -212,16 +238,18 @@ def gradient_penalty(module, x, upstream):
 def compared_tensors(module, x, upstream, mode: str) -> dict:
     """Outputs and final states; in ``forward_backward`` also the gradients of ``x`` and every
     parameter; in ``gradient_penalty`` the gradient of ``x`` and the penalty's weight gradients."""
+    backward = mode in ("forward_backward", "packed_forward_backward")
     if mode == "gradient_penalty":
         output, state, grad_x, penalty = gradient_penalty(module, x, upstream)
     else:
-        with torch.set_grad_enabled(mode == "forward_backward"):
+        with torch.set_grad_enabled(backward):
             output, state = module(x)
+            output = output_tensor(output)
     states = state if isinstance(state, tuple) else (state,)
     tensors = {"output": output, **dict(zip(("h_n", "c_n"), states))}
     names, params = zip(*module.named_parameters())
-    if mode == "forward_backward":
-        grads = torch.autograd.grad(output, (x, *params), upstream)
+    if backward:
+        grads = torch.autograd.grad(output, (leaf(x), *params), upstream)
         tensors["grad input"] = grads[0]
         tensors.update({f"grad {name}": grad for name, grad in zip(names, grads[1:])})
     elif mode == "gradient_penalty":
@@ -325,13 +353,14 @@ def run_config(config: Config, device: str):
         # The interpreter is slow and its times mean nothing: three turns. The native path is
         # compared with torch.nn within a few percent, which takes more.
         timing = dict(min_reps=3) if interpreting() else dict(min_reps=10, budget_s=CPU_BUDGET_S)
-        ours_ms, torch_ms = time_cpu_ms(ours, theirs, [x, *fused.parameters(), *reference.parameters()], **timing)
+        ours_ms, torch_ms = time_cpu_ms(ours, theirs, [leaf(x), *fused.parameters(), *reference.parameters()],
+                                        **timing)
         return make_row(config, ours_ms, torch_ms), None
-    ours_ms = time_gpu_ms(ours, [x, *fused.parameters()])
-    cudnn_ms = time_gpu_ms(theirs, [x, *reference.parameters()])
+    ours_ms = time_gpu_ms(ours, [leaf(x), *fused.parameters()])
+    cudnn_ms = time_gpu_ms(theirs, [leaf(x), *reference.parameters()])
     peaks = []
     for module, fn in ((fused, ours), (reference, theirs)):
-        for tensor in (x, *module.parameters()):
+        for tensor in (leaf(x), *module.parameters()):
             tensor.grad = None
         peaks.append(peak_mb(fn))
     return make_row(config, ours_ms, cudnn_ms, *peaks), None

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import ALL_MODES, drift, suite
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from bench import ALL_MODES, PACKED_MODES, drift, suite
 from bench.__main__ import axis_overrides, main, parse_args, results_tag
 from fused_rnn.ops import launch
 from fused_rnn.ops.launch import interpreting
@@ -172,6 +174,26 @@ def test_gradient_penalty_mode_checks_second_derivatives_against_torch(tmp_path)
     x, upstream = suite.make_inputs(config, "cpu")
     tensors = suite.compared_tensors(fused, x, upstream, "gradient_penalty")
     assert {f"penalty grad {name}" for name, _ in fused.named_parameters()} <= tensors.keys()
+
+
+@needs_interpreter
+def test_packed_modes_feed_both_modules_one_packed_sequence_of_unequal_lengths(tmp_path):
+    assert main(["--smoke", "--cell", "lstm", "--mode", *PACKED_MODES, "--out", str(tmp_path), "--no-progress"]) == 0
+    (json_path,) = tmp_path.glob("*.json")
+    rows = check_results(json_path, num_rows=2, on_gpu=False)
+    assert [row["mode"] for row in rows] == list(PACKED_MODES) and all(row["correct"] for row in rows)
+    config = suite.select_configs("smoke", cells=("lstm",), batches=(8,), modes=("packed_forward_backward",))[0]
+    torch.manual_seed(0)
+    x, upstream = suite.make_inputs(config, "cpu")
+    assert isinstance(x, PackedSequence) and x.data.requires_grad
+    lengths = pad_packed_sequence(x)[1]
+    assert lengths.max() == config.seq and len(set(lengths.tolist())) > 1
+    # The output's data, its upstream gradient and the input gradient all follow the packing.
+    reference, fused = suite.build_modules(config, "cpu")
+    tensors = suite.compared_tensors(fused, x, upstream, config.mode)
+    assert tensors["output"].shape == upstream.shape and upstream.shape[0] == lengths.sum()
+    assert tensors["grad input"].shape == x.data.shape
+    assert suite.check_agreement(config, reference, fused, x, upstream)[0]
 
 
 @needs_interpreter
