@@ -106,3 +106,45 @@ def test_lstm_no_grad_forward_saves_nothing_and_matches(monkeypatch, case):
                                          Case("LSTM", 4, 3, 7, 4, D=2, dtype=torch.float16, options=(LENGTHS,))]))
 def test_lstm_state_buffers_hold_initial_states_outputs_and_final_cell_state(monkeypatch, case):
     check_state_buffer(monkeypatch, case)
+
+
+def _strided(tensor):
+    """The same values in a layout that is not contiguous."""
+    if tensor.dim() == 1:
+        return torch.stack([tensor, tensor], 1)[:, 0]
+    return tensor.transpose(0, -1).contiguous().transpose(0, -1)
+
+
+def test_lstm_ops_read_strided_inputs_as_their_values():
+    # The custom ops are public (torch.ops.fused_rnn): a view of any input with other strides
+    # gives what its contiguous copy gives, forward and backward, every option on, with a projection.
+    torch.manual_seed(0)
+    T, B, D, H, P, dtype = 3, 3, 2, 8, 5, torch.float64
+    forward_inputs = [
+        torch.randn(T, B, D, 4 * H, dtype=dtype), torch.randn(D, 4 * H, P, dtype=dtype) / 3,
+        torch.randn(D, P, H, dtype=dtype) / 3, torch.randn(D, B, P, dtype=dtype), torch.randn(D, B, H, dtype=dtype),
+        torch.tensor([3, 1, 2]), torch.rand(T, B) < 0.3, (torch.rand(B, D, P) < 0.8).to(dtype) / 0.8,
+        torch.rand(T, B, D, P) < 0.3, torch.rand(T, B, D, H) < 0.3,
+    ]
+    assert not any(_strided(tensor).is_contiguous() for tensor in forward_inputs)
+    expected = torch.ops.fused_rnn.lstm_forward(*forward_inputs, 0.3, True)
+    actual = torch.ops.fused_rnn.lstm_forward(*map(_strided, forward_inputs), 0.3, True)
+    for name, want, got in zip(("h", "c", "h_raw", "saved"), expected, actual):
+        assert torch.equal(got, want), name
+    h, c, _, saved = expected
+    _, w_hh, w_hr, _, _, lengths, resets, h_mask, zoneout_h, zoneout_c = forward_inputs
+    grads = [torch.randn(T, B, D, P, dtype=dtype), torch.randn(D, B, H, dtype=dtype)]
+    before, after = [w_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c], [h, c, saved]
+    expected = torch.ops.fused_rnn.lstm_backward(*grads, *before, 0.3, *after)
+    actual = torch.ops.fused_rnn.lstm_backward(*map(_strided, grads + before), 0.3, *map(_strided, after))
+    for name, want, got in zip(("dgates", "grad_h_proj", "dh0", "dc0"), expected, actual):
+        assert torch.equal(got, want), name
+
+
+def test_lstm_ops_take_both_zoneout_masks_or_neither():
+    T, B, D, H = 2, 2, 1, 4
+    inputs = [torch.randn(T, B, D, 4 * H), torch.randn(D, 4 * H, H), None, torch.randn(D, B, H), torch.randn(D, B, H),
+              None, None, None]
+    for zoneout_h, zoneout_c in [(torch.rand(T, B, D, H) < 0.5, None), (None, torch.rand(T, B, D, H) < 0.5)]:
+        with pytest.raises(ValueError, match="zoneout_h and zoneout_c"):
+            torch.ops.fused_rnn.lstm_forward(*inputs, zoneout_h, zoneout_c, 0.5, False)

@@ -19,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import recurrence
-from .recurrence import gate_slots, join_gates, load_gates, previous_state, split_gates, store_gates, tanh
+from .recurrence import gate_offsets, join_gates, load_gates, previous_state, split_gates, store_gates, tanh
 
 
 @triton.jit
@@ -32,7 +32,7 @@ def gru_forward_cell(
     """One step for the block's units, given ``gates_h = W_block @ h_{t-1}^T``, the block's
     ``gates_x`` tile and its units' ``h_{t-1}``; returns ``h_t``."""
     if HAS_HH_BIAS:
-        columns, column_mask = gate_slots(first_unit, H, 3, 4, BLOCK_U)
+        columns, column_mask = gate_offsets(first_unit, H, 3, 4, BLOCK_U)
         gates_h += tl.load(b_hh_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)[:, None]
     r_h, z_h, n_h, _ = split_gates(gates_h, BLOCK_U, BLOCK_B)
     r_x, z_x, n_x, _ = split_gates(gates_x, BLOCK_U, BLOCK_B)
@@ -87,7 +87,7 @@ def gru_backward_cell(
     return dgates_h, dh * z
 
 
-CELL = recurrence.Cell("gru", num_gates=3, saved_gates=4, has_cell_state=False, forward=gru_forward_cell,
+CELL = recurrence.Cell(num_gates=3, saved_gates=4, has_cell_state=False, forward=gru_forward_cell,
                        backward_inputs=gru_backward_inputs, backward=gru_backward_cell, separate_hidden_grad=True)
 
 

@@ -10,14 +10,16 @@ Launch schemes (both run the same kernels, which take the steps ``[step_begin, s
   and, where the weights fit on chip, its block of ``W_hh`` stays there for the whole launch.
   Under ``TRITON_INTERPRET=1``, which runs a grid's programs one after another, ``n_u`` is 1:
   no program ever waits for another.
-* ``stepwise`` - one launch per timestep, grid ``(batch tiles, unit blocks, D)``: each program
+* ``stepwise`` - one launch per timestep (two with a projection, one per phase), grid
+  ``(batch tiles, unit blocks, D)``: each program
   has one block and the launch boundary orders the steps, so no program ever waits. It is how the
   interpreter runs the many-program tiling of the GPU (the backward's exchanges between programs
   included), and a baseline to compare the persistent scheme with on a GPU.
 
 The backward carries the gradient through ``W_hh`` one of two ways (``recurrence.backward_kernel``):
 ``gather`` (every program reads all gate gradients, the default where its transposed blocks fit on
-an SM) or ``partial`` (partial sums, the finer tiling; also wherever the weights stream).
+an SM) or ``partial`` (partial sums, the finer tiling; also wherever the weights stream, and
+where ``H`` is no multiple of 16: ``gpu_plan``).
 
 ``FUSED_RNN_SCHEME`` (``persistent`` / ``stepwise``) forces a scheme; ``FUSED_RNN_WEIGHTS=streaming``
 forces streamed weights (``resident``, the default, keeps them on chip where they fit);
@@ -49,11 +51,12 @@ COMPILE_OPTIONS = dict(num_warps=8, num_stages=1, maxnreg=255)
 # Shared memory a program may use on an H100/H200 is 227 KB; what the plan counts (the weight
 # blocks and the dot operand tiles) leaves room for the compiler's layout-conversion scratch.
 SHARED_MEMORY_BUDGET = 200 * 1024
-# Elements of the forward's h_{t-1} operand on its way to shared memory, in registers: 64 a thread
-# at 8 warps.
+# Elements of a (features, batch) tile a program holds in registers: the forward's h_{t-1} operand
+# on its way to shared memory, and the partial sums' part of dL/dh: 64 a thread at 8 warps.
 TILE_ELEMENTS = 64 * 256
-# Bytes of the backward's operand (the gate gradients of a batch tile, every piece loaded at once so
-# that their L2 round trips overlap), in registers: 96 a thread (``recurrence.recurrent_matmul``).
+# Bytes of the gathering backward's operand (the gate gradients of a batch tile, every piece loaded
+# at once so that their L2 round trips overlap: ``recurrence.load_operand``), in registers: 96
+# registers a thread.
 OPERAND_BYTES = 96 * 1024
 # Batch rows of a tile on a GPU: wider tiles make the operands and the partial sums spill.
 LARGEST_BLOCK_B = 32
@@ -244,7 +247,7 @@ def group_pieces(shape: Shape, block_k: int, num_pieces: int, block_b: int) -> i
     group of fewer pieces than warps leaves warps repeating each other's products (Triton 3.6)."""
     if shape.dtype == torch.float64:
         return 1
-    size = torch.empty((), dtype=shape.dtype).element_size()
+    size = shape.dtype.itemsize
     group = 1
     while (num_pieces % (2 * group) == 0 and 2 * group <= COMPILE_OPTIONS["num_warps"]
            and 2 * group * block_k * block_b * size <= GROUP_OPERAND_BYTES):
@@ -302,7 +305,7 @@ def resident_bytes(shape: Shape, block_b: int, block_u: int, block_p: int, backw
                    gather: bool = False, resident_proj: bool = False) -> int:
     """Shared memory a resident program needs for its weight blocks and dot operands; the
     backward's include ``W_hr``'s, the forward's where it keeps ``W_hr`` too (``resident_proj``)."""
-    size = torch.empty((), dtype=shape.dtype).element_size()
+    size = shape.dtype.itemsize
     block_k, num_pieces = _resident_pieces(shape, backward, gather)
     columns = block_k * num_pieces
     width, count = _projection_pieces(shape, gather, _batches_projection(backward, gather, block_u, block_p))
@@ -339,7 +342,7 @@ def _fits(shape: Shape, block_b: int, block_u: int, block_p: int, backward: bool
         return False
     if gather:  # every piece of the gate gradients in registers at once
         block_k, num_pieces = _resident_pieces(shape, backward, gather)
-        return block_k * num_pieces * block_b * torch.empty((), dtype=shape.dtype).element_size() <= OPERAND_BYTES
+        return block_k * num_pieces * block_b * shape.dtype.itemsize <= OPERAND_BYTES
     # The forward stages its (P, BLOCK_B) operand through registers, the partial sums hold their part
     # of dL/dh (all P, or H with a projection, features) there.
     widest = max(shape.features, shape.hidden if shape.has_proj and backward else 0)
@@ -451,7 +454,7 @@ def _chunk(dtype: torch.dtype) -> int:
     (rows, chunk, batch) tile in registers, 8 elements."""
     if dtype == torch.float64:
         return 8
-    return max(16, 64 // torch.empty((), dtype=dtype).element_size())
+    return max(16, 64 // dtype.itemsize)
 
 
 def _streaming_persistent_plan(shape: Shape, multiprocessors: int, backward: bool) -> Plan:

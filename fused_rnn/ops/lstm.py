@@ -60,7 +60,8 @@ def lstm_backward_inputs(
     first_unit, H, P, HAS_RESETS: tl.constexpr, ZONEOUT: tl.constexpr, BLOCK_U: tl.constexpr,
 ):
     """What ``lstm_backward_cell`` reads for the block's units: the saved activations, ``c_{t-1}``,
-    ``c_t`` and the cell-state carry ``dL/dc_t``."""
+    ``c_t`` (under zoneout ``c_{t-1}`` again: ``c_t`` may hold units of ``c_{t-1}``, and the cell
+    recomputes the new value) and the cell-state carry ``dL/dc_t``."""
     units = first_unit + tl.arange(0, BLOCK_U)
     mask = (units < H)[:, None] & row_mask[None, :]
     saved = load_gates(saved_ptr, x_rows, H, first_unit, row_mask, 4, 4, BLOCK_U)
@@ -112,7 +113,7 @@ def lstm_backward_cell(
     return dgates, tl.zeros_like(dh)
 
 
-CELL = recurrence.Cell("lstm", num_gates=4, saved_gates=4, has_cell_state=True, forward=lstm_forward_cell,
+CELL = recurrence.Cell(num_gates=4, saved_gates=4, has_cell_state=True, forward=lstm_forward_cell,
                        backward_inputs=lstm_backward_inputs, backward=lstm_backward_cell)
 
 

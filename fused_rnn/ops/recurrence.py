@@ -14,7 +14,8 @@ launcher chooses (``launch.plan``).
 
 Backward: program ``j`` gathers all of the previous step's gate gradients and multiplies them by
 its block's columns of ``W_hh`` (``GATHER``: the transposed block, resident the same way), or,
-where that block does not fit on an SM, turns the gate gradients of its units into its part of
+where that block does not fit on an SM (and where the weights stream or ``H`` is no multiple of
+16: ``launch.gpu_plan``), turns the gate gradients of its units into its part of
 ``dL/dh_{t-1}`` over every feature, ``partial_j = dgates_j @ W_block_j``, and writes it to a
 workspace that the owner of each feature sums after the barrier (``reduce_partials``).
 
@@ -28,6 +29,10 @@ slot ``T+1``, and the state after timestep ``t`` in slot ``t+1`` (both direction
 ``1..T`` are the layer's output, already in ``[forward, reverse]`` feature order. The LSTM's ``c``
 has the same layout. ``gates_x (T, B, D, G*H)`` is the input projection. Per-sequence tensors
 (``h_mask``, carries, ``dh0``) are ``(B, D, .)``.
+
+``python -m bench.kernels`` tells ``W_hr``'s loads from ``W_hh``'s by the source lines of the
+calls that take ``W_hr``'s block (``kernels.weight_loads_in_time_loop``): keep those calls'
+arguments starting a line with that block and its pointer.
 """
 
 import dataclasses
@@ -74,10 +79,11 @@ def tanh(x):
 
 
 @triton.jit
-def gate_slots(first_unit, H, GATES_IN_ROW: tl.constexpr, GATE_SLOTS: tl.constexpr, BLOCK_U: tl.constexpr):
-    """Column offsets and mask of a gate-major ``(GATE_SLOTS * BLOCK_U, .)`` tile: slot
-    ``g * BLOCK_U + j`` is gate ``g`` of unit ``first_unit + j``, at column ``g * H + unit`` of a
-    buffer whose rows hold ``GATES_IN_ROW`` gates. Slots past the real gates or units are masked."""
+def gate_offsets(first_unit, H, GATES_IN_ROW: tl.constexpr, GATE_SLOTS: tl.constexpr, BLOCK_U: tl.constexpr):
+    """Offsets and mask of a gate-major ``(GATE_SLOTS * BLOCK_U, .)`` tile: slot ``g * BLOCK_U + j``
+    is gate ``g`` of unit ``first_unit + j``, at offset ``g * H + unit``: the column of a buffer
+    whose rows hold ``GATES_IN_ROW`` gates, or the row of a weight. Slots past the real gates or
+    units are masked."""
     slots = tl.arange(0, GATE_SLOTS * BLOCK_U)
     gate = slots // BLOCK_U
     unit = first_unit + slots % BLOCK_U
@@ -89,7 +95,7 @@ def load_gates(ptr, rows, H, first_unit, row_mask,
                GATES_IN_ROW: tl.constexpr, GATE_SLOTS: tl.constexpr, BLOCK_U: tl.constexpr):
     """Every gate of the block's units at ``rows`` of a ``(., GATES_IN_ROW * H)`` buffer, as one
     gate-major ``(GATE_SLOTS * BLOCK_U, BLOCK_B)`` tile (see ``split_gates``)."""
-    columns, column_mask = gate_slots(first_unit, H, GATES_IN_ROW, GATE_SLOTS, BLOCK_U)
+    columns, column_mask = gate_offsets(first_unit, H, GATES_IN_ROW, GATE_SLOTS, BLOCK_U)
     return load_tile(ptr, rows, GATES_IN_ROW * H, columns, column_mask[:, None] & row_mask[None, :])
 
 
@@ -97,7 +103,7 @@ def load_gates(ptr, rows, H, first_unit, row_mask,
 def store_gates(ptr, rows, H, first_unit, row_mask, value,
                 GATES_IN_ROW: tl.constexpr, GATE_SLOTS: tl.constexpr, BLOCK_U: tl.constexpr):
     """The inverse of ``load_gates``."""
-    columns, column_mask = gate_slots(first_unit, H, GATES_IN_ROW, GATE_SLOTS, BLOCK_U)
+    columns, column_mask = gate_offsets(first_unit, H, GATES_IN_ROW, GATE_SLOTS, BLOCK_U)
     store_tile(ptr, rows, GATES_IN_ROW * H, columns, column_mask[:, None] & row_mask[None, :], value)
 
 
@@ -170,20 +176,21 @@ def zoneout_grad(grad, keep_ptr, rows, row_length, features, mask, p, ZONEOUT: t
 
 
 @triton.jit
-def matmul(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """``acc + a @ b`` on the tensor cores (``DOT_PRECISION``: "tf32" or "ieee")."""
-    if acc.dtype == tl.float64:
+def matmul(a, b, accumulator, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """``accumulator + a @ b``: a ``tl.dot`` (``DOT_PRECISION`` "tf32" or "ieee"; the tensor cores
+    but for exact fp32, which runs on the FMA units), or for fp64 a product reduced in registers."""
+    if accumulator.dtype == tl.float64:
         # fp64 multiplies and reduces in registers: Triton 3.6 (the GPU machines') cannot lower most
         # fp64 dots ("fp64 don't support largeK MMA"). The launcher keeps fp64 blocks small for it.
-        acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+        accumulator += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
     else:
         if DOT_UPCAST:
             # The interpreter's fp16/bf16 tl.dot is wrong (triton-lang/triton#11584); fp32 operands
             # give the exact products that tensor cores accumulate in fp32.
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    return acc
+        accumulator = tl.dot(a, b, accumulator, input_precision=DOT_PRECISION)
+    return accumulator
 
 
 @triton.jit
@@ -201,7 +208,7 @@ def weight_block(w_ptr, first, N, K, ks, NUM_GATES: tl.constexpr, GATE_SLOTS: tl
         columns = first + tl.arange(0, BLOCK_ROWS)
         mask = (columns < N)[:, None] & (ks < K)
         return tl.load(w_ptr + ks.to(tl.int64) * N + columns[:, None], mask=mask, other=0.0)
-    rows, row_mask = gate_slots(first, N, NUM_GATES, GATE_SLOTS, BLOCK_ROWS)
+    rows, row_mask = gate_offsets(first, N, NUM_GATES, GATE_SLOTS, BLOCK_ROWS)
     mask = row_mask[:, None] & (ks < K)
     return tl.load(w_ptr + rows.to(tl.int64)[:, None] * K + ks, mask=mask, other=0.0)
 
@@ -257,15 +264,16 @@ def load_operand(x_ptr, x_rows, K, row_mask, BLOCK_K: tl.constexpr, NUM_PIECES: 
 
 
 @triton.jit
-def group_matmul(a, b, acc, GROUP_PIECES: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """``acc + a @ b`` for one piece, or for a group the sum over its pieces of their products,
-    one batched ``tl.dot``."""
+def group_matmul(a, b, accumulator, GROUP_PIECES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 DOT_UPCAST: tl.constexpr):
+    """``accumulator + a @ b`` for one piece, or for a group the sum over its pieces of their
+    products, one batched ``tl.dot``."""
     if GROUP_PIECES == 1:
-        acc = matmul(a, b, acc, DOT_PRECISION, DOT_UPCAST)
+        accumulator = matmul(a, b, accumulator, DOT_PRECISION, DOT_UPCAST)
     else:
-        parts = tl.zeros((GROUP_PIECES, acc.shape[0], acc.shape[1]), dtype=acc.dtype)
-        acc += tl.sum(matmul(a, b, parts, DOT_PRECISION, DOT_UPCAST), axis=0)
-    return acc
+        parts = tl.zeros((GROUP_PIECES, accumulator.shape[0], accumulator.shape[1]), dtype=accumulator.dtype)
+        accumulator += tl.sum(matmul(a, b, parts, DOT_PRECISION, DOT_UPCAST), axis=0)
+    return accumulator
 
 
 @triton.jit
@@ -289,19 +297,19 @@ def recurrent_matmul(
     ``BLOCK_K / 16``.
     Otherwise the block streams from ``w_ptr`` in ``BLOCK_K`` chunks, and ``x`` with it.
     """
-    acc = tl.zeros((GATE_SLOTS * BLOCK_ROWS, BLOCK_B), dtype=ACC_DTYPE)
+    accumulator = tl.zeros((GATE_SLOTS * BLOCK_ROWS, BLOCK_B), dtype=ACC_DTYPE)
     if RESIDENT:
         if operand is None:
             operand = load_operand(x_ptr, x_rows, K, row_mask, BLOCK_K, NUM_PIECES, GROUP_PIECES, RESIDENT)
         for group in tl.static_range(NUM_PIECES // GROUP_PIECES):
-            acc = group_matmul(w[group], operand[group], acc, GROUP_PIECES, DOT_PRECISION, DOT_UPCAST)
+            accumulator = group_matmul(w[group], operand[group], accumulator, GROUP_PIECES, DOT_PRECISION, DOT_UPCAST)
     else:
         for k_start in range(0, K, BLOCK_K):
             ks = k_start + tl.arange(0, BLOCK_K)
             x = load_fresh_tile(x_ptr, x_rows, K, ks, (ks < K)[:, None] & row_mask[None, :])
             w_chunk = weight_block(w_ptr, first, N, K, ks, NUM_GATES, GATE_SLOTS, BLOCK_ROWS, TRANSPOSED)
-            acc = matmul(w_chunk, x, acc, DOT_PRECISION, DOT_UPCAST)
-    return acc
+            accumulator = matmul(w_chunk, x, accumulator, DOT_PRECISION, DOT_UPCAST)
+    return accumulator
 
 
 @triton.jit
@@ -339,8 +347,8 @@ def store_hidden(h, h_ptr, zoneout_h_ptr, h_mask_ptr, recurrent_ptr, zoneout_p, 
 
 @triton.jit
 def write_partial(
-    w, w_ptr, first_unit, H, K, dgates, partial_ptr, partial_rows, columns, row_mask, accumulate,
-    NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr,
+    w, w_ptr, first, N, K, dgates, partial_ptr, partial_rows, columns, row_mask, accumulate,
+    NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr, NUM_PIECES: tl.constexpr, RESIDENT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
@@ -348,10 +356,13 @@ def write_partial(
     to ``partial[partial_rows, :K]``, or added to it (``accumulate``: a streaming program's later
     blocks; a resident program has one block, ``w``, in pieces: one piece's part in registers at
     a time). ``partial``'s rows are ``columns`` long, ``K`` rounded up to a multiple of 16, and the
-    stores fill them to there (zeros past ``K``, where the block is zero): their mask then changes
-    only every 16 columns, so the compiler may vectorise them whatever ``K``.
+    stores of resident pieces fill them to there (zeros past ``K``, where the block is zero):
+    their mask then changes only every 16 columns, so the compiler may vectorise them whatever
+    ``K``. (A streamed block's chunks end at the first multiple of ``BLOCK_K`` from ``K``;
+    readers mask past ``K``.)
 
-    ``dgates (GATE_SLOTS * BLOCK_U, BLOCK_B)`` is the gradient of ``W_block @ x^T``. It is rounded
+    ``W_block`` is ``weight_block``'s (``BLOCK_ROWS`` units or features from ``first`` of ``N``).
+    ``dgates (GATE_SLOTS * BLOCK_ROWS, BLOCK_B)`` is the gradient of ``W_block @ x^T``. It is rounded
     to the weight's dtype first, as a GEMM over stored gate gradients would see it.
     """
     dgates = dgates.to(w_ptr.dtype.element_ty)
@@ -362,7 +373,7 @@ def write_partial(
     else:
         for k_start in range(0, K, BLOCK_K):
             ks = k_start + tl.arange(0, BLOCK_K)
-            w_chunk = weight_block(w_ptr, first_unit, H, K, ks, NUM_GATES, GATE_SLOTS, BLOCK_U, False)
+            w_chunk = weight_block(w_ptr, first, N, K, ks, NUM_GATES, GATE_SLOTS, BLOCK_ROWS, False)
             store_part(w_chunk, dgates, ks, partial_ptr, partial_rows, columns, row_mask, accumulate,
                        BLOCK_B, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
 
@@ -480,9 +491,9 @@ def forward_kernel(
     Reads ``gates_x (T, B, D, G*H)``, ``W_hh (D, G*H, P)``, ``b_hh (D, G*H)`` [GRU],
     ``W_hr (D, P, H)`` [proj], ``lengths (B,)``, ``resets (T, B)``, ``h_mask (B, D, P)``
     [recurrent dropout], the zoneout keep masks ``zoneout_h (T, B, D, P)`` and ``zoneout_c
-    (T, B, D, H)`` [LSTM] in training (``zoneout_p`` in eval) and the initial states in ``h``/``c``. Writes ``h (T+2, B, D, P)``,
-    ``c (T+2, B, D, H)`` [LSTM], ``h_raw (T, B, D, H)`` [proj] and what the cell saves for the
-    backward into ``saved (T, B, D, S*H)``. With resets or recurrent dropout, the matmul's operand
+    (T, B, D, H)`` [LSTM] in training (``zoneout_p`` in eval) and the initial states in
+    ``h``/``c``. Writes ``h (T+2, B, D, P)``, ``c (T+2, B, D, H)`` [LSTM], ``h_raw (T, B, D,
+    H)`` [proj] and what the cell saves for the backward into ``saved (T, B, D, S*H)``. With resets or recurrent dropout, the matmul's operand
     ``h_{t-1}`` (reset and masked) goes through ``recurrent (2, B, D, P)``, alternating slots by
     step parity (slot 0 holds the first step's, written by the launcher).
     """
@@ -576,7 +587,7 @@ def forward_kernel(
 
 
 @triton.jit
-def gather_hidden_grad(
+def hidden_grad(
     w_hh, w_hh_ptr, operand, grad_h_ptr, dh_carry_ptr, dh0_ptr, recurrent_grad_ptr, partial_ptr, h_mask_ptr, step,
     x_rows, before_rows, state_rows, batch_rows, row_mask, B, D, direction, H, P, partial_columns, first_feature,
     mask, reset_before,
@@ -643,15 +654,16 @@ def backward_kernel(
     unit blocks ``j, j + n_u, ...`` and the blocks of ``BLOCK_P`` features of ``h`` (with a
     projection; else its features are its units).
 
-    Per step: ``dh_t`` for the features the program owns (``gather_hidden_grad``); [proj] then
+    Per step: ``dh_t`` for the features the program owns (``hidden_grad``); [proj] then
     a barrier (``STEP_PHASE`` as in the forward: 1 runs up to it, 2 from it) and ``dL/d(o *
     tanh(c_t))`` for its units through ``W_hr``; the cell's gate gradients, from what
     ``CELL_BACKWARD_INPUTS`` loaded before the product. The product by ``W_hh`` that carries them
     to the previous step runs one of two ways (``launch`` chooses):
 
     * ``GATHER``: after the step's barrier, every program reads all of the gate gradients and
-      multiplies them by its block's columns of ``W_hh`` (``TRANSPOSED`` blocks, ``BLOCK_U >= 16``
-      features); with a projection likewise ``grad_h_proj`` by its columns of ``W_hr``.
+      multiplies them by its block's columns of ``W_hh`` (``TRANSPOSED`` blocks of ``BLOCK_F``
+      features: ``BLOCK_P`` with a projection, else ``BLOCK_U``; 16 on a GPU); with a projection
+      likewise ``grad_h_proj`` by its columns of ``W_hr``.
     * else: each program writes its part of ``dL/dh_{t-1}`` for every feature,
       ``W_block^T @ dgates_block``, to ``partial (2, n_u, B, D, partial_columns)`` (two slots,
       alternating by step parity, so one barrier per step separates a slot's writers from its
@@ -703,6 +715,7 @@ def backward_kernel(
     for step in range(step_begin, step_end):
         # Walking time backwards: T-1, ..., 0 for the forward direction; 0, ..., T-1 in reverse.
         t = T - 1 - step + direction * (2 * step + 1 - T)
+        # The step this backward walked before this one: the next one in time (t + 1 forwards).
         t_before = t + 1 - 2 * direction
         parity = step % 2
         if HAS_PROJ:
@@ -715,7 +728,7 @@ def backward_kernel(
                     for block_start in range(first_feature, P, num_parts * BLOCK_P):
                         features = block_start + tl.arange(0, BLOCK_P)
                         mask = (features < P)[:, None] & row_mask[None, :]
-                        dh = gather_hidden_grad(
+                        dh = hidden_grad(
                             w_hh, w_hh_ptr, None, grad_h_ptr, dh_carry_ptr, dh0_ptr, recurrent_grad_ptr, partial_ptr,
                             h_mask_ptr, step, x_rows, buffer_rows(t_before, batch_rows, B, D, direction), state_rows,
                             batch_rows, row_mask, B, D, direction, H, P, partial_columns, block_start, mask,
@@ -775,7 +788,7 @@ def backward_kernel(
                                                  partial_proj_columns, units, mask, BLOCK_U, BLOCK_B, REDUCE_CHUNK,
                                                  ACC_DTYPE)
                     else:
-                        dh = gather_hidden_grad(
+                        dh = hidden_grad(
                             w_hh, w_hh_ptr, operand, grad_h_ptr, dh_carry_ptr, dh0_ptr, recurrent_grad_ptr, partial_ptr,
                             h_mask_ptr, step, x_rows, before_rows, state_rows,
                             batch_rows, row_mask, B, D, direction, H, P, partial_columns, block_start, mask,
@@ -808,7 +821,6 @@ def backward_kernel(
 class Cell:
     """What a cell brings to the shared kernels: its step math and the shape of its buffers."""
 
-    name: str
     num_gates: int        # G: gates per unit (rows of W_hh per unit)
     saved_gates: int      # activations per unit saved for the backward (0: it reads h_t)
     has_cell_state: bool  # the LSTM's c
@@ -829,6 +841,18 @@ def _shape(cell: Cell, T: int, B: int, D: int, H: int, P: int, dtype, has_proj: 
 
 def _none_if_empty(tensor):
     return tensor if tensor.numel() else None
+
+
+def _dense(*tensors):
+    """The tensors as the kernels index them, dense and row-major (None stays None): the custom ops
+    are public, and a strided view would be read wrong."""
+    return [None if tensor is None else tensor.contiguous() for tensor in tensors]
+
+
+def _check_zoneout_masks(cell: Cell, zoneout_h, zoneout_c) -> None:
+    """One flag (``ZONEOUT``) covers ``h`` and ``c``: the LSTM takes both keep masks or neither."""
+    if cell.has_cell_state and (zoneout_h is None) != (zoneout_c is None):
+        raise ValueError("zoneout_h and zoneout_c: the LSTM's zoneout takes both keep masks or neither")
 
 
 def forward_outputs(cell: Cell, gates_x, w_hh, w_hr, save_for_backward: bool, zoneout_h, zoneout_p: float):
@@ -863,6 +887,9 @@ def forward(cell: Cell, gates_x, w_hh, b_hh, w_hr, h0, c0, lengths, resets, h_ma
             zoneout_p: float, save_for_backward: bool):
     """Run ``forward_kernel`` for ``cell``; returns ``forward_outputs``, filled. The zoneout keep
     masks are given in training; in eval ``zoneout_p`` alone (0: no zoneout)."""
+    _check_zoneout_masks(cell, zoneout_h, zoneout_c)
+    gates_x, w_hh, b_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c = _dense(
+        gates_x, w_hh, b_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c)
     h, c, h_raw, saved = forward_outputs(cell, gates_x, w_hh, w_hr, save_for_backward, zoneout_h, zoneout_p)
     T, B, D, _ = gates_x.shape
     H, P = gates_x.shape[3] // cell.num_gates, h.shape[3]
@@ -877,7 +904,7 @@ def forward(cell: Cell, gates_x, w_hh, b_hh, w_hr, h0, c0, lengths, resets, h_ma
     plan = launch.plan(_shape(cell, T, B, D, H, P, gates_x.dtype, w_hr is not None), gates_x.device, backward=False)
     launch.launch(
         forward_kernel,
-        (gates_x.contiguous(), w_hh.contiguous(), b_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c,
+        (gates_x, w_hh, b_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c,
          h, _none_if_empty(c), _none_if_empty(h_raw), _none_if_empty(saved), recurrent, T, B, H, P, float(zoneout_p)),
         plan, T, CELL_FORWARD=cell.forward, NUM_GATES=cell.num_gates, GATE_SLOTS=cell.gate_slots,
     )
@@ -906,28 +933,32 @@ def backward_outputs(cell: Cell, grad_h, w_hh, w_hr):
 def backward(cell: Cell, grad_h, grad_c_n, w_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c,
              zoneout_p: float, h, c, saved):
     """Run ``backward_kernel`` for ``cell``; returns ``backward_outputs``, filled."""
+    _check_zoneout_masks(cell, zoneout_h, zoneout_c)
+    grad_h, w_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c, h, c, saved = _dense(
+        grad_h, w_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c, h, c, saved)
     dgates_x, dgates_h, grad_h_proj, _, _ = backward_outputs(cell, grad_h, w_hh, w_hr)
     T, B, D, P = grad_h.shape
     H = w_hh.shape[1] // cell.num_gates
-    acc, device = accumulator_dtype(grad_h.dtype), grad_h.device
+    accumulator, device = accumulator_dtype(grad_h.dtype), grad_h.device
     plan = launch.plan(_shape(cell, T, B, D, H, P, grad_h.dtype, w_hr is not None), device, backward=True)
-    dh_carry = torch.zeros(B, D, P, dtype=acc, device=device)
-    dh0 = torch.zeros(B, D, P, dtype=acc, device=device)
+    dh_carry = torch.zeros(B, D, P, dtype=accumulator, device=device)
+    dh0 = torch.zeros(B, D, P, dtype=accumulator, device=device)
     dc_carry = dc0 = None
     if cell.has_cell_state:
-        dc_carry = grad_c_n.transpose(0, 1).to(dtype=acc, memory_format=torch.contiguous_format, copy=True)
-        dc0 = torch.zeros(B, D, H, dtype=acc, device=device)
+        dc_carry = grad_c_n.transpose(0, 1).to(dtype=accumulator, memory_format=torch.contiguous_format, copy=True)
+        dc0 = torch.zeros(B, D, H, dtype=accumulator, device=device)
     columns, proj_columns = launch.partial_columns(P), launch.partial_columns(H)
     partial = partial_proj = None
     if not plan.options["GATHER"]:
-        # Zeros: a program that owns no feature block (past P) leaves its parts at zero.
+        # Every program owns a unit block and writes its parts of every feature; with a projection
+        # a program whose feature block lies past P writes no part of dL/d(o * tanh(c)): zeros.
         programs = plan.grid[1]
-        partial = torch.zeros(2, programs, B, D, columns, dtype=acc, device=device)
+        partial = launch.empty(2, programs, B, D, columns, dtype=accumulator, device=device)
         if w_hr is not None:
-            partial_proj = torch.zeros(programs, B, D, proj_columns, dtype=acc, device=device)
+            partial_proj = torch.zeros(programs, B, D, proj_columns, dtype=accumulator, device=device)
     launch.launch(
         backward_kernel,
-        (grad_h.contiguous(), w_hh.contiguous(), w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c, h,
+        (grad_h, w_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c, h,
          _none_if_empty(c), _none_if_empty(saved), dgates_x, _none_if_empty(dgates_h), _none_if_empty(grad_h_proj),
          dh_carry, dh0, dc_carry, dc0, partial, partial_proj, T, B, H, P, columns, proj_columns,
          float(zoneout_p)),
@@ -938,7 +969,7 @@ def backward(cell: Cell, grad_h, grad_c_n, w_hh, w_hr, lengths, resets, h_mask, 
     if plan.options["GATHER"]:
         recurrent_grad = dgates_h if cell.separate_hidden_grad else dgates_x
         last = torch.stack([recurrent_grad[(T - 1) * direction, :, direction] for direction in range(D)])
-        incoming = torch.bmm(last.to(acc), w_hh.to(acc)).transpose(0, 1)
+        incoming = torch.bmm(last.to(accumulator), w_hh.to(accumulator)).transpose(0, 1)
     else:
         incoming = partial[(T - 1) % 2, ..., :P].sum(0)
     if h_mask is not None:

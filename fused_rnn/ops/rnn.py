@@ -21,8 +21,9 @@ from .recurrence import load_gates, load_tile, store_gates, tanh
 
 
 @triton.jit
-def _forward(gates_h, gates_x, saved_ptr, x_rows, row_mask, first_unit, H, RELU: tl.constexpr,
+def rnn_step(gates_h, gates_x, saved_ptr, x_rows, row_mask, first_unit, H, RELU: tl.constexpr,
              ZONEOUT: tl.constexpr, SAVE: tl.constexpr, BLOCK_U: tl.constexpr):
+    """``h_t = tanh(gates_h + gates_x)``, or ``relu`` with ``RELU``: the step both cells share."""
     preactivation = gates_h + gates_x
     if RELU:
         h = tl.maximum(preactivation, 0.0, propagate_nan=tl.PropagateNan.ALL)
@@ -35,8 +36,9 @@ def _forward(gates_h, gates_x, saved_ptr, x_rows, row_mask, first_unit, H, RELU:
 
 
 @triton.jit
-def _backward(dh, h, dgates_x_ptr, x_rows, row_mask, active, first_unit, H,
-              HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, BLOCK_U: tl.constexpr):
+def rnn_step_grad(dh, h, dgates_x_ptr, x_rows, row_mask, active, first_unit, H,
+                  HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, BLOCK_U: tl.constexpr):
+    """The gradient of ``rnn_step``'s preactivation from ``dh`` and ``h_t``, stored to ``dgates_x``."""
     h = h.to(dh.dtype)
     if RELU:
         # As torch's ReLU backward (threshold_backward): zero where h <= 0, so a NaN h passes dh.
@@ -74,7 +76,7 @@ def rnn_tanh_forward_cell(
     BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """``h_t = tanh(gates_x[t] + gates_h)`` for the block's units."""
-    return _forward(gates_h, gates_x, saved_ptr, x_rows, row_mask, first_unit, H, False, ZONEOUT, SAVE, BLOCK_U)
+    return rnn_step(gates_h, gates_x, saved_ptr, x_rows, row_mask, first_unit, H, False, ZONEOUT, SAVE, BLOCK_U)
 
 
 @triton.jit
@@ -85,7 +87,7 @@ def rnn_relu_forward_cell(
     BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """``h_t = max(gates_x[t] + gates_h, 0)`` for the block's units."""
-    return _forward(gates_h, gates_x, saved_ptr, x_rows, row_mask, first_unit, H, True, ZONEOUT, SAVE, BLOCK_U)
+    return rnn_step(gates_h, gates_x, saved_ptr, x_rows, row_mask, first_unit, H, True, ZONEOUT, SAVE, BLOCK_U)
 
 
 @triton.jit
@@ -96,7 +98,7 @@ def rnn_tanh_backward_cell(
     BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """``dL/dpreactivation = dh * (1 - h_t^2)``; nothing reaches ``h_{t-1}`` around ``W_hh``."""
-    return _backward(dh, inputs[0], dgates_x_ptr, x_rows, row_mask, active, first_unit, H, HAS_LENGTHS, False, BLOCK_U)
+    return rnn_step_grad(dh, inputs[0], dgates_x_ptr, x_rows, row_mask, active, first_unit, H, HAS_LENGTHS, False, BLOCK_U)
 
 
 @triton.jit
@@ -107,13 +109,13 @@ def rnn_relu_backward_cell(
     BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """``dL/dpreactivation = 0`` where ``h_t <= 0``, else ``dh``."""
-    return _backward(dh, inputs[0], dgates_x_ptr, x_rows, row_mask, active, first_unit, H, HAS_LENGTHS, True, BLOCK_U)
+    return rnn_step_grad(dh, inputs[0], dgates_x_ptr, x_rows, row_mask, active, first_unit, H, HAS_LENGTHS, True, BLOCK_U)
 
 
 CELLS = {
-    "tanh": recurrence.Cell("rnn_tanh", num_gates=1, saved_gates=0, has_cell_state=False, forward=rnn_tanh_forward_cell,
+    "tanh": recurrence.Cell(num_gates=1, saved_gates=0, has_cell_state=False, forward=rnn_tanh_forward_cell,
                             backward_inputs=rnn_backward_inputs, backward=rnn_tanh_backward_cell),
-    "relu": recurrence.Cell("rnn_relu", num_gates=1, saved_gates=0, has_cell_state=False, forward=rnn_relu_forward_cell,
+    "relu": recurrence.Cell(num_gates=1, saved_gates=0, has_cell_state=False, forward=rnn_relu_forward_cell,
                             backward_inputs=rnn_backward_inputs, backward=rnn_relu_backward_cell),
 }
 
