@@ -153,7 +153,7 @@ def signature(variant: Variant, kernel, plan):
         absent |= {"partial_ptr", "partial_proj_ptr"}
     jit_function = kernel.fn
     constants = dict(plan.options, CELL_FORWARD=cell.forward, CELL_BACKWARD_INPUTS=cell.backward_inputs,
-                     CELL_BACKWARD=cell.backward, NUM_GATES=cell.num_gates, GATE_SLOTS=cell.gate_slots, STEP_PHASE=0)
+                     CELL_BACKWARD=cell.backward, NUM_GATES=cell.num_gates, GATE_SLOTS=shape.gate_slots, STEP_PHASE=0)
     arguments = {}
     for name in jit_function.arg_names:
         if name in absent:

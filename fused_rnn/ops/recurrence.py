@@ -518,7 +518,7 @@ def forward_kernel(
                               False)
     arrivals = 0
     for step in range(step_begin, step_end):
-        t = step + direction * (T - 1 - 2 * step)
+        t = tl.where(direction == 0, step, T - 1 - step)
         t_next = t + 1 - 2 * direction
         if STEP_PHASE != 2:
             for first_row in range(tl.program_id(0) * BLOCK_B, B, tl.num_programs(0) * BLOCK_B):
@@ -713,8 +713,10 @@ def backward_kernel(
             w_hr = resident_block(w_hr_ptr, first_feature, P, H, 1, 1, BLOCK_P, BLOCK_KP, NUM_PIECES_P, 1, False)
     arrivals = 0
     for step in range(step_begin, step_end):
-        # Walking time backwards: T-1, ..., 0 for the forward direction; 0, ..., T-1 in reverse.
-        t = T - 1 - step + direction * (2 * step + 1 - T)
+        # Walking time backwards: T-1, ..., 0 for the forward direction; 0, ..., T-1 in reverse. As
+        # arithmetic (T - 1 - step + direction * (2 * step + 1 - T)) it kept 1 - T live across the
+        # loop, which Triton 3.9 spilled in the LSTM's gathering backward with lengths.
+        t = tl.where(direction == 0, T - 1 - step, step)
         # The step this backward walked before this one: the next one in time (t + 1 forwards).
         t_before = t + 1 - 2 * direction
         parity = step % 2
@@ -829,10 +831,6 @@ class Cell:
     backward: object
     separate_hidden_grad: bool = False  # GRU: d(h W_hh^T + b_hh) differs from d(gates_x)
 
-    @property
-    def gate_slots(self) -> int:
-        return triton.next_power_of_2(self.num_gates)
-
 
 def _shape(cell: Cell, T: int, B: int, D: int, H: int, P: int, dtype, has_proj: bool) -> launch.Shape:
     return launch.Shape(dtype=dtype, batch=B, hidden=H, features=P, directions=D,
@@ -901,12 +899,13 @@ def forward(cell: Cell, gates_x, w_hh, b_hh, w_hr, h0, c0, lengths, resets, h_ma
         # The first step's operand; the kernel writes each next one (``store_recurrent_input``).
         recurrent = torch.empty(2, B, D, P, dtype=h.dtype, device=h.device)
         recurrent[0] = h0.transpose(0, 1) if h_mask is None else h0.transpose(0, 1) * h_mask
-    plan = launch.plan(_shape(cell, T, B, D, H, P, gates_x.dtype, w_hr is not None), gates_x.device, backward=False)
+    shape = _shape(cell, T, B, D, H, P, gates_x.dtype, w_hr is not None)
+    plan = launch.plan(shape, gates_x.device, backward=False)
     launch.launch(
         forward_kernel,
         (gates_x, w_hh, b_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c,
          h, _none_if_empty(c), _none_if_empty(h_raw), _none_if_empty(saved), recurrent, T, B, H, P, float(zoneout_p)),
-        plan, T, CELL_FORWARD=cell.forward, NUM_GATES=cell.num_gates, GATE_SLOTS=cell.gate_slots,
+        plan, T, CELL_FORWARD=cell.forward, NUM_GATES=cell.num_gates, GATE_SLOTS=shape.gate_slots,
     )
     return h, c, h_raw, saved
 
@@ -936,17 +935,19 @@ def backward(cell: Cell, grad_h, grad_c_n, w_hh, w_hr, lengths, resets, h_mask, 
     _check_zoneout_masks(cell, zoneout_h, zoneout_c)
     grad_h, w_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c, h, c, saved = _dense(
         grad_h, w_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c, h, c, saved)
-    dgates_x, dgates_h, grad_h_proj, _, _ = backward_outputs(cell, grad_h, w_hh, w_hr)
+    dgates_x, dgates_h, grad_h_proj, dh0, dc0 = backward_outputs(cell, grad_h, w_hh, w_hr)
     T, B, D, P = grad_h.shape
     H = w_hh.shape[1] // cell.num_gates
     accumulator, device = accumulator_dtype(grad_h.dtype), grad_h.device
-    plan = launch.plan(_shape(cell, T, B, D, H, P, grad_h.dtype, w_hr is not None), device, backward=True)
+    shape = _shape(cell, T, B, D, H, P, grad_h.dtype, w_hr is not None)
+    plan = launch.plan(shape, device, backward=True)
     dh_carry = torch.zeros(B, D, P, dtype=accumulator, device=device)
-    dh0 = torch.zeros(B, D, P, dtype=accumulator, device=device)
-    dc_carry = dc0 = None
+    # What resets route to the initial states, summed in the kernel.
+    routed_dh0 = torch.zeros(B, D, P, dtype=accumulator, device=device)
+    dc_carry = routed_dc0 = None
     if cell.has_cell_state:
         dc_carry = grad_c_n.transpose(0, 1).to(dtype=accumulator, memory_format=torch.contiguous_format, copy=True)
-        dc0 = torch.zeros(B, D, H, dtype=accumulator, device=device)
+        routed_dc0 = torch.zeros(B, D, H, dtype=accumulator, device=device)
     columns, proj_columns = launch.partial_columns(P), launch.partial_columns(H)
     partial = partial_proj = None
     if not plan.options["GATHER"]:
@@ -960,10 +961,10 @@ def backward(cell: Cell, grad_h, grad_c_n, w_hh, w_hr, lengths, resets, h_mask, 
         backward_kernel,
         (grad_h, w_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c, h,
          _none_if_empty(c), _none_if_empty(saved), dgates_x, _none_if_empty(dgates_h), _none_if_empty(grad_h_proj),
-         dh_carry, dh0, dc_carry, dc0, partial, partial_proj, T, B, H, P, columns, proj_columns,
+         dh_carry, routed_dh0, dc_carry, routed_dc0, partial, partial_proj, T, B, H, P, columns, proj_columns,
          float(zoneout_p)),
         plan, T, CELL_BACKWARD_INPUTS=cell.backward_inputs, CELL_BACKWARD=cell.backward, NUM_GATES=cell.num_gates,
-        GATE_SLOTS=cell.gate_slots,
+        GATE_SLOTS=shape.gate_slots,
     )
     # What each direction's last step (t = 0 forwards, T - 1 in reverse) sends through W_hh reaches h_0.
     if plan.options["GATHER"]:
@@ -974,9 +975,7 @@ def backward(cell: Cell, grad_h, grad_c_n, w_hh, w_hr, lengths, resets, h_mask, 
         incoming = partial[(T - 1) % 2, ..., :P].sum(0)
     if h_mask is not None:
         incoming = incoming * h_mask
-    dh0 = (dh0 + dh_carry + incoming).transpose(0, 1).to(grad_h.dtype).contiguous()
+    dh0.copy_((routed_dh0 + dh_carry + incoming).transpose(0, 1))
     if cell.has_cell_state:
-        dc0 = (dc0 + dc_carry).transpose(0, 1).to(grad_h.dtype).contiguous()
-    else:
-        dc0 = launch.empty(0, dtype=grad_h.dtype, device=device)
+        dc0.copy_((routed_dc0 + dc_carry).transpose(0, 1))
     return dgates_x, dgates_h, grad_h_proj, dh0, dc0
