@@ -122,9 +122,12 @@ class _FusedLayer(torch.autograd.Function):
         output = h[1:num_steps + 1].view(num_steps, batch, -1)
         if mode != "LSTM":
             return output
-        # The forward direction ends in slot T, the reverse one in slot 1.
+        # The forward direction ends in slot T, the reverse one in slot 1. Cast before stacking:
+        # under torch.compile, torch 2.11 drops the gradient of an output made by a ``.to`` that
+        # changes nothing (fp32 and fp64 keep c in their own dtype), which stack(...).to(x.dtype)
+        # was for them (tests/test_ecosystem.py's compiled gradients).
         ends = [c[num_steps, :, 0]] + ([c[1, :, 1]] if directions == 2 else [])
-        return output, torch.stack(ends).to(x.dtype)
+        return output, torch.stack([end.to(x.dtype) for end in ends])
 
     @staticmethod
     def backward(ctx, grad_output, grad_c_n=None):
