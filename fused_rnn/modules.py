@@ -3,10 +3,11 @@
 Constructor, parameters (names, shapes, order, initialisation), ``state_dict``, argument checks
 and return values are PyTorch's own: the modules build on ``torch.nn.RNNBase`` and borrow
 ``nn.LSTM``'s hidden-state checks. Only ``forward`` differs: it runs ``fused_rnn.functional``,
-except in an eager call on plain CPU tensors without the options below, which is torch.nn's own
-``forward`` (``_torch_serves``): that is where ``fused_rnn.native`` would end anyway, at
-torch.nn's cost per call. The modules deliberately do not subclass ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``, which
-``torch.compile`` refuses to trace.
+except in an eager call on plain CPU tensors without the options below (``recurrent_dropout`` and
+``weight_drop`` count in training only), which is torch.nn's own ``forward`` (``_torch_serves``):
+that is where ``fused_rnn.native`` would end anyway, at torch.nn's cost per call. The modules
+deliberately do not subclass ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``, which ``torch.compile``
+refuses to trace.
 
 What ``torch.nn`` lacks, all off by default so that a module stays a drop-in: ``forward``'s
 ``lengths=`` (packing without a PackedSequence) and ``reset=`` (state resets inside a sequence),
@@ -84,7 +85,9 @@ class _FusedRNNBase(nn.modules.rnn.RNNBase):
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{self.mode}: input must be a Tensor or PackedSequence, got {type(input).__name__}")
         if input.dim() not in (2, 3):
-            raise ValueError(f"{type(self).__name__}: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
+            # torch.nn's words: nn.RNN says "got 4D tensor instead", nn.LSTM and nn.GRU "got 4D instead".
+            noun = " tensor" if self.mode.startswith("RNN_") else ""
+            raise ValueError(f"{type(self).__name__}: Expected input to be 2D or 3D, got {input.dim()}D{noun} instead")
         is_batched = input.dim() == 3
         if not is_batched:
             if lengths is not None:
@@ -159,7 +162,7 @@ class LSTM(_FusedRNNBase):
     ``lengths`` (B,) ends each sequence at its own length (outputs past it are zero, ``h_n, c_n``
     are taken at each sequence's end: packing without a PackedSequence); ``reset``, a bool tensor
     ``(T, B)`` (``(B, T)`` with ``batch_first``), sets the state back to ``(h_0, c_0)`` before each
-    step where it is True. Constructor keywords, active in training only:
+    step where it is True. Constructor keywords, active in training only but for ``zoneout``:
     ``recurrent_dropout`` (variational dropout on ``h_{t-1}`` where it enters ``W_hh``, one mask
     per sequence and layer), ``zoneout`` (each unit of ``h`` and ``c`` keeps its previous value
     with this probability; its expectation in eval mode), ``weight_drop`` (DropConnect on

@@ -148,6 +148,19 @@ def test_rejects_what_torch_rejects_with_the_same_exception_type(cell, call, err
     assert_keeps_working(fused, good, before)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("shape", [(INPUT_SIZE,), (STEPS, BATCH, INPUT_SIZE, 1)], ids=["1d", "4d"])
+def test_input_dimension_message_is_torchs_word_for_word(cell, shape):
+    """nn.RNN says "got 4D tensor instead", nn.LSTM and nn.GRU "got 4D instead": code that matches
+    on torch.nn's message works the same."""
+    torch_module, fused = make_pair(cell)
+    with pytest.raises(ValueError) as torchs:
+        torch_module(rand(*shape))
+    with pytest.raises(ValueError) as ours:
+        fused(rand(*shape))
+    assert str(ours.value) == str(torchs.value)
+
+
 @pytest.mark.parametrize("cell, call, error, match", REJECTED_BY_US)
 def test_rejects_what_we_check_beyond_torch(cell, call, error, match):
     _, fused = make_pair(cell)
