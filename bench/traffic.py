@@ -76,13 +76,14 @@ class Traffic:
         original_load, original_store = builder.create_masked_load, builder.create_masked_store
         original_init = executor._init_args_hst
 
-        def create_masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
+        # The cache hints that follow differ between Triton versions: pass them on as they come.
+        def create_masked_load(self, ptrs, mask, *hints):
             traffic._attribute(ptrs, mask, "load")
-            return original_load(self, ptrs, mask, other, cache_policy, is_volatile)
+            return original_load(self, ptrs, mask, *hints)
 
-        def create_masked_store(self, ptrs, value, mask, cache_policy):
+        def create_masked_store(self, ptrs, value, mask, *hints):
             traffic._attribute(ptrs, mask, "store")
-            return original_store(self, ptrs, value, mask, cache_policy)
+            return original_store(self, ptrs, value, mask, *hints)
 
         def init_args_hst(self, args_dev, kwargs):
             args_hst, kwargs_hst = original_init(self, args_dev, kwargs)

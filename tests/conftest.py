@@ -1,5 +1,6 @@
-"""Test setup: run the Triton kernels under the interpreter when no GPU is present, and poison
-every buffer the kernels fill so that an element they fail to write shows up as NaN."""
+"""Test setup: run the Triton kernels under the interpreter when no GPU is present, poison every
+buffer the kernels fill so that an element they fail to write shows up as NaN, and keep fp32
+exact on a GPU unless a test asks for TF32."""
 
 import os
 
@@ -20,6 +21,13 @@ def _poisoned(*shape, dtype, device):
 @pytest.fixture(autouse=True)
 def poison_kernel_outputs(monkeypatch):
     monkeypatch.setattr(launch, "empty", _poisoned)
+
+
+@pytest.fixture(autouse=True)
+def ieee_fp32(monkeypatch):
+    """The kernels follow ``cudnn.allow_tf32`` on a GPU, as cuDNN does (on by default); the fp32
+    tolerances assume IEEE products, so a test that wants TF32 turns it on itself."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,6 @@ the projection's features to programs in blocks of 16 (P=65 against H=70: five o
 sums ``dL/dh`` across programs.
 """
 
-import contextlib
 import dataclasses
 import math
 
@@ -217,17 +216,6 @@ def make_inputs(case, requires_grad=True):
     return Inputs(x, h0, c0, weights, options).to(case.dtype, requires_grad)
 
 
-@contextlib.contextmanager
-def ieee_fp32():
-    """On a GPU fp32 would otherwise run in TF32 (``cudnn.allow_tf32``); the tolerances assume IEEE."""
-    allowed = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = allowed
-
-
 def reference_results(inputs, mode, upstream):
     """``reference.layer``'s outputs and gradients in float64 from the same (rounded) inputs."""
     exact = inputs.to(torch.float64, requires_grad=True)
@@ -251,11 +239,10 @@ def check_against_reference(case, **options):
     inputs = make_inputs(case)
     inputs.options.update(options)
     inputs.options = {key: value for key, value in inputs.options.items() if value is not None}
-    with ieee_fp32():
-        outputs = inputs.run(functional.layer, case.mode)
-        upstream = [torch.randn_like(y) for y in outputs]
-        names, leaves = zip(*inputs.differentiable())
-        grads = torch.autograd.grad(outputs, leaves, upstream)
+    outputs = inputs.run(functional.layer, case.mode)
+    upstream = [torch.randn_like(y) for y in outputs]
+    names, leaves = zip(*inputs.differentiable())
+    grads = torch.autograd.grad(outputs, leaves, upstream)
     compare(case, names, outputs, grads, *reference_results(inputs, case.mode, upstream))
 
 
@@ -275,11 +262,10 @@ def check_kernels_ran(monkeypatch, case, grid, backward_grid, launches):
         raise AssertionError("reference.layer ran instead of the Triton kernels")
 
     monkeypatch.setattr(reference, "layer", no_reference)
-    with ieee_fp32():
-        outputs = inputs.run(functional.layer, case.mode)
-        assert (forward.grids, backward.grids) == ([grid] * launches, [])
-        names, leaves = zip(*inputs.differentiable())
-        grads = torch.autograd.grad(outputs, leaves, upstream)
+    outputs = inputs.run(functional.layer, case.mode)
+    assert (forward.grids, backward.grids) == ([grid] * launches, [])
+    names, leaves = zip(*inputs.differentiable())
+    grads = torch.autograd.grad(outputs, leaves, upstream)
     assert backward.grids == [backward_grid] * launches
     compare(case, names, outputs, grads, *expected)
 

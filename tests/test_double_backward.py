@@ -20,7 +20,7 @@ it once, not once per tensor).
 import pytest
 import torch
 from helpers import KERNEL_DEVICE, assert_close, float_inputs
-from test_modules import CELLS, FUSED, TORCH, exact_fp32  # noqa: F401 (autouse fixture: exact fp32 on a GPU)
+from test_modules import CELLS, FUSED, TORCH
 from torch.autograd.gradcheck import GradcheckError
 from torch.nn.utils.rnn import pack_padded_sequence
 

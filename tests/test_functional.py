@@ -36,12 +36,6 @@ GRU_CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def exact_fp32(monkeypatch):
-    # On a GPU, fp32 would otherwise run in TF32; the fp32 tolerance assumes IEEE products.
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-
-
 def make_torch_module(cell, config, dropout=0.0, device=KERNEL_DEVICE):
     """``nn.LSTM`` / ``nn.GRU`` in float64 with PyTorch's random initialisation."""
     if cell == "lstm":

@@ -79,15 +79,6 @@ ALL_CASES = cases(*OPTIONS, *LSTM_OPTIONS)
 DTYPES = [pytest.param(torch.float64, id="float64"), pytest.param(torch.float32, id="float32")]
 
 
-@pytest.fixture(autouse=True)
-def exact_fp32():
-    """The kernels follow ``cudnn.allow_tf32`` on a GPU, as cuDNN does; these tests want exact fp32."""
-    saved = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = saved
-
-
 def make_pair(cell, dtype=torch.float64, **options):
     """``(oracle, fused)``: a float64 torch module and a fused module in ``dtype`` with equal weights."""
     options = {"input_size": INPUT_SIZE, "hidden_size": HIDDEN_SIZE, **options}

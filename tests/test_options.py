@@ -25,7 +25,6 @@ from test_modules import (
     TORCH,
     draw,
     draw_inputs,
-    exact_fp32,  # noqa: F401 (autouse fixture: exact fp32 on a GPU)
     hx_of,
     make_pair,
     run_module,
