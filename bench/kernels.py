@@ -17,8 +17,9 @@ the compiler allocated.
 
 Run it with ``TRITON_INTERPRET`` unset. ``--check`` exits non-zero if a variant fails to compile,
 spills, or needs more shared memory than an H100 gives a program; ``--all`` compiles the full grid
-(B 1/16/64/256 x H 256/768/1024 x fp16/bf16/fp32/tf32, every cell, both directions of time,
-and B=5 x H=1000, where no size is a multiple of 16);
+(B 1/16/64/256 x H 256/768/1024 x fp16/bf16/fp32/tf32, every cell and both kernels, one
+direction; the headline B=16 H=768 also in fp64 and without options, and with both directions
+at H=768 and H=512; and B=5 x H=1000, where no size is a multiple of 16);
 ``--json`` writes the table.
 """
 

@@ -8,10 +8,11 @@ the weights when they stream) and the compiled code's matrix instructions (``pyt
 bench.kernels --all --json``, the report given by ``--kernels``) and turns them into a lower bound
 in microseconds per step:
 
-    step = round_trips * L2_LATENCY + max(L2 bytes of all programs / L2 bandwidth,
-                                          L2 bytes of one program / one SM's L2 bandwidth)
+    step = round_trips * L2_ROUND_TRIP + max(L2 bytes of all programs / L2 bandwidth,
+                                             L2 bytes of one program / one SM's L2 bandwidth)
            + tiles * max(chain * MMA_LATENCY, multiply-adds / the tensor cores' rate)
-           [+ the weights' bytes from HBM per step, streaming plans]
+           [+ the weights' bytes / HBM bandwidth, where a streaming plan's weight reads in a
+              step (its blocks again for every batch tile) pass 50 MB, the L2's size]
 
 ``round_trips`` counts the dependent trips to L2 on a step's critical path: the stores the next
 step reads and the barrier (an arrival and the poll that sees the last one), then for each batch

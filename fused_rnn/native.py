@@ -1,10 +1,10 @@
 """The CPU path: PyTorch's own RNN operator, the very call ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` make.
 
 The Triton kernels run on CUDA tensors (and on CPU tensors under ``TRITON_INTERPRET=1``). On a
-plain CPU tensor (an eager module call without fused_rnn's options skips even this: it is
-torch.nn's own ``forward``, ``modules._FusedRNNBase._torch_serves``) ``layers`` runs ``torch._VF.lstm`` / ``gru`` / ``rnn_tanh`` / ``rnn_relu`` with
-the same flat weights, so results, dropout masks, speed and the backward (PyTorch's native one)
-are those of torch.nn. ``lengths`` become a ``PackedSequence`` around the packed variant of the
+plain CPU tensor (an eager module call that needs none of fused_rnn's options skips even this:
+it is torch.nn's own ``forward``, ``modules._FusedRNNBase._torch_serves``) ``layers`` runs
+``torch._VF.lstm`` / ``gru`` / ``rnn_tanh`` / ``rnn_relu`` with the same flat weights, so results,
+dropout masks, speed and the backward (PyTorch's native one) are those of torch.nn. ``lengths`` become a ``PackedSequence`` around the packed variant of the
 operator (``batch_sizes``), as ``nn.LSTM`` runs a packed input.
 
 While ``torch.export`` or ``torch.compile`` traces the model, the call goes through the custom op

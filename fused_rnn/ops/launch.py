@@ -326,8 +326,9 @@ def resident_bytes(shape: Shape, block_b: int, block_u: int, block_p: int, backw
 def _projection_fits(shape: Shape, block_b: int, block_u: int, block_p: int) -> bool:
     """Whether the forward keeps its block of ``W_hr`` on chip beside ``W_hh``'s: in shared memory,
     and with a gate tile small enough that the registers hold ``h_raw``'s pieces besides
-    (``PROJECTION_GATE_TILE``). Elsewhere (TF32 from H = 768, 32-unit blocks at B = 256) it
-    streams, the smaller weight: ``P x H`` against ``4H x P`` (``python -m bench.kernels --all``)."""
+    (``PROJECTION_GATE_TILE``). Elsewhere (TF32 from H = 1000, and at H = 768 with both
+    directions or from B = 64; blocks of 32 units or more on 32-row tiles) it streams, the smaller
+    weight: ``P x H`` against ``4H x P`` (docs/design.md, ``python -m bench.kernels --all``)."""
     return (shape.gate_slots * block_u * block_b <= PROJECTION_GATE_TILE
             and resident_bytes(shape, block_b, block_u, block_p, False, resident_proj=True) <= SHARED_MEMORY_BUDGET)
 
