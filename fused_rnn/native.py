@@ -4,8 +4,9 @@ The Triton kernels run on CUDA tensors (and on CPU tensors under ``TRITON_INTERP
 plain CPU tensor (an eager module call that needs none of fused_rnn's options skips even this:
 it is torch.nn's own ``forward``, ``modules._FusedRNNBase._torch_serves``) ``layers`` runs
 ``torch._VF.lstm`` / ``gru`` / ``rnn_tanh`` / ``rnn_relu`` with the same flat weights, so results,
-dropout masks, speed and the backward (PyTorch's native one) are those of torch.nn. ``lengths`` become a ``PackedSequence`` around the packed variant of the
-operator (``batch_sizes``), as ``nn.LSTM`` runs a packed input.
+dropout masks, speed and the backward (PyTorch's native one) are those of torch.nn. ``lengths``
+become a ``PackedSequence`` around the packed variant of the operator (``batch_sizes``), as
+``nn.LSTM`` runs a packed input.
 
 While ``torch.export`` or ``torch.compile`` traces the model, the call goes through the custom op
 ``fused_rnn::native_rnn`` instead. Traced, ``aten.lstm`` decomposes into one block of ops per

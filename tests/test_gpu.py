@@ -45,10 +45,11 @@ def scheme(request, monkeypatch):
 
 @pytest.fixture
 def tf32_flags():
-    """Restores the TF32 switches a test sets (cuDNN's, which the kernels follow, and cuBLAS's)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    """Restores cuBLAS's TF32 switch a test sets (conftest's ``ieee_fp32`` restores cuDNN's, which
+    the kernels follow). Not monkeypatch: it would delete the attribute of torch's module object."""
+    saved = torch.backends.cuda.matmul.allow_tf32
     yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def set_tf32(allowed):
