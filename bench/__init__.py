@@ -6,6 +6,7 @@ docs/performance.md explains the grid, the targets and how to read the results. 
 what the entry points (``bench``, ``bench.drift``) share and may use before fused_rnn is imported.
 """
 
+import functools
 import os
 import sys
 
@@ -25,6 +26,26 @@ def interpret_kernels(what: str, command: str) -> None:
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit(f"{what} needs TRITON_INTERPRET=1 before triton is imported; run `{command}`")
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+def bfloat16_rounding(cast_impl):
+    """Triton's ``interpreter.InterpreterBuilder.cast_impl`` with fp32 -> bfloat16 rounded to
+    nearest, ties to even, as a GPU's ``cvt.rn.bf16.f32`` and torch round: the interpreter
+    (Triton 3.6 and 3.9) drops the low 16 bits instead, twice a rounding's error at every bfloat16
+    store. The tests and ``bench.drift`` install it; Triton must already run interpreted."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    @functools.wraps(cast_impl)
+    def cast(self, src, dst_type):
+        if not (src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16):
+            return cast_impl(self, src, dst_type)
+        bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32)
+        rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        return interpreter.TensorHandle(np.where(np.isnan(src.data), np.uint16(0x7FC0), rounded), tl.bfloat16)
+
+    return cast
 
 
 def text_table(lines: list) -> str:

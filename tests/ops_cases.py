@@ -21,7 +21,7 @@ import math
 
 import pytest
 import torch
-from helpers import KERNEL_DEVICE, CountingKernel, assert_close, gradcheck_through_one_input, random_lengths
+from helpers import HALF_DTYPES, KERNEL_DEVICE, CountingKernel, assert_close, gradcheck_through_one_input, random_lengths
 
 from fused_rnn import functional, reference
 from fused_rnn.ops import recurrence
@@ -98,18 +98,16 @@ def params(cases):
 # block partly past H; two batch tiles; a batch tile partly past B.
 SHAPES = [(3, 3, 20), (3, 1, 1), (1, 3, 20), (3, 3, 70), (3, 67, 7), (3, 19, 70)]
 LOW_PRECISION_SHAPES = [(3, 3, 20), (3, 3, 70), (3, 67, 7)]
-BFLOAT16_SHAPES = [(3, 3, 20), (3, 1, 1)]
 
 
-def shape_and_dtype_cases(mode, shapes=SHAPES, low_precision_shapes=LOW_PRECISION_SHAPES,
-                          bfloat16_shapes=BFLOAT16_SHAPES):
+def shape_and_dtype_cases(mode, shapes=SHAPES, low_precision_shapes=LOW_PRECISION_SHAPES, bfloat16_shapes=None):
     """``(T, B, H[, P])`` shapes, one direction, no options: every shape in float32, the second
-    list in float64 and float16 too, the last in bfloat16 (small shapes only: the interpreter
-    casts fp32 to bfloat16 by truncation, not round-to-nearest, doubling each store's error);
-    and one shape without bias."""
+    list in float64, float16 and (unless ``bfloat16_shapes`` says otherwise) bfloat16; and one
+    shape without bias."""
     def case(shape, dtype):
         return Case(mode, *shape, dtype=dtype)
 
+    bfloat16_shapes = low_precision_shapes if bfloat16_shapes is None else bfloat16_shapes
     return ([case(shape, torch.float32) for shape in shapes]
             + [case(shape, dtype) for shape in low_precision_shapes for dtype in (torch.float64, torch.float16)]
             + [case(shape, torch.bfloat16) for shape in bfloat16_shapes]
@@ -216,21 +214,27 @@ def make_inputs(case, requires_grad=True):
     return Inputs(x, h0, c0, weights, options).to(case.dtype, requires_grad)
 
 
-def reference_results(inputs, mode, upstream):
-    """``reference.layer``'s outputs and gradients in float64 from the same (rounded) inputs."""
-    exact = inputs.to(torch.float64, requires_grad=True)
-    outputs = exact.run(reference.layer, mode)
-    leaves = [tensor for _, tensor in exact.differentiable()]
-    return outputs, torch.autograd.grad(outputs, leaves, [g.double() for g in upstream])
+def _reference_run(inputs, mode, upstream, dtype):
+    same = inputs.to(dtype, requires_grad=True)
+    outputs = same.run(reference.layer, mode)
+    leaves = [tensor for _, tensor in same.differentiable()]
+    return [*outputs, *torch.autograd.grad(outputs, leaves, [g.to(dtype) for g in upstream])]
 
 
-def compare(case, names, outputs, grads, expected_outputs, expected_grads):
-    for name, actual, wanted in zip(OUTPUT_NAMES[:len(outputs)], outputs, expected_outputs, strict=True):
+def reference_results(case, inputs, upstream):
+    """``reference.layer``'s outputs and gradients from the same (rounded) inputs: in float64, and
+    for fp16 and bf16 cases also in their dtype (else None), the same math to bound their error by
+    (``helpers.assert_close``)."""
+    return (_reference_run(inputs, case.mode, upstream, torch.float64),
+            _reference_run(inputs, case.mode, upstream, case.dtype) if case.dtype in HALF_DTYPES else None)
+
+
+def compare(case, names, outputs, grads, expected, same_math):
+    """The kernels' ``outputs`` and ``grads`` against ``reference_results``."""
+    results = [*zip(OUTPUT_NAMES, outputs), *((f"grad {name}", grad) for name, grad in zip(names, grads, strict=True))]
+    for (name, actual), wanted, same in zip(results, expected, same_math or [None] * len(expected), strict=True):
         assert actual.dtype == case.dtype, f"{name}: {actual.dtype}"
-        assert_close(actual, wanted, case.dtype, name=name)
-    for name, grad, wanted in zip(names, grads, expected_grads, strict=True):
-        assert grad.dtype == case.dtype, f"grad {name}: {grad.dtype}"
-        assert_close(grad, wanted, case.dtype, name=f"grad {name}")
+        assert_close(actual, wanted, case.dtype, name=name, same_math=same)
 
 
 def check_against_reference(case, **options):
@@ -243,7 +247,7 @@ def check_against_reference(case, **options):
     upstream = [torch.randn_like(y) for y in outputs]
     names, leaves = zip(*inputs.differentiable())
     grads = torch.autograd.grad(outputs, leaves, upstream)
-    compare(case, names, outputs, grads, *reference_results(inputs, case.mode, upstream))
+    compare(case, names, outputs, grads, *reference_results(case, inputs, upstream))
 
 
 def check_kernels_ran(monkeypatch, case, grid, backward_grid, launches):
@@ -253,7 +257,7 @@ def check_kernels_ran(monkeypatch, case, grid, backward_grid, launches):
     inputs = make_inputs(case)
     with torch.no_grad():
         upstream = [torch.randn_like(y) for y in inputs.run(reference.layer, case.mode)]
-    expected = reference_results(inputs, case.mode, upstream)
+    expected = reference_results(case, inputs, upstream)
     forward, backward = CountingKernel(recurrence.forward_kernel), CountingKernel(recurrence.backward_kernel)
     monkeypatch.setattr(recurrence, "forward_kernel", forward)
     monkeypatch.setattr(recurrence, "backward_kernel", backward)

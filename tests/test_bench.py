@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from triton.runtime import interpreter
 
 from bench import ALL_MODES, PACKED_MODES, drift, suite
 from bench.__main__ import axis_overrides, main, parse_args, results_tag
@@ -268,11 +271,12 @@ def test_drift_error_figures_cover_the_whole_sequence_and_both_windows():
 
 
 @needs_interpreter
-def test_drift_run_writes_the_documented_json(tmp_path, capsys):
+def test_drift_run_writes_the_documented_json(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", interpreter.InterpreterBuilder.cast_impl)
     flags = ["--steps", "6", "--window", "2", "--cell", "gru", "--dtype", "float16", "--device", "cpu",
              "--out", str(tmp_path)]
     assert drift.main(flags) == 0
-    assert "truncates fp32 -> bf16" in capsys.readouterr().out
+    assert "round to nearest as on a GPU" in capsys.readouterr().out
     (path,) = tmp_path.glob("drift-cpu-triton-interpreter-*.json")
     results = json.loads(path.read_text())
     assert list(results) == [*suite.environment("cpu"), "note", "config", "rows"]
@@ -309,3 +313,33 @@ def test_cost_model_refuses_a_report_of_another_plan(tmp_path, monkeypatch):
     (tmp_path / "stale.json").write_text(json.dumps(reports))
     with pytest.raises(ValueError, match="no compiler report of today's plan"):
         model.main(["--kernels", str(tmp_path / "stale.json")])
+
+
+@triton.jit
+def _store_kernel(source_ptr, target_ptr, N: tl.constexpr):
+    offsets = tl.arange(0, N)
+    tl.store(target_ptr + offsets, tl.load(source_ptr + offsets))  # cast to the target's dtype
+
+
+@needs_interpreter
+def test_interpreter_rounds_bfloat16_stores_as_torch_does(monkeypatch):
+    """Under ``bench.bfloat16_rounding`` (conftest installs it) an fp32 value stored to bfloat16 is
+    torch's rounding bit for bit: random values over 60 decades, ties both ways, subnormals, the
+    largest finite values (which round to infinity), infinities and NaN. The interpreter's own cast
+    truncates, and differs."""
+    ties = (torch.arange(1, 2049, dtype=torch.int32) << 16 | 0x8000).view(torch.float32)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 3.4e38, -3.4e38, 1e-40, -1e-39])
+    randoms = torch.randn(8192) * torch.logspace(-30, 30, 8192)
+    values = torch.cat([randoms, ties, -ties, special, torch.randn(16384 - 8192 - 4096 - len(special))])
+    expected = values.to(torch.bfloat16)
+
+    def stored_as_expected():
+        target = torch.empty(values.numel(), dtype=torch.bfloat16)
+        _store_kernel[(1,)](values, target, values.numel())
+        numbers = ~expected.isnan()  # NaN's bits are not torch's to fix
+        return (torch.equal(target.isnan(), expected.isnan())
+                and torch.equal(target[numbers].view(torch.int16), expected[numbers].view(torch.int16)))
+
+    assert stored_as_expected()
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", interpreter.InterpreterBuilder.cast_impl.__wrapped__)
+    assert not stored_as_expected()

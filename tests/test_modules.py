@@ -15,7 +15,7 @@ from functools import partial
 
 import pytest
 import torch
-from helpers import KERNEL_DEVICE, assert_close
+from helpers import HALF_DTYPES, KERNEL_DEVICE, assert_close
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
@@ -153,20 +153,25 @@ def run_module(module, tensors, round_to, forward=plain_forward):
     return results
 
 
-def assert_matches(actual, expected, dtype):
-    """Every result of the fused module has its dtype and lies within its tolerance of the oracle's."""
+def assert_matches(actual, expected, dtype, same_math=None):
+    """Every result of the fused module has its dtype and lies within its tolerance of the oracle's;
+    with ``same_math`` (the oracle's results in fp16 or bf16) within twice their error of it."""
     assert list(actual) == list(expected)
     for name, value in expected.items():
         assert actual[name].dtype == dtype, f"{name}: dtype {actual[name].dtype}, expected {dtype}"
-        assert_close(actual[name], value, dtype=dtype, name=name)
+        assert_close(actual[name], value, dtype=dtype, name=name, same_math=(same_math or {}).get(name))
 
 
 def compare_with_oracle(oracle, fused, tensors, forward=plain_forward, oracle_forward=None):
-    """Run both modules on ``tensors``, compare every result, and return the fused module's."""
+    """Run both modules on ``tensors``, compare every result, and return the fused module's; in
+    fp16 and bf16 against the oracle's error when run in that dtype too."""
     dtype = fused.weight_ih_l0.dtype
     expected = run_module(oracle, tensors, dtype, oracle_forward or forward)
     actual = run_module(fused, tensors, dtype, forward)
-    assert_matches(actual, expected, dtype)
+    same_math = None
+    if dtype in HALF_DTYPES:
+        same_math = run_module(copy.deepcopy(oracle).to(dtype), tensors, dtype, oracle_forward or forward)
+    assert_matches(actual, expected, dtype, same_math)
     return actual
 
 

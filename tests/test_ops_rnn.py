@@ -29,12 +29,14 @@ from ops_cases import (
 MODES = ["RNN_TANH", "RNN_RELU"]
 
 
-# bfloat16 on the smallest shapes only: the backward takes the activation's derivative from the
-# stored h_t (1 - h_t^2 for tanh), and near saturation a bfloat16 h_t (truncated by the
-# interpreter) leaves few correct bits of it; PyTorch's own bfloat16 autograd of the reference
-# misses the 2e-2 tolerance there too, by about half as much.
+# The relu RNN in bfloat16 at small shapes only: relu's derivative jumps at 0, and where a
+# pre-activation lies within a bfloat16 rounding of 0 the kernels (which form it in fp32) and the
+# reference run in bfloat16 (which rounds it) take it on different sides. Over 8 seeds that put a
+# gradient's worst error past the bound (``helpers.assert_close``) at B=3 H=70 3 times (47 times the
+# bfloat16 reference's), at B=19 H=70 twice, at B=3 H=20 and B=67 H=7 once each (25 and 9 times);
+# these shapes passed 31 seeds of 31.
 @pytest.mark.parametrize("case", params(
-    shape_and_dtype_cases("RNN_TANH", bfloat16_shapes=[(3, 1, 1)])
+    shape_and_dtype_cases("RNN_TANH")
     + shape_and_dtype_cases("RNN_RELU", shapes=[(3, 3, 20), (3, 67, 7)], low_precision_shapes=[(3, 3, 70)],
                             bfloat16_shapes=[(3, 1, 1), (3, 3, 7)])
 ))
