@@ -124,7 +124,6 @@ def variants(full: bool):
             if full:
                 # Both directions of the headline: 16-unit (64-row) blocks, the grid's largest.
                 yield Variant(cell, kernel, "float16", "all", *HEADLINE, directions=2)
-            if full:
                 for batch in GRID_BATCHES:
                     for hidden in GRID_HIDDENS:
                         for dtype in ("float16", "bfloat16", "float32", "tf32"):
