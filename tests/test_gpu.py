@@ -68,30 +68,28 @@ def build(cell, dtype, config):
     return reference, fused, cudnn, tensors
 
 
-def assert_within(actual, expected, tolerance, what):
-    assert list(actual) == list(expected)
-    for name, value in expected.items():
-        assert_close(actual[name], value, tolerance=tolerance, name=f"{what}: {name}")
-
-
 @pytest.mark.parametrize("cell, config", CASES)
-def test_fp32_without_tf32_matches_cudnn_and_fp64_reference(cell, config, scheme, tf32_flags):
+def test_fp32_without_tf32_matches_fp64_reference_within_cudnns_error(cell, config, scheme, tf32_flags):
+    """Every result within twice cuDNN's worst error of the fp64 reference, plus 1e-5 of the
+    result's largest magnitude (``helpers.assert_close``): at B=16 T=64 H=768 the weight
+    gradients' sums of 1024 terms cancel, and torch's own fp32 misses an elementwise 1e-5."""
     set_tf32(False)
     reference, fused, cudnn, tensors = build(cell, torch.float32, config)
     expected = run_module(reference, tensors, torch.float32)
-    ours = run_module(fused, tensors, torch.float32)
-    theirs = run_module(cudnn, tensors, torch.float32)
-    assert_matches(ours, theirs, torch.float32)
-    assert_matches(ours, expected, torch.float32)
-    assert_matches(theirs, expected, torch.float32)
+    assert_matches(run_module(fused, tensors, torch.float32), expected, torch.float32,
+                   same_math=run_module(cudnn, tensors, torch.float32))
 
 
 @pytest.mark.parametrize("cell, config", CASES)
-def test_fp32_with_tf32_matches_fp64_reference_within_tf32_tolerance(cell, config, scheme, tf32_flags):
+def test_fp32_with_tf32_matches_fp64_reference_within_cudnns_tf32_error(cell, config, scheme, tf32_flags):
+    """As without TF32, against cuDNN in TF32, with TF32's tolerance (1e-3)."""
     set_tf32(True)
-    reference, fused, _, tensors = build(cell, torch.float32, config)
+    reference, fused, cudnn, tensors = build(cell, torch.float32, config)
     expected = run_module(reference, tensors, torch.float32)
-    assert_within(run_module(fused, tensors, torch.float32), expected, TF32_TOLERANCE, "tf32")
+    ours, theirs = run_module(fused, tensors, torch.float32), run_module(cudnn, tensors, torch.float32)
+    assert list(ours) == list(expected)
+    for name, value in expected.items():
+        assert_close(ours[name], value, tolerance=TF32_TOLERANCE, name=f"tf32: {name}", same_math=theirs[name])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])

@@ -155,23 +155,24 @@ def run_module(module, tensors, round_to, forward=plain_forward):
 
 def assert_matches(actual, expected, dtype, same_math=None):
     """Every result of the fused module has its dtype and lies within its tolerance of the oracle's;
-    with ``same_math`` (the oracle's results in fp16 or bf16) within twice their error of it."""
+    with ``same_math`` (the oracle's results in ``dtype``) within twice their error of it."""
     assert list(actual) == list(expected)
     for name, value in expected.items():
         assert actual[name].dtype == dtype, f"{name}: dtype {actual[name].dtype}, expected {dtype}"
         assert_close(actual[name], value, dtype=dtype, name=name, same_math=(same_math or {}).get(name))
 
 
-def compare_with_oracle(oracle, fused, tensors, forward=plain_forward, oracle_forward=None):
-    """Run both modules on ``tensors``, compare every result, and return the fused module's; in
-    fp16 and bf16 against the oracle's error when run in that dtype too."""
+def compare_with_oracle(oracle, fused, tensors, forward=plain_forward, oracle_forward=None, same_math=False):
+    """Run both modules on ``tensors``, compare every result, and return the fused module's. In
+    fp16 and bf16, and where ``same_math`` asks for it, each result's error is bounded by that of
+    the oracle run in the fused module's dtype (``helpers.assert_close``)."""
     dtype = fused.weight_ih_l0.dtype
     expected = run_module(oracle, tensors, dtype, oracle_forward or forward)
     actual = run_module(fused, tensors, dtype, forward)
-    same_math = None
-    if dtype in HALF_DTYPES:
-        same_math = run_module(copy.deepcopy(oracle).to(dtype), tensors, dtype, oracle_forward or forward)
-    assert_matches(actual, expected, dtype, same_math)
+    same = None
+    if same_math or dtype in HALF_DTYPES:
+        same = run_module(copy.deepcopy(oracle).to(dtype), tensors, dtype, oracle_forward or forward)
+    assert_matches(actual, expected, dtype, same)
     return actual
 
 

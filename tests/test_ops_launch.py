@@ -306,6 +306,19 @@ def test_interpreter_persistent_plan_runs_one_program_per_direction(no_forced_pl
 
 
 @pytest.mark.parametrize(
+    "cell, dtype, largest_resident",
+    [("lstm", torch.float32, 512), ("rnn", torch.float16, 1024), ("lstm", torch.float64, 128)],
+)
+def test_interpreter_streams_weights_whose_tiles_it_refuses(no_forced_plan, cell, dtype, largest_resident):
+    # The interpreter refuses a tile of more than 2**20 elements: an LSTM at H = 600 failed with
+    # "numel (4194304) exceeds triton maximum tensor numel" before its weights streamed there.
+    for hidden, resident in ((largest_resident, True), (largest_resident + 1, False)):
+        for backward in (False, True):
+            plan = launch.plan(shape(cell, dtype, batch=16, hidden=hidden), CPU, backward)
+            assert plan.resident == resident and plan.grid == (1, 1, 1), (hidden, backward)
+
+
+@pytest.mark.parametrize(
     "cell, units_per_block",
     [("lstm", 8), ("gru", 8), ("rnn", 16)],  # at least 16 rows of W_hh per block for tl.dot
 )

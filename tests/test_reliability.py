@@ -13,6 +13,7 @@ Every random draw comes from a fixed seed (for the random configurations, also t
 docs/reliability.md says what these tests establish and where they have run.
 """
 
+import copy
 import gc
 import os
 import random
@@ -600,18 +601,22 @@ def test_buffers_past_2_31_elements_match_float64_reference_on_sampled_rows(cell
         return {name: tensor.detach()[:, rows].double().cpu() for name, tensor in tensors.items()}
 
     expected = outputs_and_input_grads(oracle, sampled(inputs), sampled(upstream))
+    same_math = outputs_and_input_grads(copy.deepcopy(oracle).to(dtype), *(
+        {name: tensor.to(dtype) for name, tensor in sampled(tensors).items()} for tensors in (inputs, upstream)))
     for name, value in sampled(actual).items():
-        assert_close(value, expected[name], dtype=dtype, name=f"{name} at rows {sampled_rows}")
+        assert_close(value, expected[name], dtype=dtype, name=f"{name} at rows {sampled_rows}",
+                     same_math=same_math[name])
 
 
 @gpu_only
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("cell", CELLS)
 def test_hidden_size_4096_matches_float64_reference(cell, scheme, monkeypatch):
-    """Exact fp32, H=4096 (the LSTM's ``W_hh`` is 16384 x 4096): outputs, states and every gradient."""
+    """Exact fp32, H=4096 (the LSTM's ``W_hh`` is 16384 x 4096): outputs, states and every gradient,
+    each within twice the error of torch.nn in fp32 (products over 4096 features)."""
     monkeypatch.setenv("FUSED_RNN_SCHEME", scheme)
     oracle, fused = make_pair(cell, torch.float32, input_size=256, hidden_size=4096)
-    compare_with_oracle(oracle, fused, draw_inputs(oracle, torch.float32, batch=4, steps=16))
+    compare_with_oracle(oracle, fused, draw_inputs(oracle, torch.float32, batch=4, steps=16), same_math=True)
 
 
 @gpu_only
@@ -622,8 +627,10 @@ def test_100000_steps_match_float64_reference(cell, scheme, monkeypatch):
 
     The persistent scheme spreads H=64 over several programs, which meet at the barrier after each
     of the 100,000 steps. The float64 reference runs on the GPU (cuDNN in float64): on the CPU one
-    forward + backward takes 40 s or more.
+    forward + backward takes 40 s or more. Each result within twice the error of cuDNN in fp32
+    (the weight gradients sum 200,000 terms).
     """
     monkeypatch.setenv("FUSED_RNN_SCHEME", scheme)
     oracle, fused = make_pair(cell, torch.float32, input_size=16, hidden_size=64)
-    compare_with_oracle(oracle.cuda(), fused, draw_inputs(oracle, torch.float32, batch=2, steps=100_000))
+    compare_with_oracle(oracle.cuda(), fused, draw_inputs(oracle, torch.float32, batch=2, steps=100_000),
+                        same_math=True)

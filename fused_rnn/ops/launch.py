@@ -393,8 +393,15 @@ def _interpreter_plan(shape: Shape, scheme: str, resident: bool, backward: bool,
     # The interpreter pays per operation, not per element: large tiles make it fast. Small blocks
     # where it matters for the tests: several blocks per program (streaming) or several programs.
     # The backward gathers where its weights are resident, as on a GPU, unless told otherwise.
-    gather = gather and resident and backward
     block_b = _block_b(shape.batch, 64)
+    # A persistent program holds all of W_hh resident, and the interpreter refuses a tile of more
+    # than TRITON_MAX_TENSOR_NUMEL elements (fp64's product is a (rows, K, batch) tile): larger
+    # weights stream (the LSTM's above H = 512 in fp32, above H = 128 in fp64 at B <= 16).
+    tile = shape.gate_slots * _pow2(shape.hidden) * _pow2(shape.features)
+    if shape.dtype == torch.float64:
+        tile *= block_b
+    resident = resident and not (scheme == "persistent" and tile > tl.TRITON_MAX_TENSOR_NUMEL)
+    gather = gather and resident and backward
     batch_tiles = triton.cdiv(shape.batch, block_b)
     if scheme == "stepwise":
         block_u = 16 if gather else max(shape.smallest_block, 8)
