@@ -87,13 +87,15 @@ FIRST_TENSOR, FIRST_WEIGHT = 3, 11
 
 
 class _FusedLayer(torch.autograd.Function):
-    """One layer, every direction: ``output (T, B, D*P)``, and ``c_n (D, B, H)`` for the LSTM.
+    """One layer, every direction: the state buffer ``h (T+2, B, D, P)`` the kernel wrote, and
+    ``c_n (D, B, H)`` for the LSTM.
 
     ``weights`` lists ``(W_ih, W_hh, b_ih, b_hh, W_hr)`` per direction, None where absent; the
     options are those of ``reference.layer``. ``grad_enabled`` is ``torch.is_grad_enabled()`` at
-    the call: nothing is saved without it. The output is a view of the state buffer the kernel
-    wrote (slots ``1..T``), so ``h_n`` is a view too and its gradient arrives folded into the
-    output's.
+    the call: nothing is saved without it. ``layer`` takes the output (slots ``1..T``) and ``h_n``
+    as views of ``h``, outside the Function, so autograd treats them as any view: changing the
+    output in place is allowed, and refused only by a backward that needs ``h``, as cuDNN's is
+    (a view made inside a Function could not be changed at all).
     """
 
     @staticmethod
@@ -119,18 +121,19 @@ class _FusedLayer(torch.autograd.Function):
         if save:
             ctx.save_for_backward(x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, h, c, h_raw, saved,
                                   *weights)
-        output = h[1:num_steps + 1].view(num_steps, batch, -1)
         if mode != "LSTM":
-            return output
+            return h
         # The forward direction ends in slot T, the reverse one in slot 1. Cast before stacking:
         # under torch.compile, torch 2.11 drops the gradient of an output made by a ``.to`` that
         # changes nothing (fp32 and fp64 keep c in their own dtype), which stack(...).to(x.dtype)
         # was for them (tests/test_ecosystem.py's compiled gradients).
         ends = [c[num_steps, :, 0]] + ([c[1, :, 1]] if directions == 2 else [])
-        return output, torch.stack([end.to(x.dtype) for end in ends])
+        return h, torch.stack([end.to(x.dtype) for end in ends])
 
     @staticmethod
-    def backward(ctx, grad_output, grad_c_n=None):
+    def backward(ctx, grad_states, grad_c_n=None):
+        # Slots 0 and T+1 hold the initial states, which no output shows.
+        grad_output = grad_states[1:-1]
         if torch.is_grad_enabled():
             return _second_order_backward(ctx, grad_output, grad_c_n)
         x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, h, c, h_raw, saved, *weights = ctx.saved_tensors
@@ -139,7 +142,7 @@ class _FusedLayer(torch.autograd.Function):
         w_ih, w_hh, b_ih, b_hh, w_hr = (weights[k::WEIGHTS_PER_DIRECTION] for k in range(WEIGHTS_PER_DIRECTION))
         num_steps, batch, directions, features = h.shape[0] - 2, h.shape[1], h.shape[2], h.shape[3]
         rows = num_steps * batch
-        grad_h = grad_output.reshape(num_steps, batch, directions, features)
+        grad_h = grad_output
         if mode == "LSTM" and grad_c_n is None:
             grad_c_n = c.new_zeros(directions, batch, c.shape[3], dtype=x.dtype)
         options = (lengths, resets, h_masks, zoneout_h, zoneout_c, ctx.zoneout_p)
@@ -151,7 +154,12 @@ class _FusedLayer(torch.autograd.Function):
         dgates_rows = dgates_x.view(rows, -1)
         grad_x = (dgates_rows @ torch.cat(w_ih)).view_as(x) if needs[FIRST_TENSOR] else None
         if any(needs_weight[0::WEIGHTS_PER_DIRECTION]):
-            grads[0::WEIGHTS_PER_DIRECTION] = (dgates_rows.t() @ x.reshape(rows, -1)).split(gates)
+            x_rows = x.reshape(rows, -1)
+            if lengths is not None:
+                # The padding past a sequence's end may hold anything: its gate gradients are zero,
+                # but 0 * NaN is not.
+                x_rows = torch.where(reference.valid_steps(lengths, num_steps).view(rows, 1), x_rows, 0)
+            grads[0::WEIGHTS_PER_DIRECTION] = (dgates_rows.t() @ x_rows).split(gates)
         if b_ih[0] is not None and (any(needs_weight[2::WEIGHTS_PER_DIRECTION]) or any(needs_weight[3::WEIGHTS_PER_DIRECTION])):
             grads[2::WEIGHTS_PER_DIRECTION] = _column_sums(dgates_rows).split(gates)
             hidden_grad = dgates_h if mode == "GRU" else dgates_x
@@ -183,7 +191,7 @@ def _second_order_backward(ctx, grad_output, grad_c_n):
     directions = [weights[first:first + WEIGHTS_PER_DIRECTION] for first in range(0, len(weights), WEIGHTS_PER_DIRECTION)]
     output, _, c_n = reference.layer(ctx.mode, x, h0, c0, directions, lengths, resets, h_masks, zoneout_h, zoneout_c,
                                      ctx.zoneout_p)
-    outputs, grad_outputs = [output], [grad_output]
+    outputs, grad_outputs = [output], [grad_output.reshape(output.shape)]
     if c_n is not None and grad_c_n is not None:
         outputs.append(c_n)
         grad_outputs.append(grad_c_n)
@@ -202,7 +210,8 @@ def layer(mode, x, h0, c0, weights, lengths=None, resets=None, h_masks=None, zon
     flat = [tensor for direction in weights for tensor in direction]
     result = _FusedLayer.apply(mode, torch.is_grad_enabled(), float(zoneout_p), x, h0, c0, lengths, resets, h_masks,
                                zoneout_h, zoneout_c, *flat)
-    output, c_n = result if mode == "LSTM" else (result, None)
+    states, c_n = result if mode == "LSTM" else (result, None)
+    output = states[1:-1].view(x.shape[0], x.shape[1], -1)
     features = output.shape[2] // len(weights)
     # The forward direction ends at the last timestep, the reverse one at the first.
     h_n = [output[-1, :, :features], output[0, :, features:]][:len(weights)]
@@ -236,7 +245,7 @@ def check_dtypes(name: str, tensors, input: torch.Tensor) -> None:
 
 def _check_lengths(lengths, num_steps: int, batch: int) -> torch.Tensor:
     if not isinstance(lengths, torch.Tensor):
-        lengths = torch.as_tensor(lengths)
+        lengths = torch.as_tensor(lengths, dtype=torch.int64 if len(lengths) == 0 else None)
     if lengths.dim() != 1 or lengths.shape[0] != batch:
         raise ValueError(f"lengths must be a 1-D tensor of {batch} entries, got shape {list(lengths.shape)}")
     if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
@@ -265,7 +274,11 @@ def _check_weights(cell, params, num_gates, has_biases, num_layers, num_directio
             f"{cell}: expected the weights of {num_layers} layer(s) x {num_directions} direction(s)"
             f"{' with biases' if has_biases else ''}, got {len(params)} tensors"
         )
-    hidden, features = params[1].shape[0] // num_gates, params[1].shape[1]
+    hidden = params[1].shape[0] // num_gates
+    if hidden == 0:
+        raise RuntimeError(f"{cell}: weight 1 (W_hh) has shape {list(params[1].shape)}: hidden_size must be positive")
+    # W_hh's columns are the features of h: hidden_size, or proj_size with a projection.
+    features = params[1].shape[1] if has_proj else hidden
     expected = _weight_shapes(num_gates, hidden, features, has_biases, has_proj, num_layers, num_directions, input_size)
     if [weight.shape for weight in params] != expected:
         index, weight, shape = next((index, weight, shape) for index, (weight, shape) in enumerate(zip(params, expected))
@@ -292,7 +305,7 @@ def _weight_shapes(num_gates, hidden, features, has_biases, has_proj, num_layers
     return shapes
 
 
-def _check_reset(reset, batch_first: bool, num_steps: int, batch: int, input: torch.Tensor) -> torch.Tensor:
+def check_reset(reset, batch_first: bool, num_steps: int, batch: int, input: torch.Tensor) -> torch.Tensor:
     """``reset`` as a ``(T, B)`` bool tensor on the input's device."""
     if not isinstance(reset, torch.Tensor):
         raise TypeError(f"reset must be a bool tensor, got {type(reset).__name__}")
@@ -307,10 +320,23 @@ def _check_reset(reset, batch_first: bool, num_steps: int, batch: int, input: to
     return (reset.t() if batch_first else reset).contiguous()
 
 
-def _check_probability(name: str, p) -> float:
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
-        raise ValueError(f"{name} must be a number in [0, 1), got {p!r}")
+def _check_probability(name: str, p, one_allowed: bool = False) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 <= p <= 1 if one_allowed else 0 <= p < 1):
+        raise ValueError(f"{name} must be a number in [0, 1{']' if one_allowed else ')'}, got {p!r}")
     return float(p)
+
+
+def _check_arguments(mode, params, hx, num_layers, dropout, bidirectional) -> None:
+    """What nn.LSTM's constructor checks of its arguments, and that the tensors are tensors."""
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"{mode}: num_layers must be a positive int, got {num_layers!r}")
+    if not isinstance(bidirectional, bool):
+        raise TypeError(f"{mode}: bidirectional must be a bool, got {type(bidirectional).__name__}")
+    _check_probability("dropout", dropout, one_allowed=True)
+    for name, tensors in (("params", params), ("hx", hx or ())):
+        for index, tensor in enumerate(tensors):
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"{mode}: {name}[{index}] must be a tensor, got {type(tensor).__name__}")
 
 
 def _run(mode, input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, lengths,
@@ -325,6 +351,7 @@ def _run(mode, input, hx, params, has_biases, num_layers, dropout, train, bidire
     num_steps, batch = x.shape[0], x.shape[1]
     if num_steps == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    _check_arguments(mode, params, hx, num_layers, dropout, bidirectional)
     _check_devices("parameter", params, x)
     _check_devices("hidden", hx or (), x)
     # _is_any_autocast_enabled first: the public per-device queries cost microseconds per call.
@@ -351,8 +378,8 @@ def _run(mode, input, hx, params, has_biases, num_layers, dropout, train, bidire
                 raise RuntimeError(f"Expected hidden size {shape}, got {list(state.shape)}")
     if lengths is not None:
         lengths = _check_lengths(lengths, num_steps, batch).to(device=x.device, dtype=torch.int64)
-    resets = None if reset is None else _check_reset(reset, batch_first, num_steps, batch, x)
-    if recurrent_dropout or weight_drop or zoneout:  # all three off (the default) needs no check
+    resets = None if reset is None else check_reset(reset, batch_first, num_steps, batch, x)
+    if (recurrent_dropout, weight_drop, zoneout) != (0, 0, 0):  # all off (the default) needs no check
         recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout)
         weight_drop = _check_probability("weight_drop", weight_drop)
         zoneout = _check_probability("zoneout", zoneout)
@@ -384,7 +411,7 @@ def _run(mode, input, hx, params, has_biases, num_layers, dropout, train, bidire
     output, finals = layers(mode, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, lengths,
                             **(dict(resets=resets, recurrent_dropout=recurrent_dropout, zoneout=zoneout) if options else {}))
     if lengths is not None:
-        valid = torch.arange(num_steps, device=x.device)[:, None] < lengths[None, :]
+        valid = reference.valid_steps(lengths, num_steps)
         output = torch.where(valid[:, :, None], output, torch.zeros((), dtype=output.dtype, device=output.device))
     return output.transpose(0, 1) if batch_first else output, finals
 

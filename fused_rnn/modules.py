@@ -14,6 +14,8 @@ What ``torch.nn`` lacks, all off by default so that a module stays a drop-in: ``
 and the constructor's ``recurrent_dropout``, ``zoneout`` and ``weight_drop`` regularizers.
 """
 
+import copy
+
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
@@ -79,8 +81,8 @@ class _FusedRNNBase(nn.modules.rnn.RNNBase):
                 self.check_forward_args(input.data, hx, input.batch_sizes)
             # Padded data in the caller's batch order, which is also the order of hx; time-major.
             padded, lengths = pad_packed_sequence(input)
-            if reset is not None and self.batch_first and isinstance(reset, torch.Tensor) and reset.dim() == 2:
-                reset = reset.t()
+            if reset is not None:
+                reset = functional.check_reset(reset, self.batch_first, padded.shape[0], padded.shape[1], padded)
             return padded, hx, lengths, reset, input, True
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{self.mode}: input must be a Tensor or PackedSequence, got {type(input).__name__}")
@@ -115,6 +117,16 @@ class _FusedRNNBase(nn.modules.rnn.RNNBase):
         parameters = self._parameters
         return [parameters[name] if name in parameters else getattr(self, name) for name in self._flat_weights_names]
 
+    def _check_hidden_weights(self, weights) -> None:
+        """The functional API checks every weight against the first ``W_hh``; this checks that one
+        against the module's sizes, as torch.nn's operator does (a weight swapped for one of
+        another size)."""
+        expected = (functional.NUM_GATES[self.mode] * self.hidden_size, self.proj_size or self.hidden_size)
+        if isinstance(weights[1], torch.Tensor) and tuple(weights[1].shape) != expected:
+            raise RuntimeError(f"{type(self).__name__}: {self._flat_weights_names[1]} has shape "
+                               f"{list(weights[1].shape)}, expected {list(expected)} (hidden_size="
+                               f"{self.hidden_size}, proj_size={self.proj_size})")
+
     def _torch_serves(self, input, lengths, reset) -> bool:
         """Whether torch.nn's own ``forward`` runs this call: in eager mode, on plain CPU tensors
         (``native.handles``), without what torch.nn lacks. It ends in the same ``torch._VF``
@@ -130,14 +142,18 @@ class _FusedRNNBase(nn.modules.rnn.RNNBase):
         or leave the call to torch.nn's ``forward`` (``_torch_forward``) where it serves."""
         if self._torch_serves(input, lengths, reset):
             # torch.nn checks all but the states' dtype, which its operator reports cryptically
-            # ("get_mkldnn_dtype: unsupported data type").
-            states = hx if isinstance(hx, (tuple, list)) else () if hx is None else (hx,)
-            data = input.data if isinstance(input, PackedSequence) else input
-            functional.check_dtypes("hidden", [state for state in states if isinstance(state, torch.Tensor)], data)
+            # ("get_mkldnn_dtype: unsupported data type"); under autocast it casts them itself.
+            if not torch._C._is_any_autocast_enabled():
+                states = hx if isinstance(hx, (tuple, list)) else () if hx is None else (hx,)
+                data = input.data if isinstance(input, PackedSequence) else input
+                functional.check_dtypes("hidden", [state for state in states if isinstance(state, torch.Tensor)],
+                                        data)
             return self._torch_forward(input, hx)
         input, hx, lengths, reset, packed, is_batched = self._prepare(input, hx, lengths, reset, check_batched_hx)
+        weights = self._weights()
+        self._check_hidden_weights(weights)
         output, state = run(
-            input, hx, self._weights(), batch_first=self.batch_first and packed is None, lengths=lengths,
+            input, hx, weights, batch_first=self.batch_first and packed is None, lengths=lengths,
             reset=reset, has_biases=self.bias, num_layers=self.num_layers, dropout=self.dropout,
             train=self.training, bidirectional=self.bidirectional,
             recurrent_dropout=self.recurrent_dropout, zoneout=self.zoneout, weight_drop=self.weight_drop, **extra,
@@ -251,22 +267,18 @@ class RNN(_FusedRNNBase):
 
 
 def _fused_twin(module: nn.Module) -> nn.Module:
-    """A fused module sharing ``module``'s parameter objects (optimizers keep working)."""
-    kwargs = dict(
-        input_size=module.input_size, hidden_size=module.hidden_size, num_layers=module.num_layers,
-        bias=module.bias, batch_first=module.batch_first, dropout=module.dropout,
-        bidirectional=module.bidirectional, device="meta",
-    )
-    if isinstance(module, nn.LSTM):
-        twin = LSTM(proj_size=module.proj_size, **kwargs)
-    elif isinstance(module, nn.GRU):
-        twin = GRU(**kwargs)
-    else:
-        twin = RNN(nonlinearity=module.nonlinearity, **kwargs)
-    for name in module._flat_weights_names:
-        setattr(twin, name, getattr(module, name))
-    twin._init_flat_weights()
-    return twin.train(module.training)
+    """``module`` in all but its class: the same Parameter objects (an optimizer holding them keeps
+    working), buffers, hooks and attributes set on it, training flag; the regularizers off."""
+    twin = copy.copy(module)
+    # Containers of its own, so that what is set on one module later does not appear on the other;
+    # but the hooks' dicts are shared, so that a hook's handle removes it from both.
+    for name, value in vars(module).items():
+        if isinstance(value, (dict, list, set)) and "hooks" not in name:
+            vars(twin)[name] = copy.copy(value)
+    twin.__class__ = {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN}[type(module)]
+    for name in REGULARIZERS:
+        setattr(twin, name, 0.0)
+    return twin
 
 
 def convert(model: nn.Module) -> nn.Module:

@@ -20,6 +20,8 @@ over the (still dynamic) time axis.
 import torch
 import torch.nn.functional as F
 
+from . import reference
+
 __all__ = ["exporting", "layers"]
 
 # Per cell: the ONNX operator, and PyTorch's gate blocks listed in ONNX's gate order.
@@ -92,7 +94,7 @@ def _projected_lstm_direction(x, weights, has_biases, h0, c0, lengths, reverse):
     gates_x = F.linear(x, w_ih, weights[2] + weights[3] if has_biases else None)  # (T, B, 4H)
     steps = (gates_x,)
     if lengths is not None:  # active: (T, B, 1), whether step t lies inside sequence b
-        steps += ((torch.arange(x.shape[0], device=x.device)[:, None] < lengths[None, :])[:, :, None],)
+        steps += (reference.valid_steps(lengths, x.shape[0])[:, :, None],)
 
     def step(carry, inputs):
         h, c = carry

@@ -18,6 +18,11 @@ import torch
 import torch.nn.functional as F
 
 
+def valid_steps(lengths: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """``(T, B)`` bool: whether timestep ``t`` lies within sequence ``b``'s length."""
+    return torch.arange(num_steps, device=lengths.device)[:, None] < lengths[None, :]
+
+
 def _time_order(num_steps: int, reverse: bool):
     return range(num_steps - 1, -1, -1) if reverse else range(num_steps)
 
@@ -126,6 +131,10 @@ def layer(mode, x, h0, c0, weights, lengths=None, resets=None, h_masks=None, zon
             return masks[:, :, direction]
         return zoneout_p if zoneout_p > 0 else None
 
+    if lengths is not None:
+        # The padding past a sequence's end may hold anything, NaN included: where() passes no
+        # gradient to the step it discards, but 0 * NaN through that step's math is NaN.
+        x = torch.where(valid_steps(lengths, x.shape[0])[:, :, None], x, 0)
     outputs, h_n, c_n = [], [], []
     for direction, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(weights):
         reverse = direction == 1

@@ -195,3 +195,33 @@ def test_constructor_rejects_what_torch_rejects(cell, options, error, match):
         TORCH[cell](**kwargs)
     with pytest.raises(error, match=match):
         FUSED[cell](**kwargs)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_weights_swapped_for_another_hidden_size_are_refused(cell):
+    # Consistent among themselves, so only the module's hidden_size can tell (without hx, the
+    # states would take the weights' size and the outputs the wrong width).
+    torch_module, fused = make_pair(cell)
+    smaller = FUSED[cell](INPUT_SIZE, HIDDEN_SIZE - 1, device=KERNEL_DEVICE)
+    for module in (torch_module, fused):
+        for name in module._flat_weights_names:
+            setattr(module, name, getattr(smaller, name))
+    if cell != "LSTM":  # nn.LSTM on CPU returns 7 features from 6-unit weights, without a word
+        with pytest.raises(RuntimeError):
+            torch_module(good_input())
+    gates = smaller.weight_hh_l0.shape[0]
+    with pytest.raises(RuntimeError, match=rf"weight_hh_l0 has shape \[{gates}, 6\], expected "
+                                           rf"\[{gates * 7 // 6}, 7\] \(hidden_size=7, proj_size=0\)"):
+        fused(good_input())
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_reset_of_a_batch_first_packed_sequence_is_checked_in_its_own_layout(cell):
+    # The message names what the caller passes, (B, T) with batch_first, not the time-major
+    # layout the module turns a PackedSequence into.
+    fused = FUSED[cell](INPUT_SIZE, HIDDEN_SIZE, batch_first=True, device=KERNEL_DEVICE)
+    data = pack_padded_sequence(rand(BATCH, STEPS, INPUT_SIZE), [STEPS, 2], batch_first=True)
+    with pytest.raises(ValueError, match=rf"\(B, T\) with batch_first = \[{BATCH}, {STEPS}\], "
+                                         rf"got \[{STEPS}, {BATCH}\]"):
+        fused(data, reset=torch.zeros(STEPS, BATCH, dtype=torch.bool, device=KERNEL_DEVICE))
+    fused(data, reset=torch.zeros(BATCH, STEPS, dtype=torch.bool, device=KERNEL_DEVICE))

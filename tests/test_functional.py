@@ -272,3 +272,55 @@ def test_a_weight_of_the_wrong_shape_is_named(index):
         match = r"weight \d+ \(layer \d, direction \d\) has shape"
     with pytest.raises(RuntimeError, match=match):
         run_ours("lstm", module, x, state, params)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_w_hh_of_another_width_than_hidden_size_is_named(cell):
+    # Without a projection h has hidden_size features: a wider W_hh, consistent with every other
+    # weight, would run on features no state holds.
+    module = make_torch_module(cell, LSTM_CONFIGS["L1"] if cell == "lstm" else GRU_CONFIGS["L1"])
+    x, _ = make_inputs(cell, module, torch.float64)
+    params = list(module._flat_weights)
+    params[1] = torch.cat([params[1], params[1][:, :1]], dim=1).detach()
+    gates = params[1].shape[0]
+    with pytest.raises(RuntimeError, match=rf"weight 1 \(layer 0, direction 0\) has shape \[{gates}, {HIDDEN + 1}\], "
+                                           rf"expected \[{gates}, {HIDDEN}\]"):
+        run_ours(cell, module, x, None, params)
+
+
+# name: (the arguments that differ from a good call's, given its weights; the error; its message)
+BAD_ARGUMENTS = {
+    "num_layers_zero": (lambda params: dict(num_layers=0), ValueError, r"num_layers must be a positive int, got 0"),
+    "num_layers_float": (lambda params: dict(num_layers=1.0), ValueError,
+                         r"num_layers must be a positive int, got 1.0"),
+    "num_layers_bool": (lambda params: dict(num_layers=True), ValueError,
+                        r"num_layers must be a positive int, got True"),
+    "bidirectional_int": (lambda params: dict(bidirectional=1), TypeError, r"bidirectional must be a bool, got int"),
+    "dropout_negative": (lambda params: dict(dropout=-0.5, train=True), ValueError,
+                         r"dropout must be a number in \[0, 1\], got -0.5"),
+    "dropout_above_one": (lambda params: dict(dropout=1.5), ValueError,
+                          r"dropout must be a number in \[0, 1\], got 1.5"),
+    "dropout_str": (lambda params: dict(dropout="0.1", train=True), ValueError,
+                    r"dropout must be a number in \[0, 1\], got '0.1'"),
+    "weight_drop_none": (lambda params: dict(weight_drop=None, train=True), ValueError,
+                         r"weight_drop must be a number in \[0, 1\), got None"),
+    "param_none": (lambda params: dict(params=[None, *params[1:]]), TypeError,
+                   r"params\[0\] must be a tensor, got NoneType"),
+    "hx_none": (lambda params: dict(hx=(None, None)), TypeError,
+                r"hx\[0\] must be a tensor, got NoneType"),
+    "hidden_size_zero": (lambda params: dict(params=[params[0][:0], params[1][:0, :0], params[2][:0], params[3][:0]]),
+                         RuntimeError, r"W_hh\) has shape \[0, 0\]: hidden_size must be positive"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_ARGUMENTS)
+def test_bad_arguments_raise_and_say_what_is_wrong(name):
+    """What nn.LSTM's constructor and operator refuse, ours refuses saying which argument and why
+    (a zero num_layers divided by zero, a None weight had no ``.device``, a negative dropout was
+    ignored)."""
+    changes, error, match = BAD_ARGUMENTS[name]
+    module = make_torch_module("lstm", LSTM_CONFIGS["L1"])
+    x, _ = make_inputs("lstm", module, torch.float64)
+    params = [weight.detach() for weight in module._flat_weights]
+    with pytest.raises(error, match=match):
+        functional.lstm(**(dict(input=x, hx=None, params=params) | changes(params)))

@@ -587,3 +587,35 @@ def test_rnn_takes_torch_positional_arguments_and_rejects_other_nonlinearities()
         nn.RNN(INPUT_SIZE, HIDDEN_SIZE, nonlinearity="sigmoid")
     with pytest.raises(ValueError, match="Unknown nonlinearity 'sigmoid'"):
         fused_rnn.RNN(INPUT_SIZE, HIDDEN_SIZE, nonlinearity="sigmoid")
+
+
+def test_convert_keeps_hooks_buffers_and_attributes():
+    model = nn.Sequential(nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, dtype=torch.float64))
+    calls = []
+    handle = model[0].register_forward_hook(lambda module, args, output: calls.append(type(module)))
+    model[0].register_buffer("calls_seen", torch.tensor(3))
+    model[0].note = "kept"
+    fused_rnn.convert(model)
+    model.to(KERNEL_DEVICE)
+    x = draw(STEPS, BATCH, INPUT_SIZE, dtype=torch.float64).to(KERNEL_DEVICE)
+    model(x)
+    assert calls == [fused_rnn.LSTM]
+    assert list(model.state_dict())[-1] == "0.calls_seen" and model.state_dict()["0.calls_seen"].item() == 3
+    assert model[0].note == "kept"
+    handle.remove()
+    model(x)
+    assert calls == [fused_rnn.LSTM], "the hook's handle no longer removes it"
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_output_changed_in_place_is_refused_by_the_backward_that_needs_it(cell):
+    # As with cuDNN, whose backward reads the output: the change itself is allowed (before, the
+    # output was a view made inside the autograd Function, which refused any change at once).
+    _, fused = make_pair(cell, bidirectional=True)
+    x = draw(STEPS, BATCH, INPUT_SIZE, dtype=torch.float64).to(KERNEL_DEVICE).requires_grad_()
+    output = fused(x)[0]
+    output.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        output.sum().backward()
+    with torch.no_grad():
+        fused(x)[0].add_(1)

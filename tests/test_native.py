@@ -289,6 +289,18 @@ def test_eager_module_calls_name_a_state_of_the_wrong_dtype(cell, native_calls):
         fused(torch.randn(STEPS, BATCH, INPUT_SIZE), hx)
 
 
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_eager_module_calls_under_autocast_take_states_in_the_autocast_dtype_as_torch_does(cell, native_calls):
+    oracle, fused = make_pair(cell, torch.float32)
+    state = torch.randn(1, BATCH, HIDDEN_SIZE, dtype=torch.bfloat16)
+    hx = (state, state) if cell == "LSTM" else state
+    x = torch.randn(STEPS, BATCH, INPUT_SIZE)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = oracle(x, hx), fused(x, hx)
+    for actual, want in zip(flatten(got), flatten(expected), strict=True):
+        assert torch.equal(actual, want)
+
+
 # ``native.layers`` called directly with nn.RNN's flat weights.
 RNN_CASES = {
     "1layer": dict(),

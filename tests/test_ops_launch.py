@@ -8,6 +8,7 @@ kernels themselves run under every plan in ``test_ops_lstm`` / ``gru`` / ``rnn``
 ``test_gpu``).
 """
 
+import contextlib
 import itertools
 from types import SimpleNamespace
 
@@ -415,3 +416,25 @@ def test_persistent_launches_once_with_a_zeroed_barrier_per_batch_group_and_dire
     assert (step_begin, step_end, kwargs["STEP_PHASE"]) == (0, 5, 0)
     assert barrier.dtype == torch.int32 and torch.equal(barrier, torch.zeros(2 * 2, dtype=torch.int32))
     assert kwargs["launch_cooperative_grid"] is False  # cooperative launches are for CUDA
+
+
+def test_launches_on_the_device_of_its_tensors_not_the_current_one(monkeypatch):
+    # Triton launches on the current device; tensors on another GPU must make theirs current.
+    # Without a GPU, torch.cuda.device is replaced by a recorder.
+    events = []
+
+    @contextlib.contextmanager
+    def device(which):
+        events.append(("enter", which))
+        yield
+        events.append(("exit", which))
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: events.append(("launch", kwargs["STEP_PHASE"]))
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    on_gpu_1 = SimpleNamespace(device=torch.device("cuda", 1))
+    launch.launch(Kernel(), (on_gpu_1,), launch.Plan("stepwise", (1, 1, 1), {}, False), num_steps=2)
+    gpu_1 = torch.device("cuda", 1)
+    assert events == [("enter", gpu_1), ("launch", 0), ("launch", 0), ("exit", gpu_1)]

@@ -306,6 +306,28 @@ def test_nan_and_inf_in_input_propagate_like_torch(cell, dtype, kind):
         assert torch.isfinite(results["torch"][0]).all(), "saturating gates keep torch's output finite"
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_what_lies_past_a_sequence_end_reaches_no_result(cell):
+    """Past its length a sequence is padding, which may hold anything: with NaN there, outputs and
+    first and second derivatives are those with zeros there, as torch's packed run never reads it.
+    (The weight gradients' GEMM over all steps, and the second derivatives' recomputation through
+    steps it discards, would turn 0 * NaN into NaN.)"""
+    _, fused = make_pair(cell, torch.float64, num_layers=2, bidirectional=True)
+    lengths = torch.tensor([5, 2, 4])
+    past_end = torch.arange(5)[:, None] >= lengths[None, :]
+    clean = draw(5, 3, fused.input_size, dtype=torch.float64).masked_fill(past_end[:, :, None], 0)
+    results = []
+    for x in (clean, clean.masked_fill(past_end[:, :, None], float("nan"))):
+        inp = x.to(KERNEL_DEVICE).requires_grad_()
+        outputs = outputs_of(fused(inp, lengths=lengths))
+        wrt = [inp, *fused.parameters()]
+        grads = torch.autograd.grad(sum(o.sum() for o in outputs), wrt, create_graph=True)
+        second = torch.autograd.grad(sum(g.square().sum() for g in grads), wrt)
+        results.append([*outputs, *grads, *second])
+    for index, (dirty, zeros) in enumerate(zip(*results, strict=True)):
+        assert torch.equal(dirty, zeros), f"result {index} differs with NaN in the padding"
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Determinism
 # ---------------------------------------------------------------------------------------------

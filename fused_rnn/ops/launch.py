@@ -484,7 +484,10 @@ def launch(kernel, args: tuple, plan: Plan, num_steps: int, **cell):
     """Run ``kernel(*args, barrier_ptr, step_begin, step_end, **constexprs)`` over ``num_steps``."""
     options = dict(plan.options, **cell, **COMPILE_OPTIONS)
     device = args[0].device
-    with _INTERPRETER_LOCK:
+    # Triton launches on the current device and its stream: make those the tensors' (a model on
+    # cuda:1 while cuda:0 is current would otherwise run there, unordered after its own GEMMs).
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with _INTERPRETER_LOCK, on_device:
         if plan.scheme == "stepwise":
             # With a projection a step has two phases that every program must finish in turn.
             phases = (1, 2) if plan.two_phases else (0,)
