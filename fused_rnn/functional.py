@@ -245,7 +245,9 @@ def check_dtypes(name: str, tensors, input: torch.Tensor) -> None:
 
 def _check_lengths(lengths, num_steps: int, batch: int) -> torch.Tensor:
     if not isinstance(lengths, torch.Tensor):
-        lengths = torch.as_tensor(lengths, dtype=torch.int64 if len(lengths) == 0 else None)
+        lengths = torch.as_tensor(lengths)
+        if lengths.numel() == 0:  # as_tensor([]) is float
+            lengths = lengths.long()
     if lengths.dim() != 1 or lengths.shape[0] != batch:
         raise ValueError(f"lengths must be a 1-D tensor of {batch} entries, got shape {list(lengths.shape)}")
     if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:

@@ -308,6 +308,7 @@ BAD_ARGUMENTS = {
                    r"params\[0\] must be a tensor, got NoneType"),
     "hx_none": (lambda params: dict(hx=(None, None)), TypeError,
                 r"hx\[0\] must be a tensor, got NoneType"),
+    "lengths_int": (lambda params: dict(lengths=3), ValueError, r"lengths must be a 1-D tensor of 4 entries, got shape \[\]"),
     "hidden_size_zero": (lambda params: dict(params=[params[0][:0], params[1][:0, :0], params[2][:0], params[3][:0]]),
                          RuntimeError, r"W_hh\) has shape \[0, 0\]: hidden_size must be positive"),
 }
@@ -324,3 +325,12 @@ def test_bad_arguments_raise_and_say_what_is_wrong(name):
     params = [weight.detach() for weight in module._flat_weights]
     with pytest.raises(error, match=match):
         functional.lstm(**(dict(input=x, hx=None, params=params) | changes(params)))
+
+
+def test_empty_batch_takes_an_empty_list_of_lengths():
+    # torch.as_tensor([]) is float, which lengths must not be.
+    module = make_torch_module("lstm", LSTM_CONFIGS["L1"])
+    params = [weight.detach() for weight in module._flat_weights]
+    x = torch.randn(T, 0, INPUT, dtype=torch.float64, device=KERNEL_DEVICE)
+    output, (h_n, c_n) = functional.lstm(x, None, params, lengths=[])
+    assert output.shape == (T, 0, HIDDEN) and h_n.shape == c_n.shape == (1, 0, HIDDEN)
