@@ -142,12 +142,11 @@ class _FusedLayer(torch.autograd.Function):
         w_ih, w_hh, b_ih, b_hh, w_hr = (weights[k::WEIGHTS_PER_DIRECTION] for k in range(WEIGHTS_PER_DIRECTION))
         num_steps, batch, directions, features = h.shape[0] - 2, h.shape[1], h.shape[2], h.shape[3]
         rows = num_steps * batch
-        grad_h = grad_output
         if mode == "LSTM" and grad_c_n is None:
             grad_c_n = c.new_zeros(directions, batch, c.shape[3], dtype=x.dtype)
         options = (lengths, resets, h_masks, zoneout_h, zoneout_c, ctx.zoneout_p)
         dgates_x, dgates_h, grad_h_proj, dh0, dc0 = _recurrence_backward(
-            mode, grad_h, grad_c_n, torch.stack(w_hh), _stack(w_hr), options, h, c, saved)
+            mode, grad_output, grad_c_n, torch.stack(w_hh), _stack(w_hr), options, h, c, saved)
 
         grads = [None] * len(weights)
         gates = dgates_x.shape[3]
@@ -322,7 +321,7 @@ def check_reset(reset, batch_first: bool, num_steps: int, batch: int, input: tor
     return (reset.t() if batch_first else reset).contiguous()
 
 
-def _check_probability(name: str, p, one_allowed: bool = False) -> float:
+def check_probability(name: str, p, one_allowed: bool = False) -> float:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 <= p <= 1 if one_allowed else 0 <= p < 1):
         raise ValueError(f"{name} must be a number in [0, 1{']' if one_allowed else ')'}, got {p!r}")
     return float(p)
@@ -334,7 +333,7 @@ def _check_arguments(mode, params, hx, num_layers, dropout, bidirectional) -> No
         raise ValueError(f"{mode}: num_layers must be a positive int, got {num_layers!r}")
     if not isinstance(bidirectional, bool):
         raise TypeError(f"{mode}: bidirectional must be a bool, got {type(bidirectional).__name__}")
-    _check_probability("dropout", dropout, one_allowed=True)
+    check_probability("dropout", dropout, one_allowed=True)
     for name, tensors in (("params", params), ("hx", hx or ())):
         for index, tensor in enumerate(tensors):
             if not isinstance(tensor, torch.Tensor):
@@ -382,9 +381,9 @@ def _run(mode, input, hx, params, has_biases, num_layers, dropout, train, bidire
         lengths = _check_lengths(lengths, num_steps, batch).to(device=x.device, dtype=torch.int64)
     resets = None if reset is None else check_reset(reset, batch_first, num_steps, batch, x)
     if (recurrent_dropout, weight_drop, zoneout) != (0, 0, 0):  # all off (the default) needs no check
-        recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout)
-        weight_drop = _check_probability("weight_drop", weight_drop)
-        zoneout = _check_probability("zoneout", zoneout)
+        recurrent_dropout = check_probability("recurrent_dropout", recurrent_dropout)
+        weight_drop = check_probability("weight_drop", weight_drop)
+        zoneout = check_probability("zoneout", zoneout)
     if not train:
         # Recurrent dropout and weight drop act in training only; zoneout uses its expectation in eval.
         recurrent_dropout = weight_drop = 0.0

@@ -54,9 +54,7 @@ class _FusedRNNBase(nn.modules.rnn.RNNBase):
     def __init__(self, mode, *args, recurrent_dropout=0.0, zoneout=0.0, weight_drop=0.0, **kwargs):
         super().__init__(mode, *args, **kwargs)
         for name, value in zip(REGULARIZERS, (recurrent_dropout, zoneout, weight_drop)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
-            setattr(self, name, float(value))
+            setattr(self, name, functional.check_probability(name, value))
 
     def extra_repr(self) -> str:
         extra = "".join(f", {name}={getattr(self, name)}" for name in REGULARIZERS if getattr(self, name))
