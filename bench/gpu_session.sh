@@ -2,7 +2,9 @@
 # What a session with a lent GPU runs. Logs and result files go to $OUT (the device tool's return
 # folder) when set, else bench/results: commit what it writes. Stages, in the order given:
 #   tests      the test suite compiled for the GPU: correctness against cuDNN and fp64 references
-#   headline   LSTM B=16 T=1024 H=768 fp16/bf16, persistent scheme, then stepwise for comparison
+#   headline   LSTM B=16 T=1024 H=768 fp16/bf16, persistent scheme; the persistent step's skeleton
+#              (python -m bench.skeleton: L2 round trip, barrier, the exchanges of h, against the
+#              cost model's constants); the headline under the stepwise scheme for comparison
 #   grid       the full grid (persistent scheme)
 #   drift      |h - h_fp64| over T=10,000 steps in fp16/bf16/fp32 (python -m bench.drift)
 #   second_order  the headline shape at T=256: forward+backward and a gradient penalty (second
@@ -28,6 +30,7 @@ for stage in "${@:-tests headline grid drift}"; do
                 timeout 420 python3 -m pytest -n 8 -rs -q tests 2>&1 | tee "$out/gpu-tests.log" | tail -n 40 ;;
             headline)
                 timeout 120 python3 -m bench --headline --no-progress --out "$out" 2>&1 | tee "$out/bench-headline.log" | tail -n 12
+                timeout 90 python3 -m bench.skeleton --out "$out" 2>&1 | tee "$out/skeleton.log" | tail -n 14
                 FUSED_RNN_SCHEME=stepwise timeout 120 python3 -m bench --headline --no-progress --out "$out" 2>&1 \
                     | tee "$out/bench-headline-stepwise.log" | tail -n 12 ;;
             grid)

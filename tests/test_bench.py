@@ -18,7 +18,7 @@ import triton.language as tl
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from triton.runtime import interpreter
 
-from bench import ALL_MODES, PACKED_MODES, drift, suite
+from bench import ALL_MODES, PACKED_MODES, drift, skeleton, suite
 from bench.__main__ import axis_overrides, main, parse_args, results_tag
 from fused_rnn.ops import launch
 from fused_rnn.ops.launch import interpreting
@@ -287,6 +287,42 @@ def test_drift_run_writes_the_documented_json(tmp_path, capsys, monkeypatch):
     for row in results["rows"]:
         assert list(row) == list(drift.ROW_KEYS)
         assert 0 <= row["median"] <= row["max"] < 1e-2
+
+
+def test_skeleton_checks_its_kernels_and_writes_the_documented_json(tmp_path, capsys):
+    # On a GPU this times every measurement too (and runs the barrier with up to one program per SM).
+    assert skeleton.main(["--steps", "4", "--hops", "40", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("skeleton-*.json")
+    results = json.loads(path.read_text())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert list(results) == [*suite.environment(device), "config", "rows"]
+    assert results["config"] == {"steps": 4, "hops": 40, "chased_lines": skeleton.CHASED_LINES}
+    rows = results["rows"]
+    assert [row["kind"] for row in rows if row["kind"] != "barrier"] == ["chase", "exchange", "exchange", "exchange"]
+    assert any(row["kind"] == "barrier" for row in rows)
+    for row in rows:
+        assert list(row) == list(skeleton.ROW_KEYS)
+        assert row["agrees"] is (None if row["kind"] == "barrier" else True)
+        assert (type(row["us_per_step"]) is float and row["us_per_step"] > 0) if device == "cuda" \
+            else row["us_per_step"] is None
+        assert row["model_us_per_step"] > 0
+
+
+def test_skeleton_exchange_check_finds_features_no_program_wrote(monkeypatch):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    exchange = skeleton.Measurement("exchange", "test", batch=20, features=48, block_b=16)
+    assert skeleton.check_exchange(exchange, 3, device)
+    monkeypatch.setattr(skeleton.Measurement, "own", property(lambda self: self.features // 2))
+    assert not skeleton.check_exchange(exchange, 3, device)
+
+
+def test_skeleton_chase_follows_one_cycle_through_every_line():
+    cycle = skeleton.make_cycle(8, "cpu")
+    visited = [skeleton.walk(cycle, hops) for hops in range(1, 9)]
+    assert sorted(visited) == [line * skeleton.LINE for line in range(8)] and visited[-1] == 0
+    out = torch.full((1,), -1, dtype=torch.int32, device="cuda" if torch.cuda.is_available() else "cpu")
+    skeleton.chase(cycle.to(out.device), 5, out)
+    assert out.item() == visited[4]
 
 
 @pytest.mark.parametrize("version", ["3.6", "3.9"])
