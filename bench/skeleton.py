@@ -15,10 +15,14 @@ Three measurements, each a kernel that does one part of a step and nothing else:
 
 The persistent kernels launch through ``launch.launch``, as the layers do (a cooperative grid,
 the barrier's counters allocated per call). Each figure is ``triton.testing.do_bench``'s median
-time of a launch divided by its steps (or hops). After timing, each exchange runs once more
-into a buffer of NaN and is compared with the same recurrence in PyTorch: a program that read
-``h_{t-1}`` before all of it was written would show there, so this also checks the barrier on
-the GPU with up to one program per SM.
+time of a launch of ``2 * steps`` steps (or hops) less that of ``steps``, divided by ``steps``:
+what a launch costs once (its barrier counters, the launch, the first reads from memory after
+``do_bench`` flushes L2) drops out. The exchange's per-tile sum over features (a shuffle tree,
+about 0.1 us) is in its figure, as the product is in a real step. After timing, each exchange
+runs once more into a buffer of NaN and is compared with the same recurrence in PyTorch: a
+program that read ``h_{t-1}`` before all of it was written would show there, so this also
+checks the barrier on the GPU with up to 132 programs (the launch makes them all resident at
+once, not necessarily one per SM).
 
 Without a GPU the kernels run in Triton's interpreter, one program per batch group (it runs a
 grid's programs one after another: more would wait forever at the barrier), a few steps each,
@@ -43,7 +47,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():  # the kernels belo
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from bench import suite  # noqa: E402
+from bench import model, suite  # noqa: E402
 from fused_rnn.ops import launch  # noqa: E402
 from fused_rnn.ops.launch import sync_programs  # noqa: E402
 from fused_rnn.ops.recurrence import load_fresh_tile, store_tile  # noqa: E402
@@ -86,8 +90,8 @@ def exchange_kernel(h_ptr, B, GROUP_ROWS, P, OWN, barrier_ptr, step_begin, step_
     With ``EXCHANGE``, step ``t`` reads ``h[t]`` at the group's rows, ``BLOCK_B`` of them at a
     time, in ``NUM_PIECES`` pieces of ``BLOCK_K`` features, from L2 as the forward reads its
     operand (``recurrence.load_fresh_tile``), and writes its features of
-    ``h[t + 1] = mean over features of h[t] / 2 + feature / P`` at those rows; then (without
-    ``EXCHANGE``, only) the barrier. ``STEP_PHASE`` is ``launch.launch``'s, unused."""
+    ``h[t + 1] = mean over features of h[t] / 2 + feature / P`` at those rows. Then, with or
+    without ``EXCHANGE``, the barrier. ``STEP_PHASE`` is ``launch.launch``'s, unused."""
     first_row = tl.program_id(0) * GROUP_ROWS
     last_row = tl.minimum(first_row + GROUP_ROWS, B)
     own = tl.program_id(1) * OWN + tl.arange(0, BLOCK_F)
@@ -212,8 +216,6 @@ def walk(cycle: torch.Tensor, hops: int) -> int:
 def model_us(measurement: Measurement) -> float:
     """What ``bench.model`` assumes: an L2 round trip per hop; the barrier's arrival and poll; an
     exchange's stores, barrier and a load per tile, plus its bytes over the L2 bandwidth."""
-    from bench import model
-
     trip = model.L2_ROUND_TRIP * 1e6
     if measurement.kind == "chase":
         return trip
@@ -233,20 +235,28 @@ def measure(measurement: Measurement, device: str, steps: int, hops: int) -> dic
     if measurement.kind == "chase":
         cycle, out = make_cycle(CHASED_LINES, device), torch.full((1,), -1, dtype=torch.int32, device=device)
         if on_gpu:
-            us = triton.testing.do_bench(lambda: chase(cycle, hops, out), return_mode="median") * 1e3 / hops
+            us = per_step_us(lambda length: chase(cycle, length, out), hops)
         chase(cycle, hops, out)
         agrees = out.item() == walk(cycle.cpu(), hops)
     else:
         if on_gpu:
-            h = torch.rand(steps + 1, max(1, measurement.batch), max(1, measurement.features), device=device)
+            # The barrier alone reads and writes nothing: one element stands for h.
+            h = torch.rand(2 * steps + 1, max(1, measurement.batch), max(1, measurement.features), device=device)
             h = h.to(measurement.dtype)
-            us = triton.testing.do_bench(lambda: run_persistent(measurement, steps, h), return_mode="median")
-            us *= 1e3 / steps
+            us = per_step_us(lambda length: run_persistent(measurement, length, h), steps)
         if measurement.kind == "exchange":
             agrees = check_exchange(measurement, steps, device)
-    row = {key: getattr(measurement, key) for key in ROW_KEYS[:7]}
-    return dict(row, dtype=str(measurement.dtype).removeprefix("torch."), us_per_step=us,
+    return dict(kind=measurement.kind, name=measurement.name, groups=measurement.groups,
+                programs=measurement.programs, batch=measurement.batch, features=measurement.features,
+                block_b=measurement.block_b, dtype=str(measurement.dtype).removeprefix("torch."), us_per_step=us,
                 model_us_per_step=model_us(measurement), agrees=agrees)
+
+
+def per_step_us(run, length: int) -> float:
+    """Microseconds per step of ``run(steps)``: ``do_bench``'s medians at ``2 * length`` and
+    ``length`` steps, their difference over ``length``."""
+    short, long = (triton.testing.do_bench(lambda: run(steps), return_mode="median") for steps in (length, 2 * length))
+    return (long - short) * 1e3 / length
 
 
 def format_table(rows: list) -> str:
@@ -275,8 +285,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
-    steps = args.steps or (2000 if on_gpu else 3)
-    hops = args.hops or (20000 if on_gpu else 50)
+    steps = args.steps if args.steps is not None else 2000 if on_gpu else 3
+    hops = args.hops if args.hops is not None else 20000 if on_gpu else 50
     multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 1
     header = suite.environment(device)
     print(f"device {header['device']}, triton {header['triton']}; {steps} steps, {hops} hops")

@@ -308,6 +308,21 @@ def test_skeleton_checks_its_kernels_and_writes_the_documented_json(tmp_path, ca
         assert row["model_us_per_step"] > 0
 
 
+def test_skeleton_models_each_exchange_as_the_cost_model_does_a_forward_step():
+    # bench.model's terms for the headline forward: 3 sync trips and one tile's, and the larger of
+    # all 96 programs' bytes over L2's bandwidth and one program's over its SM's share.
+    from bench import model
+
+    rows = {measurement.name: measurement for measurement in skeleton.measurements(132, on_gpu=True)
+            if measurement.kind == "exchange"}
+    headline = rows["forward B16 H768"]
+    per_program = 16 * (768 + 8) * 2
+    bandwidth = max(96 * per_program / model.L2_BANDWIDTH, per_program / model.SM_L2_BANDWIDTH)
+    assert skeleton.model_us(headline) == pytest.approx((4 * model.L2_ROUND_TRIP + bandwidth) * 1e6)
+    assert skeleton.model_us(rows["forward B256 H768"]) == pytest.approx(6.253, abs=1e-3)
+    assert skeleton.model_us(rows["backward B16 H768"]) == pytest.approx(1.893, abs=1e-3)
+
+
 def test_skeleton_exchange_check_finds_features_no_program_wrote(monkeypatch):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     exchange = skeleton.Measurement("exchange", "test", batch=20, features=48, block_b=16)
