@@ -15,8 +15,12 @@ block of ``W_hr`` does not fit beside ``W_hh``'s (plan "W_hr streams", ``launch.
 Its last column compares the shared memory the plan counted (``launch.resident_bytes``) with what
 the compiler allocated.
 
+``fresh loads`` counts, by width, the loads of what other programs wrote (the step's operand, the
+partial sums), which go to L2: where every size is a multiple of 16, 16-byte vectors.
+
 Run it with ``TRITON_INTERPRET`` unset. ``--check`` exits non-zero if a variant fails to compile,
-spills, or needs more shared memory than an H100 gives a program; ``--all`` compiles the full grid
+spills, needs more shared memory than an H100 gives a program, or reads from L2 in narrower loads
+than that (``NARROW_FRESH_LOADS``); ``--all`` compiles the full grid
 (B 1/16/64/256 x H 256/768/1024 x fp16/bf16/fp32/tf32, every cell and both kernels, one
 direction; the headline B=16 H=768 also in fp64 and without options, and with both directions
 at H=768 and H=512; and B=5 x H=1000, where no size is a multiple of 16);
@@ -56,6 +60,11 @@ GRID_BATCHES, GRID_HIDDENS = (1, 16, 64, 256), (256, 768, 1024)
 # (batch, hidden) with no multiple of 16: nothing for the compiler to specialise on (``signature``).
 UNALIGNED = (5, 1000)
 CELLS = ("lstm", "lstm_proj", "gru", "rnn_tanh")
+# Where every size is a multiple of 16, what a kernel reads from L2 comes in 16-byte vectors but
+# for the streamed chunks (of h_{t-1}, and of h_raw where W_hr streams): a load instruction each,
+# of an element or two a thread. Until 2026-12-06, Triton 3.6 read the resident plans' operands an
+# element at a time (64 to 192 loads a thread; ``recurrence.group_columns`` says why).
+NARROW_FRESH_LOADS = 2
 # Pointers each cell leaves None, and the optional inputs (the kernels' flags) of each direction.
 CELL_POINTERS = {
     "lstm": {"b_hh_ptr", "dgates_h_ptr", "w_hr_ptr", "h_raw_ptr", "grad_h_proj_ptr", "partial_proj_ptr"},
@@ -92,6 +101,7 @@ class Report:
     mma_chain: int = 0  # the longest run of HMMA (DMMA) each accumulating onto the one before: they wait for each other
     w_hh_loads_in_loop: int = 0  # loads of W_hh inside the time loop
     w_hr_loads_in_loop: int = 0  # and of W_hr (the LSTM projection)
+    fresh_loads: str = ""  # loads of what other programs wrote (from L2) by width, e.g. "128-bit x24"
     error: str = ""
 
 
@@ -224,11 +234,12 @@ def compile_variant(variant: Variant, arch: int) -> Report:
         return Report(variant, ok=False, plan=description, error=f"{type(error).__name__}: {first_line}")
     registers, spill = _resource_usage(compiled.asm["ptx"], arch)
     w_hh_loads, w_hr_loads = weight_loads_in_time_loop(compiled.asm["ttgir"])
-    matrix, mma_chain = matrix_instructions(_disassemble(compiled.asm["cubin"]))
+    sass = _disassemble(compiled.asm["cubin"])
+    matrix, mma_chain = matrix_instructions(sass)
     return Report(variant, ok=True, plan=description, registers=registers, spill_bytes=spill,
                   shared_bytes=compiled.metadata.shared, planned_bytes=planned if plan.resident else 0,
                   matrix_instructions=matrix, mma_chain=mma_chain,
-                  w_hh_loads_in_loop=w_hh_loads, w_hr_loads_in_loop=w_hr_loads)
+                  w_hh_loads_in_loop=w_hh_loads, w_hr_loads_in_loop=w_hr_loads, fresh_loads=fresh_loads(sass))
 
 
 def _call_spans(source: list, is_call) -> set:
@@ -367,6 +378,20 @@ def matrix_instructions(sass: str) -> tuple:
     return summary, longest
 
 
+def fresh_loads(sass: str) -> str:
+    """The kernel's loads of data other programs wrote (``.cg``: ``LDG.E[.width].STRONG.GPU``) by
+    width, but the barrier's polls (strong loads of the address its arrival adds to). A load
+    narrower than 128 bits moves less per instruction: the step's operand (tens of KB a program)
+    read 2 bytes at a time takes 8 times the instructions of 16-byte vectors."""
+    counters = set(re.findall(r"REDG\.E\.ADD\S*\s+desc\[\w+\]\[(R\d+\.64)", sass))
+    widths = {}
+    for width, address in re.findall(r"LDG\.E(?:\.(\w+))?\.STRONG\.GPU\s+R\d+,\s*desc\[\w+\]\[(R\d+\.64)", sass):
+        if address not in counters:
+            bits = {"": 32, "64": 64, "128": 128}.get(width) or int(width.lstrip("SU"))
+            widths[bits] = widths.get(bits, 0) + 1
+    return " ".join(f"{bits}-bit x{count}" for bits, count in sorted(widths.items(), reverse=True))
+
+
 def failures(report: Report) -> list:
     """What ``--check`` refuses in a report."""
     problems = []
@@ -380,6 +405,9 @@ def failures(report: Report) -> list:
         problems.append("loads W_hh inside the time loop")
     if report.ok and report.plan.startswith("resident") and "W_hr streams" not in report.plan and report.w_hr_loads_in_loop:
         problems.append("loads W_hr inside the time loop")
+    narrow = sum(int(count) for bits, count in re.findall(r"(\d+)-bit x(\d+)", report.fresh_loads) if int(bits) < 128)
+    if (report.variant.batch, report.variant.hidden) != UNALIGNED and narrow > NARROW_FRESH_LOADS:
+        problems.append(f"reads from L2 in {narrow} loads narrower than 16 bytes")
     return problems
 
 
@@ -389,7 +417,8 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200)")
     parser.add_argument("--all", action="store_true", help="the full grid (default: the subset CI compiles)")
     parser.add_argument("--check", action="store_true",
-                        help="exit 1 if a variant fails to compile, spills, or overflows shared memory")
+                        help="exit 1 if a variant fails to compile, spills, overflows shared memory or reads L2 "
+                             "in narrow loads")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiler processes")
     parser.add_argument("--json", help="write the reports to this file")
     args = parser.parse_args(argv)
@@ -406,12 +435,12 @@ def main(argv=None) -> int:
         if report.ok:
             row += [report.registers, report.spill_bytes, report.shared_bytes, report.planned_bytes,
                     report.matrix_instructions or "-", report.mma_chain, report.w_hh_loads_in_loop,
-                    report.w_hr_loads_in_loop]
+                    report.w_hr_loads_in_loop, report.fresh_loads or "-"]
         else:
-            row += ["FAILED: " + report.error, "", "", "", "", "", "", ""]
+            row += ["FAILED: " + report.error, "", "", "", "", "", "", "", ""]
         rows.append(row)
     header = ["cell", "kernel", "dtype", "options", "B", "H", "D", "plan", "regs", "spill", "shared", "planned",
-              "matrix", "chain", "W_hh in loop", "W_hr in loop"]
+              "matrix", "chain", "W_hh in loop", "W_hr in loop", "fresh loads"]
     print(text_table([header] + [[str(cell) for cell in row] for row in rows]))
     import triton
 

@@ -50,7 +50,7 @@ def test_reports_compile_the_shape_as_a_launch_specialises_it():
         assert {"partial_columns", "partial_proj_columns"} <= marked
 
 
-@pytest.mark.parametrize("kernel, chain, product", [("forward", 8, (32, 16, 1024)), ("backward", 2, (16, 16, 3072))])
+@pytest.mark.parametrize("kernel, chain, product", [("forward", 8, (32, 16, 1024)), ("backward", 4, (16, 16, 3072))])
 def test_headline_products_split_their_reduction_over_the_warps(tmp_path, kernel, chain, product):
     # One tl.dot over all of K gave every warp the whole reduction, dependent matrix instructions
     # into one accumulator: 64 in the forward's (32, 1024) @ (1024, 16), 192 in the gathering
@@ -92,6 +92,32 @@ def test_chains_follow_the_accumulator():
     summary, chain = matrix_instructions(sass)
     assert summary == "HGMMA.64x16x16 x2 HMMA.16816 x7" and chain == 3
     assert multiply_adds(summary, 8) == {"HGMMA": 2 * 64 * 16 * 16 * 2, "HMMA": 7 * 16 * 8 * 16 * 8}
+
+
+def test_fresh_loads_leave_out_the_barriers_polls_and_the_check_refuses_narrow_ones():
+    # Triton 3.6 read the headline forward's operand 2 bytes at a time: 64 loads a thread where 8
+    # vectors of 16 bytes do. The barrier polls the address its arrival adds to: not data.
+    from bench.kernels import UNALIGNED, Report, Variant, failures, fresh_loads
+
+    sass = """
+        /*0100*/               @P5 LDG.E.128.STRONG.GPU R28, desc[UR12][R136.64] ;
+        /*0110*/               @P0 LDG.E.128.STRONG.GPU R32, desc[UR12][R136.64+0x100] ;
+        /*0120*/              @!P3 LDG.E.U16.STRONG.GPU R85, desc[UR10][R62.64+0x40] ;
+        /*0130*/                   LDG.E.128 R40, desc[UR12][R30.64] ;
+        /*0140*/               @P1 MEMBAR.ALL.GPU ;
+        /*0150*/               @P1 REDG.E.ADD.STRONG.GPU desc[UR12][R160.64], R17 ;
+        /*0160*/                   LDG.E.STRONG.GPU R17, desc[UR12][R160.64] ;
+        /*0170*/                   LDG.E.STRONG.GPU R18, desc[UR12][R150.64] ;
+    """
+    assert fresh_loads(sass) == "128-bit x2 32-bit x1 16-bit x1"
+
+    def report(shape, loads):
+        return Report(Variant("lstm", "forward", "float16", "all", *shape), ok=True, plan="resident 1x96x1 B16xU8",
+                      fresh_loads=loads)
+
+    assert failures(report((16, 768), "16-bit x64")) == ["reads from L2 in 64 loads narrower than 16 bytes"]
+    assert failures(report((16, 768), "128-bit x8 32-bit x1")) == []
+    assert failures(report(UNALIGNED, "16-bit x64")) == []  # a launch cannot mark H = 1000 as aligned
 
 
 @pytest.mark.parametrize("kernel", ["forward", "backward"])

@@ -59,13 +59,13 @@ def test_headline_forward_plan_gives_96_programs_of_8_units_each_an_sm():
 
 
 def test_headline_backward_gathers_with_48_programs_of_16_units():
-    # Each program holds the columns of W_hh of 16 features (all 3072 gate rows, in 96 pieces of
-    # 32: 96 KB) and reads all of the previous step's gate gradients (96 KB) each step.
+    # Each program holds the columns of W_hh of 16 features (all 3072 gate rows, in 48 pieces of
+    # 64: 96 KB) and reads all of the previous step's gate gradients (96 KB) each step.
     plan = launch.gpu_plan(shape(), H100_SMS, backward=True)
     assert plan.scheme == "persistent" and plan.resident and plan.options["GATHER"]
     assert plan.grid == (1, 48, 1)
     assert plan.options["BLOCK_U"] == 16 and plan.options["BLOCK_B"] == 16
-    assert (plan.options["BLOCK_K"], plan.options["NUM_PIECES"]) == (32, 96)
+    assert (plan.options["BLOCK_K"], plan.options["NUM_PIECES"]) == (64, 48)
     assert launch.resident_bytes(shape(), 16, 16, 16, backward=True, gather=True) == 2 * 96 * 1024
 
 
@@ -238,14 +238,15 @@ def test_resident_block_pieces_cover_the_columns_in_one_power_of_two(columns):
 
 
 def test_headline_blocks_come_in_pieces():
-    # The gathering backward's 3072 gate rows in 96 pieces of 32, batched 8 at a time (a piece a
+    # The gathering backward's 3072 gate rows in 48 pieces of 64, batched 8 at a time (a piece a
     # warp: in fewer, larger groups Triton 3.6 spilled or repeated the product on several warps);
-    # the parts backward's 768 features in 3 of 256, unpadded; the forward's 768 features padded
-    # to 1024: 8 pieces of 128 in one batched tl.dot for its 32-row blocks, one piece for 64 rows
-    # (HGMMA; in chained pieces those spilled).
+    # the GRU's 2304 in 72 pieces of 32, as 36 of 64 would not fill groups of 8; the parts
+    # backward's 768 features in 3 of 256, unpadded; the forward's 768 features padded to 1024:
+    # 8 pieces of 128 in one batched tl.dot for its 32-row blocks, one piece for 64 rows (HGMMA;
+    # in chained pieces those spilled).
     assert launch.pieces(768) == (256, 3) and launch.pieces(3072) == (256, 12)
     options = launch.gpu_plan(shape(), H100_SMS, backward=True).options
-    assert (options["BLOCK_K"], options["NUM_PIECES"], options["GROUP_PIECES"]) == (32, 96, 8)
+    assert (options["BLOCK_K"], options["NUM_PIECES"], options["GROUP_PIECES"]) == (64, 48, 8)
     options = launch.gpu_plan(shape(cell="gru"), H100_SMS, backward=True).options
     assert (options["BLOCK_K"], options["NUM_PIECES"], options["GROUP_PIECES"]) == (32, 72, 8)
     options = launch.gpu_plan(shape(), H100_SMS, backward=False).options

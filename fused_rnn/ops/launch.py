@@ -77,6 +77,10 @@ MAX_PIECE_COLUMNS = 256
 # Triton 3.6 spilled 428 bytes a thread, in groups of 8 of 128 412; in groups smaller than the 8
 # warps it repeats the product on several warps (python -m bench.kernels, 2026-12-04).
 NARROW_PIECE_COLUMNS = 32
+# The gathering backward's pieces are twice as wide where they still make whole groups of 8: its
+# operand then takes fewer registers (the GRU's at B=16 H=1024: 232 a thread with Triton 3.6, no
+# spill; in pieces of 32, 255 and 44 bytes of spill), for chains of 4 HMMA.
+GATHER_PIECE_COLUMNS = 2 * NARROW_PIECE_COLUMNS
 # Elements of the (parts, features, batch) tile ``reduce_partials`` loads at once: 8 programs' (16
 # units x 16 rows) parts. Twice that spills with Triton 3.6 (python -m bench.kernels --all).
 REDUCE_ELEMENTS = 2048
@@ -259,6 +263,7 @@ def _resident_pieces(shape: Shape, backward: bool, gather: bool, batched: bool =
     """``(BLOCK_K, NUM_PIECES)`` of a resident ``W_hh`` block. The gathering backward's ``dgates
     W_hh`` sums over the ``G * H`` gate rows, the partial sums' ``W_block^T @ dgates`` give a part
     for each of the ``P`` features: both in ``pieces``, the gathering backward's of at most
+    ``GATHER_PIECE_COLUMNS`` where they fill groups of one piece a warp, else of
     ``NARROW_PIECE_COLUMNS``. The forward's ``h_{t-1} W_hh^T`` pads
     ``P`` to a power of two: one piece, or where its product is ``batched`` pieces of at most
     ``FORWARD_PIECE_COLUMNS`` (at least two). Its 64-row blocks in chained pieces spilled (84
@@ -269,7 +274,10 @@ def _resident_pieces(shape: Shape, backward: bool, gather: bool, batched: bool =
         width = min(FORWARD_PIECE_COLUMNS, columns // 2) if batched else columns
         return width, columns // width
     if gather:
-        return pieces(shape.num_gates * shape.hidden, NARROW_PIECE_COLUMNS)
+        width, count = pieces(shape.num_gates * shape.hidden, GATHER_PIECE_COLUMNS)
+        if count % COMPILE_OPTIONS["num_warps"]:
+            width, count = pieces(shape.num_gates * shape.hidden, NARROW_PIECE_COLUMNS)
+        return width, count
     return pieces(shape.features)
 
 

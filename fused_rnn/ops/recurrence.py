@@ -214,14 +214,20 @@ def weight_block(w_ptr, first, N, K, ks, NUM_GATES: tl.constexpr, GATE_SLOTS: tl
 
 
 @triton.jit
-def group_columns(first_piece, GROUP_PIECES: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The columns of ``GROUP_PIECES`` pieces of ``BLOCK_K`` from ``first_piece``: a vector for one
-    piece, else ``(GROUP_PIECES, 1, BLOCK_K)``, a piece per leading index."""
+def group_columns(first_piece, GROUP_PIECES: tl.constexpr, BLOCK_K: tl.constexpr, DOWN: tl.constexpr):
+    """The columns of ``GROUP_PIECES`` pieces of ``BLOCK_K`` from ``first_piece``, along a weight
+    tile's last axis: a vector for one piece, else ``(GROUP_PIECES, 1, BLOCK_K)``, a piece per
+    leading index; ``DOWN`` an operand tile's rows: ``(BLOCK_K, 1)`` or ``(GROUP_PIECES, BLOCK_K, 1)``.
+    Built along the axis they run on, never reshaped there: through a reshape Triton 3.6 loses
+    that the columns are contiguous and loads the operand one element at a time."""
+    columns = tl.arange(0, BLOCK_K)
+    if DOWN:
+        columns = columns[:, None]
     if GROUP_PIECES == 1:
-        columns = first_piece * BLOCK_K + tl.arange(0, BLOCK_K)
+        columns = first_piece * BLOCK_K + columns
     else:
         pieces = first_piece + tl.arange(0, GROUP_PIECES)
-        columns = pieces[:, None, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, None, :]
+        columns = pieces[:, None, None] * BLOCK_K + columns[None, :]
     return columns
 
 
@@ -236,7 +242,7 @@ def resident_block(w_ptr, first, N, K, NUM_GATES: tl.constexpr, GATE_SLOTS: tl.c
     where there are several (``recurrent_matmul`` says why)."""
     pieces = ()
     for group in tl.static_range(NUM_PIECES // GROUP_PIECES):
-        ks = group_columns(group * GROUP_PIECES, GROUP_PIECES, BLOCK_K)
+        ks = group_columns(group * GROUP_PIECES, GROUP_PIECES, BLOCK_K, False)
         pieces = pieces + (weight_block(w_ptr, first, N, K, ks, NUM_GATES, GATE_SLOTS, BLOCK_ROWS, TRANSPOSED),)
     return pieces
 
@@ -253,11 +259,7 @@ def load_operand(x_ptr, x_rows, K, row_mask, BLOCK_K: tl.constexpr, NUM_PIECES: 
     if RESIDENT:
         for group in tl.static_range(NUM_PIECES // GROUP_PIECES):
             # The block's columns, turned to run down the operand's rows.
-            ks = group_columns(group * GROUP_PIECES, GROUP_PIECES, BLOCK_K)
-            if GROUP_PIECES == 1:
-                ks = ks[:, None]
-            else:
-                ks = tl.reshape(ks, (GROUP_PIECES, BLOCK_K, 1))
+            ks = group_columns(group * GROUP_PIECES, GROUP_PIECES, BLOCK_K, True)
             pieces = pieces + (tl.load(x_ptr + x_rows * K + ks, mask=(ks < K) & row_mask, other=0.0,
                                        cache_modifier=".cg"),)
     return pieces
