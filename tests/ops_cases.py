@@ -124,7 +124,7 @@ def option_cases(mode, P=None, grid=OPTION_GRID):
 def plan_cases(mode, P=None):
     """What runs on every plan: all options in both directions over several programs' worth of
     units, two batch tiles, and blocks whose products go as batched pieces
-    (``launch.group_pieces``): 48 features, two pieces in the stepwise forward's blocks; in the
+    (``launch.group_pieces``): 48 features, four pieces in the stepwise forward's blocks; in the
     gathering backward the LSTM's 4 x 128 gate rows, one group of 8 pieces of 64, and the GRU's
     3 x 128, 12 pieces of 32 (pieces of 64 would not fill groups of 8) in three groups of 4."""
     return [Case(mode, 3, 5, 20, P, D=2, options=ALL_TRAINING), Case(mode, 2, 67, 7), Case(mode, 2, 3, 48),

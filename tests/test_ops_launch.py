@@ -266,6 +266,19 @@ def test_the_tf32_forward_batches_all_its_pieces_at_once(monkeypatch):
     assert (options["DOT_PRECISION"], options["NUM_PIECES"], options["GROUP_PIECES"]) == ("tf32", 8, 8)
 
 
+@pytest.mark.parametrize("tf32", [False, True], ids=["half", "tf32"])
+def test_every_batched_product_of_the_grid_gives_each_warp_a_piece(monkeypatch, tf32):
+    # In a group of fewer pieces than warps Triton 3.6 repeated each product on 2 to 4 warps (the
+    # forward at P = 256 in 2 pieces of 128; python -m bench.kernels --all, 2026-12-06).
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    dtype = torch.float32 if tf32 else torch.float16
+    warps = launch.COMPILE_OPTIONS["num_warps"]
+    for cell, batch, hidden, backward in itertools.product(CELLS, (1, 16, 64, 256), (256, 768, 1024), (False, True)):
+        options = launch.gpu_plan(shape(cell, dtype, batch, hidden), H100_SMS, backward).options
+        assert options["GROUP_PIECES"] in (1, warps) and options["GROUP_PIECES_P"] in (1, warps), (cell, batch, hidden)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda dtype: str(dtype).removeprefix("torch."))
 def test_batched_groups_divide_the_pieces_and_bound_their_operand(dtype):
     for block_k, num_pieces, block_b in itertools.product((16, 32, 128, 256), (1, 2, 3, 8, 12), (16, 32)):

@@ -264,14 +264,14 @@ def _resident_pieces(shape: Shape, backward: bool, gather: bool, batched: bool =
     W_hh`` sums over the ``G * H`` gate rows, the partial sums' ``W_block^T @ dgates`` give a part
     for each of the ``P`` features: both in ``pieces``, the gathering backward's of at most
     ``GATHER_PIECE_COLUMNS`` where they fill groups of one piece a warp, else of
-    ``NARROW_PIECE_COLUMNS``. The forward's ``h_{t-1} W_hh^T`` pads
-    ``P`` to a power of two: one piece, or where its product is ``batched`` pieces of at most
-    ``FORWARD_PIECE_COLUMNS`` (at least two). Its 64-row blocks in chained pieces spilled (84
-    bytes a thread in the LSTM's at B=16 H=768, both directions, Triton 3.9; ``python -m
-    bench.kernels --all``, 2026-12-02)."""
+    ``NARROW_PIECE_COLUMNS``. The forward's ``h_{t-1} W_hh^T`` pads ``P`` to a power of two: one
+    piece, or where its product is ``batched`` at least two pieces of at most
+    ``FORWARD_PIECE_COLUMNS``, 8 where they can (``_filling_width``). Its 64-row blocks in chained
+    pieces spilled (84 bytes a thread in the LSTM's at B=16 H=768, both directions, Triton 3.9;
+    ``python -m bench.kernels --all``, 2026-12-02)."""
     if not backward:
         columns = _pow2(shape.features)
-        width = min(FORWARD_PIECE_COLUMNS, columns // 2) if batched else columns
+        width = _filling_width(columns, FORWARD_PIECE_COLUMNS) if batched else columns
         return width, columns // width
     if gather:
         width, count = pieces(shape.num_gates * shape.hidden, GATHER_PIECE_COLUMNS)
@@ -279,6 +279,14 @@ def _resident_pieces(shape: Shape, backward: bool, gather: bool, batched: bool =
             width, count = pieces(shape.num_gates * shape.hidden, NARROW_PIECE_COLUMNS)
         return width, count
     return pieces(shape.features)
+
+
+def _filling_width(columns: int, widest: int) -> int:
+    """Width of a batched product's pieces: at most ``widest`` columns, and narrow enough that
+    ``columns`` make a group of one a warp where they can (down to ``tl.dot``'s 16). In a group
+    of fewer pieces than warps Triton 3.6 repeats each product on several warps (the forward at
+    P = 256 in 2 pieces of 128: on 2 to 4 of them; ``python -m bench.kernels --all``, 2026-12-06)."""
+    return max(16, min(widest, columns // COMPILE_OPTIONS["num_warps"]))
 
 
 def _batches_projection(backward: bool, gather: bool, block_u: int, block_p: int) -> bool:
@@ -292,7 +300,8 @@ def _projection_pieces(shape: Shape, gather: bool, batched: bool) -> tuple:
     """``(BLOCK_KP, NUM_PIECES_P)`` of a resident ``W_hr`` block: over its ``P`` columns in the
     gathering backward (the transposed block), else over ``H``; narrow where its product is
     ``batched``."""
-    return pieces(shape.features if gather else shape.hidden, NARROW_PIECE_COLUMNS if batched else MAX_PIECE_COLUMNS)
+    columns = shape.features if gather else shape.hidden
+    return pieces(columns, _filling_width(columns, NARROW_PIECE_COLUMNS) if batched else MAX_PIECE_COLUMNS)
 
 
 def pieces(columns: int, widest: int = MAX_PIECE_COLUMNS) -> tuple:
