@@ -61,7 +61,8 @@ GRID_BATCHES, GRID_HIDDENS = (1, 16, 64, 256), (256, 768, 1024)
 UNALIGNED = (5, 1000)
 CELLS = ("lstm", "lstm_proj", "gru", "rnn_tanh")
 # Where every size is a multiple of 16, what a kernel reads from L2 comes in 16-byte vectors but
-# for the streamed chunks (of h_{t-1}, and of h_raw where W_hr streams): a load instruction each,
+# for the streamed chunks (of h_{t-1}, and of h_raw where W_hr streams) and the reduction of
+# W_hr's partial sums (the projection's backward where it sums parts): a load instruction each,
 # of an element or two a thread. Until 2026-12-06, Triton 3.6 read the resident plans' operands an
 # element at a time (64 to 192 loads a thread; ``recurrence.group_columns`` says why).
 NARROW_FRESH_LOADS = 2
@@ -378,16 +379,24 @@ def matrix_instructions(sass: str) -> tuple:
     return summary, longest
 
 
+# Bits a load moves per thread by its width qualifier; none is 32. Any other qualifier (cache
+# hints such as ``LTC128B``) says nothing of the width.
+_LOAD_BITS = {"128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}
+
+
 def fresh_loads(sass: str) -> str:
-    """The kernel's loads of data other programs wrote (``.cg``: ``LDG.E[.width].STRONG.GPU``) by
-    width, but the barrier's polls (strong loads of the address its arrival adds to). A load
-    narrower than 128 bits moves less per instruction: the step's operand (tens of KB a program)
-    read 2 bytes at a time takes 8 times the instructions of 16-byte vectors."""
-    counters = set(re.findall(r"REDG\.E\.ADD\S*\s+desc\[\w+\]\[(R\d+\.64)", sass))
+    """The kernel's loads of data other programs wrote (``.cg``: ``LDG.E[.qualifiers].STRONG.GPU``)
+    by width, but the barrier's polls: the acquire's strong load, which ``CCTL.IVALL`` (dropping
+    this SM's L1) follows. A load narrower than 128 bits moves less per instruction: the step's
+    operand (tens of KB a program) read 2 bytes at a time takes 8 times the instructions of 16-byte
+    vectors."""
     widths = {}
-    for width, address in re.findall(r"LDG\.E(?:\.(\w+))?\.STRONG\.GPU\s+R\d+,\s*desc\[\w+\]\[(R\d+\.64)", sass):
-        if address not in counters:
-            bits = {"": 32, "64": 64, "128": 128}.get(width) or int(width.lstrip("SU"))
+    lines = [line for line in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]+\*/", line)]
+    for line, following in zip(lines, lines[1:] + [""]):
+        load = re.search(r"\bLDG\.E((?:\.\w+)*)\.STRONG\.GPU\b", line)
+        if load and "CCTL.IVALL" not in following:
+            sizes = [_LOAD_BITS[part] for part in load.group(1).split(".") if part in _LOAD_BITS]
+            bits = sizes[0] if sizes else 32
             widths[bits] = widths.get(bits, 0) + 1
     return " ".join(f"{bits}-bit x{count}" for bits, count in sorted(widths.items(), reverse=True))
 

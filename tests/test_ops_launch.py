@@ -279,6 +279,20 @@ def test_every_batched_product_of_the_grid_gives_each_warp_a_piece(monkeypatch, 
         assert options["GROUP_PIECES"] in (1, warps) and options["GROUP_PIECES_P"] in (1, warps), (cell, batch, hidden)
 
 
+@pytest.mark.parametrize("columns, widest, narrowest, expected", [
+    (3072, 64, 32, (64, 48)),  # the headline's gathering backward: 6 groups of 8
+    (2304, 64, 32, (32, 72)),  # the GRU's at H = 768: 36 pieces of 64 would make groups of 4
+    (720, 64, 32, (64, 12)),   # the GRU's at H = 240: 23 of 32 would make groups of 1
+    (256, 128, 16, (32, 8)),   # the forward at P = 256: 2 pieces of 128 left warps repeating
+    (32, 16, 16, (16, 2)),     # at least two pieces, of tl.dot's least 16
+    (240, 32, 16, (32, 8)),    # W_hr over H = 240: a power of two, not 240 // 8 = 30
+    (120, 32, 16, (16, 8)),    # W_hr over P = 120
+])
+def test_batched_pieces_make_the_largest_groups_then_the_widest_pieces(columns, widest, narrowest, expected):
+    width, count = launch.batched_pieces(columns, widest, narrowest)
+    assert (width, count) == expected and width * count >= columns and width & (width - 1) == 0
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda dtype: str(dtype).removeprefix("torch."))
 def test_batched_groups_divide_the_pieces_and_bound_their_operand(dtype):
     for block_k, num_pieces, block_b in itertools.product((16, 32, 128, 256), (1, 2, 3, 8, 12), (16, 32)):

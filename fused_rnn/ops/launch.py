@@ -77,9 +77,9 @@ MAX_PIECE_COLUMNS = 256
 # Triton 3.6 spilled 428 bytes a thread, in groups of 8 of 128 412; in groups smaller than the 8
 # warps it repeats the product on several warps (python -m bench.kernels, 2026-12-04).
 NARROW_PIECE_COLUMNS = 32
-# The gathering backward's pieces are twice as wide where they still make whole groups of 8: its
-# operand then takes fewer registers (the GRU's at B=16 H=1024: 232 a thread with Triton 3.6, no
-# spill; in pieces of 32, 255 and 44 bytes of spill), for chains of 4 HMMA.
+# The gathering backward's pieces are twice as wide (where they fill groups as well): its operand
+# then takes fewer registers (the GRU's at B=16 H=1024: 232 a thread with Triton 3.6, no spill; in
+# pieces of 32, 255 and 44 bytes of spill), for chains of 4 HMMA.
 GATHER_PIECE_COLUMNS = 2 * NARROW_PIECE_COLUMNS
 # Elements of the (parts, features, batch) tile ``reduce_partials`` loads at once: 8 programs' (16
 # units x 16 rows) parts. Twice that spills with Triton 3.6 (python -m bench.kernels --all).
@@ -262,31 +262,29 @@ def group_pieces(shape: Shape, block_k: int, num_pieces: int, block_b: int) -> i
 def _resident_pieces(shape: Shape, backward: bool, gather: bool, batched: bool = False) -> tuple:
     """``(BLOCK_K, NUM_PIECES)`` of a resident ``W_hh`` block. The gathering backward's ``dgates
     W_hh`` sums over the ``G * H`` gate rows, the partial sums' ``W_block^T @ dgates`` give a part
-    for each of the ``P`` features: both in ``pieces``, the gathering backward's of at most
-    ``GATHER_PIECE_COLUMNS`` where they fill groups of one piece a warp, else of
-    ``NARROW_PIECE_COLUMNS``. The forward's ``h_{t-1} W_hh^T`` pads ``P`` to a power of two: one
-    piece, or where its product is ``batched`` at least two pieces of at most
-    ``FORWARD_PIECE_COLUMNS``, 8 where they can (``_filling_width``). Its 64-row blocks in chained
+    for each of the ``P`` features: both in ``pieces``, the gathering backward's batched ones of at
+    most ``GATHER_PIECE_COLUMNS`` (``batched_pieces``). The forward's ``h_{t-1} W_hh^T`` pads ``P``
+    to a power of two: one piece, or where its product is ``batched`` at least two pieces of at
+    most ``FORWARD_PIECE_COLUMNS``, 8 where they can. Its 64-row blocks in chained
     pieces spilled (84 bytes a thread in the LSTM's at B=16 H=768, both directions, Triton 3.9;
     ``python -m bench.kernels --all``, 2026-12-02)."""
     if not backward:
         columns = _pow2(shape.features)
-        width = _filling_width(columns, FORWARD_PIECE_COLUMNS) if batched else columns
-        return width, columns // width
+        return batched_pieces(columns, min(FORWARD_PIECE_COLUMNS, columns // 2)) if batched else (columns, 1)
     if gather:
-        width, count = pieces(shape.num_gates * shape.hidden, GATHER_PIECE_COLUMNS)
-        if count % COMPILE_OPTIONS["num_warps"]:
-            width, count = pieces(shape.num_gates * shape.hidden, NARROW_PIECE_COLUMNS)
-        return width, count
+        # Not narrower than 32: in pieces of 16 the headline's spilled 8 bytes a thread (Triton 3.6).
+        return batched_pieces(shape.num_gates * shape.hidden, GATHER_PIECE_COLUMNS, NARROW_PIECE_COLUMNS)
     return pieces(shape.features)
 
 
-def _filling_width(columns: int, widest: int) -> int:
-    """Width of a batched product's pieces: at most ``widest`` columns, and narrow enough that
-    ``columns`` make a group of one a warp where they can (down to ``tl.dot``'s 16). In a group
-    of fewer pieces than warps Triton 3.6 repeats each product on several warps (the forward at
-    P = 256 in 2 pieces of 128: on 2 to 4 of them; ``python -m bench.kernels --all``, 2026-12-06)."""
-    return max(16, min(widest, columns // COMPILE_OPTIONS["num_warps"]))
+def batched_pieces(columns: int, widest: int, narrowest: int = 16) -> tuple:
+    """``pieces`` of a batched product: of the power-of-two widths from ``widest`` down to
+    ``narrowest``, the one whose pieces make the largest groups (``group_pieces``: a power of two
+    dividing their count, at most one a warp), the widest of those. In a group of fewer pieces
+    than warps Triton 3.6 repeats each product on several warps (the forward at P = 256 in 2
+    pieces of 128: on 2 to 4 of them; ``python -m bench.kernels --all``, 2026-12-06)."""
+    options = [pieces(columns, widest >> shift) for shift in range(widest.bit_length() - narrowest.bit_length() + 1)]
+    return max(options, key=lambda option: (min(option[1] & -option[1], COMPILE_OPTIONS["num_warps"]), option[0]))
 
 
 def _batches_projection(backward: bool, gather: bool, block_u: int, block_p: int) -> bool:
@@ -301,7 +299,7 @@ def _projection_pieces(shape: Shape, gather: bool, batched: bool) -> tuple:
     gathering backward (the transposed block), else over ``H``; narrow where its product is
     ``batched``."""
     columns = shape.features if gather else shape.hidden
-    return pieces(columns, _filling_width(columns, NARROW_PIECE_COLUMNS) if batched else MAX_PIECE_COLUMNS)
+    return batched_pieces(columns, NARROW_PIECE_COLUMNS) if batched else pieces(columns)
 
 
 def pieces(columns: int, widest: int = MAX_PIECE_COLUMNS) -> tuple:
