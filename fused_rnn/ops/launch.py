@@ -246,17 +246,21 @@ def _batches_forward(shape: Shape, block_u: int) -> bool:
 def group_pieces(shape: Shape, block_k: int, num_pieces: int, block_b: int) -> int:
     """Pieces a batched ``tl.dot`` takes at once (``recurrence.recurrent_matmul``): the most, a
     power of two that divides ``num_pieces``, at most one a warp, whose operand stays within
-    ``GROUP_OPERAND_BYTES`` (the headline's forward: all 8; its gathering backward: 12 groups of
+    ``GROUP_OPERAND_BYTES`` (the headline's forward: all 8; its gathering backward: 6 groups of
     8); 1 (a piece at a time) for fp64, which multiplies in registers, not with ``tl.dot``. A
     group of fewer pieces than warps leaves warps repeating each other's products (Triton 3.6)."""
     if shape.dtype == torch.float64:
         return 1
-    size = shape.dtype.itemsize
-    group = 1
-    while (num_pieces % (2 * group) == 0 and 2 * group <= COMPILE_OPTIONS["num_warps"]
-           and 2 * group * block_k * block_b * size <= GROUP_OPERAND_BYTES):
-        group *= 2
+    group = _whole_group(num_pieces)
+    while group > 1 and group * block_k * block_b * shape.dtype.itemsize > GROUP_OPERAND_BYTES:
+        group //= 2
     return group
+
+
+def _whole_group(num_pieces: int) -> int:
+    """The most of ``num_pieces`` pieces a group may take whatever their size: the largest power of
+    two that divides ``num_pieces``, at most one a warp."""
+    return min(num_pieces & -num_pieces, COMPILE_OPTIONS["num_warps"])
 
 
 def _resident_pieces(shape: Shape, backward: bool, gather: bool, batched: bool = False) -> tuple:
@@ -279,12 +283,12 @@ def _resident_pieces(shape: Shape, backward: bool, gather: bool, batched: bool =
 
 def batched_pieces(columns: int, widest: int, narrowest: int = 16) -> tuple:
     """``pieces`` of a batched product: of the power-of-two widths from ``widest`` down to
-    ``narrowest``, the one whose pieces make the largest groups (``group_pieces``: a power of two
-    dividing their count, at most one a warp), the widest of those. In a group of fewer pieces
+    ``narrowest``, the one whose pieces make the largest groups (``_whole_group``), the widest of
+    those. In a group of fewer pieces
     than warps Triton 3.6 repeats each product on several warps (the forward at P = 256 in 2
     pieces of 128: on 2 to 4 of them; ``python -m bench.kernels --all``, 2026-12-06)."""
     options = [pieces(columns, widest >> shift) for shift in range(widest.bit_length() - narrowest.bit_length() + 1)]
-    return max(options, key=lambda option: (min(option[1] & -option[1], COMPILE_OPTIONS["num_warps"]), option[0]))
+    return max(options, key=lambda option: (_whole_group(option[1]), option[0]))
 
 
 def _batches_projection(backward: bool, gather: bool, block_u: int, block_p: int) -> bool:
