@@ -23,7 +23,8 @@ spills, needs more shared memory than an H100 gives a program, or reads from L2 
 than that (``NARROW_FRESH_LOADS``); ``--all`` compiles the full grid
 (B 1/16/64/256 x H 256/768/1024 x fp16/bf16/fp32/tf32, every cell and both kernels, one
 direction; the headline B=16 H=768 also in fp64 and without options, and with both directions
-at H=768 and H=512; and B=5 x H=1000, where no size is a multiple of 16);
+at H=768 and H=512; B=5 x H=1000, where no size is a multiple of 16; and B=16 x H=480, whose
+gate rows make no whole groups of batched pieces);
 ``--json`` writes the table.
 """
 
@@ -59,6 +60,9 @@ HEADLINE = (16, 768)
 GRID_BATCHES, GRID_HIDDENS = (1, 16, 64, 256), (256, 768, 1024)
 # (batch, hidden) with no multiple of 16: nothing for the compiler to specialise on (``signature``).
 UNALIGNED = (5, 1000)
+# A hidden size whose gate rows (and W_hr's columns) make no whole groups of batched pieces: they
+# are padded (``launch.batched_pieces``; the GRU's 1440 rows in 24 pieces of 64, 3 groups of 8).
+OFF_GRID = (16, 480)
 CELLS = ("lstm", "lstm_proj", "gru", "rnn_tanh")
 # Where every size is a multiple of 16, what a kernel reads from L2 comes in 16-byte vectors but
 # for the streamed chunks (of h_{t-1}, and of h_raw where W_hr streams) and the reduction of
@@ -124,7 +128,8 @@ def shape_of(variant: Variant):
 def variants(full: bool):
     """The subset CI compiles - every cell and kernel at the headline shape with every option in
     fp16, tf32 and fp64, the LSTM also in bf16, fp32, without options and bidirectional (at H=512)
-    - or the full grid, and each cell and kernel at the ``UNALIGNED`` shape in fp16."""
+    - or the full grid, and each cell and kernel at the ``UNALIGNED`` and ``OFF_GRID`` shapes in
+    fp16."""
     for cell in CELLS:
         for kernel in ("forward", "backward"):
             for dtype in DTYPES if full or cell == "lstm" else ("float16", "tf32", "float64"):
@@ -141,6 +146,7 @@ def variants(full: bool):
                             if (batch, hidden) != HEADLINE:
                                 yield Variant(cell, kernel, dtype, "all", batch, hidden)
                 yield Variant(cell, kernel, "float16", "all", *UNALIGNED)
+                yield Variant(cell, kernel, "float16", "all", *OFF_GRID)
 
 
 def signature(variant: Variant, kernel, plan):
@@ -221,8 +227,7 @@ def compile_variant(variant: Variant, arch: int) -> Report:
     plan = launch.gpu_plan(shape, MULTIPROCESSORS, backward)
     options = plan.options
     description = describe(shape, plan)
-    planned = launch.resident_bytes(shape, options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"], backward,
-                                    options.get("GATHER", False), options["RESIDENT_PROJ"])
+    planned = launch.resident_bytes(shape, options, backward)
     types, constants, divisible = signature(variant, kernel, plan)
     # Pointers from torch allocations are 16-byte aligned; the launches specialise on that too.
     alignment = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.fn.arg_names)

@@ -34,6 +34,12 @@ def shape(cell="lstm", dtype=torch.float16, batch=16, hidden=768, directions=1, 
                         num_gates=num_gates, has_proj=has_proj, steps=steps)
 
 
+def gathering_options(layer, block_b, whole_groups=True):
+    """The block constexprs of a gathering backward with 16-feature blocks and ``block_b`` rows."""
+    programs = triton.cdiv(layer.hidden, 16)
+    return launch._options(layer, True, block_b, 16, 16, programs, 16, True, True, layer.has_proj, whole_groups)
+
+
 @pytest.fixture
 def no_forced_plan(monkeypatch):
     for variable in ("FUSED_RNN_SCHEME", "FUSED_RNN_WEIGHTS", "FUSED_RNN_BACKWARD"):
@@ -66,14 +72,14 @@ def test_headline_backward_gathers_with_48_programs_of_16_units():
     assert plan.grid == (1, 48, 1)
     assert plan.options["BLOCK_U"] == 16 and plan.options["BLOCK_B"] == 16
     assert (plan.options["BLOCK_K"], plan.options["NUM_PIECES"]) == (64, 48)
-    assert launch.resident_bytes(shape(), 16, 16, 16, backward=True, gather=True) == 2 * 96 * 1024
+    assert launch.resident_bytes(shape(), plan.options, backward=True) == 2 * 96 * 1024
 
 
 def test_backward_sums_parts_where_h_is_no_multiple_of_16():
     # The GRU's transposed blocks fit at H=1000 (3000 gate rows), but there the gathering backward
     # spills: the launch cannot mark H as a multiple of 16 (python -m bench.kernels --all).
     layer = shape("gru", hidden=1000)
-    assert launch._fits(layer, 16, 16, 16, backward=True, gather=True)
+    assert launch._fits(layer, gathering_options(layer, 16), backward=True)
     assert not launch.gpu_plan(layer, H100_SMS, backward=True).options["GATHER"]
     assert launch.gpu_plan(shape("gru", hidden=1008), H100_SMS, backward=True).options["GATHER"]
 
@@ -107,7 +113,8 @@ def test_backward_sums_parts_where_the_transposed_blocks_do_not_fit(monkeypatch,
     monkeypatch.setattr(launch, "interpreting", lambda: False)  # fp32 dots in TF32, as on a GPU
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     layer = shape(dtype=dtype, hidden=hidden)
-    assert not launch._fits(layer, 16, 16, 16, backward=True, gather=True)
+    assert not any(launch._fits(layer, gathering_options(layer, 16, whole_groups), backward=True)
+                   for whole_groups in (True, False))
     plan = launch.gpu_plan(layer, H100_SMS, backward=True)
     assert plan.resident and not plan.options["GATHER"]
     assert plan.options["BLOCK_U"] == units
@@ -134,7 +141,7 @@ def test_headline_projection_keeps_w_hr_on_chip_in_the_forward_too():
         assert plan.resident and plan.options["RESIDENT_PROJ"]
     options = launch.gpu_plan(layer, H100_SMS, backward=False).options
     assert (options["BLOCK_KP"], options["NUM_PIECES_P"], options["GROUP_PIECES_P"]) == (32, 24, 8)
-    assert launch.resident_bytes(layer, 16, 8, 16, False, resident_proj=True) == 2 * (32 * 512 + 16 * 768 + 16 * (512 + 768))
+    assert launch.resident_bytes(layer, options, backward=False) == 2 * (32 * 512 + 16 * 768 + 16 * (512 + 768))
 
 
 @pytest.mark.parametrize(
@@ -162,8 +169,7 @@ def resident_fits(plan, layer, backward):
     ``PROJECTION_GATE_TILE``."""
     options = plan.options
     gather = options.get("GATHER", False)
-    size = launch.resident_bytes(layer, options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"], backward, gather,
-                                 options["RESIDENT_PROJ"])
+    size = launch.resident_bytes(layer, options, backward)
     if gather:
         operand = options["BLOCK_K"] * options["NUM_PIECES"] * options["BLOCK_B"] * layer.dtype.itemsize
         registers = operand <= launch.OPERAND_BYTES and options["BLOCK_U"] >= 16 and options["BLOCK_P"] >= 16
@@ -282,15 +288,40 @@ def test_every_batched_product_of_the_grid_gives_each_warp_a_piece(monkeypatch, 
 @pytest.mark.parametrize("columns, widest, narrowest, expected", [
     (3072, 64, 32, (64, 48)),  # the headline's gathering backward: 6 groups of 8
     (2304, 64, 32, (32, 72)),  # the GRU's at H = 768: 36 pieces of 64 would make groups of 4
-    (720, 64, 32, (64, 12)),   # the GRU's at H = 240: 23 of 32 would make groups of 1
+    (1440, 64, 32, (64, 24)),  # the GRU's at H = 480: 23 of 64 or 45 of 32, padded to 3 groups of 8
+    (720, 64, 32, (32, 24)),   # the GRU's at H = 240: 12 of 64 padded to 16 take more columns
+    (2880, 64, 32, (64, 48)),  # the LSTM's at H = 720: 45 of 64 padded to 6 groups
     (256, 128, 16, (32, 8)),   # the forward at P = 256: 2 pieces of 128 left warps repeating
     (32, 16, 16, (16, 2)),     # at least two pieces, of tl.dot's least 16
     (240, 32, 16, (32, 8)),    # W_hr over H = 240: a power of two, not 240 // 8 = 30
     (120, 32, 16, (16, 8)),    # W_hr over P = 120
+    (48, 32, 16, (16, 4)),     # fewer than 8: a power of two of them
 ])
-def test_batched_pieces_make_the_largest_groups_then_the_widest_pieces(columns, widest, narrowest, expected):
+def test_batched_pieces_fill_whole_groups_then_take_the_fewest_columns(columns, widest, narrowest, expected):
     width, count = launch.batched_pieces(columns, widest, narrowest)
+    group = min(count, launch.COMPILE_OPTIONS["num_warps"])
     assert (width, count) == expected and width * count >= columns and width & (width - 1) == 0
+    assert count % group == 0 and group & (group - 1) == 0
+
+
+@pytest.mark.parametrize("columns, widest, narrowest, expected", [
+    (2880, 64, 32, (32, 90)),  # the LSTM's gathering backward at H = 720: groups of 2
+    (1440, 64, 32, (32, 45)),  # the GRU's at H = 480: one piece a group
+    (720, 64, 32, (64, 12)),   # groups of 4
+])
+def test_batched_pieces_without_padding_cover_the_columns_in_the_largest_groups(columns, widest, narrowest, expected):
+    assert launch.batched_pieces(columns, widest, narrowest, whole_groups=False) == expected
+
+
+def test_gathering_backward_pads_its_pieces_only_where_they_fit(no_forced_plan):
+    # LSTM H=720 P=240, fp16, B=64: 2880 gate rows padded to 3072 and W_hr's 256 columns, with their
+    # operands, need 208 KB; unpadded, 196 KB: the plan gathers in groups of 2 rather than summing
+    # parts. Without the projection it pads.
+    for layer, count in ((shape("lstm-proj", batch=64, hidden=720, proj=240), 90), (shape(batch=64, hidden=720), 48)):
+        assert launch._fits(layer, gathering_options(layer, 16, whole_groups=False), backward=True)
+        plan = launch.gpu_plan(layer, H100_SMS, backward=True)
+        assert plan.options["GATHER"] and plan.options["NUM_PIECES"] == count
+        assert launch._fits(layer, plan.options, backward=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda dtype: str(dtype).removeprefix("torch."))

@@ -29,6 +29,7 @@ forces streamed weights (``resident``, the default, keeps them on chip where the
 import contextlib
 import dataclasses
 import functools
+import itertools
 import os
 import threading
 
@@ -188,18 +189,22 @@ def _precision(dtype: torch.dtype) -> dict:
 
 
 def _options(shape: Shape, resident: bool, block_b: int, block_u: int, block_p: int, programs: int,
-             chunk: int, backward: bool, gather: bool = False, resident_proj: bool = False) -> dict:
+             chunk: int, backward: bool, gather: bool = False, resident_proj: bool = False,
+             whole_groups: bool = True) -> dict:
     """The block constexprs: resident blocks come in ``NUM_PIECES`` pieces of ``BLOCK_K`` columns
     (``pieces``), batched ``GROUP_PIECES`` at a time, ``W_hr``'s (``resident_proj``) in
     ``NUM_PIECES_P`` of ``BLOCK_KP``, ``GROUP_PIECES_P`` at a time; streamed ones go ``chunk`` at a
     time. The gathering backward multiplies by the transposed blocks
-    (``recurrence.backward_kernel``): its ``K`` is ``G * H``, and ``W_hr``'s is ``P``.
+    (``recurrence.backward_kernel``): its ``K`` is ``G * H``, and ``W_hr``'s is ``P``. With
+    ``whole_groups`` the pieces of a batched product are padded to fill whole groups
+    (``batched_pieces``).
     """
     batched = resident and (gather if backward else _batches_forward(shape, block_u))
-    block_k, num_pieces = _resident_pieces(shape, backward, gather, batched) if resident else (chunk, 1)
+    block_k, num_pieces = _resident_pieces(shape, backward, gather, batched, whole_groups) if resident else (chunk, 1)
     group = group_pieces(shape, block_k, num_pieces, block_b) if batched else 1
     batched_proj = resident_proj and _batches_projection(backward, gather, block_u, block_p)
-    block_kp, num_pieces_p = _projection_pieces(shape, gather, batched_proj) if resident_proj else (chunk, 1)
+    block_kp, num_pieces_p = (_projection_pieces(shape, gather, batched_proj, whole_groups) if resident_proj
+                              else (chunk, 1))
     group_p = group_pieces(shape, block_kp, num_pieces_p, block_b) if batched_proj else 1
     options = dict(
         RESIDENT=resident,
@@ -216,15 +221,17 @@ def _options(shape: Shape, resident: bool, block_b: int, block_u: int, block_p: 
         **_precision(shape.dtype),
     )
     if backward:
-        # reduce_partials sums tiles of BLOCK_U units, and with a projection also of BLOCK_P features;
-        # the projection's backward holds W_hr's block and operand besides: half the elements at once.
-        block_f = max(block_u, block_p) if shape.has_proj else block_u
-        reduce_elements = REDUCE_ELEMENTS // 2 if shape.has_proj else REDUCE_ELEMENTS
-        options.update(
-            GATHER=gather,
-            REDUCE_CHUNK=max(1, min(triton.next_power_of_2(programs), reduce_elements // (block_f * block_b))),
-        )
+        options.update(GATHER=gather, REDUCE_CHUNK=_reduce_chunk(shape, block_b, block_u, block_p, programs))
     return options
+
+
+def _reduce_chunk(shape: Shape, block_b: int, block_u: int, block_p: int, programs: int) -> int:
+    """Programs' parts ``reduce_partials`` loads at once. It sums tiles of ``BLOCK_U`` units, and
+    with a projection also of ``BLOCK_P`` features; the projection's backward holds ``W_hr``'s
+    block and operand besides: half the elements at once."""
+    block_f = max(block_u, block_p) if shape.has_proj else block_u
+    reduce_elements = REDUCE_ELEMENTS // 2 if shape.has_proj else REDUCE_ELEMENTS
+    return max(1, min(triton.next_power_of_2(programs), reduce_elements // (block_f * block_b)))
 
 
 def partial_columns(features: int) -> int:
@@ -263,7 +270,7 @@ def _whole_group(num_pieces: int) -> int:
     return min(num_pieces & -num_pieces, COMPILE_OPTIONS["num_warps"])
 
 
-def _resident_pieces(shape: Shape, backward: bool, gather: bool, batched: bool = False) -> tuple:
+def _resident_pieces(shape: Shape, backward: bool, gather: bool, batched: bool, whole_groups: bool) -> tuple:
     """``(BLOCK_K, NUM_PIECES)`` of a resident ``W_hh`` block. The gathering backward's ``dgates
     W_hh`` sums over the ``G * H`` gate rows, the partial sums' ``W_block^T @ dgates`` give a part
     for each of the ``P`` features: both in ``pieces``, the gathering backward's batched ones of at
@@ -277,18 +284,32 @@ def _resident_pieces(shape: Shape, backward: bool, gather: bool, batched: bool =
         return batched_pieces(columns, min(FORWARD_PIECE_COLUMNS, columns // 2)) if batched else (columns, 1)
     if gather:
         # Not narrower than 32: in pieces of 16 the headline's spilled 8 bytes a thread (Triton 3.6).
-        return batched_pieces(shape.num_gates * shape.hidden, GATHER_PIECE_COLUMNS, NARROW_PIECE_COLUMNS)
+        return batched_pieces(shape.num_gates * shape.hidden, GATHER_PIECE_COLUMNS, NARROW_PIECE_COLUMNS,
+                              whole_groups)
     return pieces(shape.features)
 
 
-def batched_pieces(columns: int, widest: int, narrowest: int = 16) -> tuple:
-    """``pieces`` of a batched product: of the power-of-two widths from ``widest`` down to
-    ``narrowest``, the one whose pieces make the largest groups (``_whole_group``), the widest of
-    those. In a group of fewer pieces
-    than warps Triton 3.6 repeats each product on several warps (the forward at P = 256 in 2
-    pieces of 128: on 2 to 4 of them; ``python -m bench.kernels --all``, 2026-12-06)."""
-    options = [pieces(columns, widest >> shift) for shift in range(widest.bit_length() - narrowest.bit_length() + 1)]
-    return max(options, key=lambda option: (_whole_group(option[1]), option[0]))
+def batched_pieces(columns: int, widest: int, narrowest: int = 16, whole_groups: bool = True) -> tuple:
+    """``(BLOCK_K, NUM_PIECES)`` of a batched product: pieces of a power-of-two width from
+    ``widest`` down to ``narrowest``, with ``whole_groups`` as many as fill whole groups (8, one a
+    warp, where there are 8 or more; else a power of two), those past ``columns`` zeros; else as
+    many as cover ``columns``, in groups of the largest power of two dividing their count
+    (``_whole_group``). Of the widths, the one making the largest groups, then the fewest
+    columns, then the widest. In a group of fewer pieces than warps Triton 3.6 repeats each
+    product on several warps (the forward at P = 256 in 2 pieces of 128: on 2 to 4 of them;
+    ``python -m bench.kernels --all``, 2026-12-06), as in the GRU's gathering backward at H = 480
+    without padding: its 1440 gate rows in 23 pieces of 64 or 45 of 32, one group on every warp;
+    padded, 24 pieces of 64 make 3 groups of 8. A plan pads where the padded pieces fit the chip
+    (``_resident_persistent_plan``)."""
+    options = []
+    for shift in range(widest.bit_length() - narrowest.bit_length() + 1):
+        width = widest >> shift
+        count = triton.cdiv(columns, width)
+        group = _whole_group(triton.next_power_of_2(count) if whole_groups else count)
+        count = triton.cdiv(count, group) * group
+        options.append((group, -count * width, width, count))
+    _, _, width, count = max(options)
+    return width, count
 
 
 def _batches_projection(backward: bool, gather: bool, block_u: int, block_p: int) -> bool:
@@ -298,12 +319,12 @@ def _batches_projection(backward: bool, gather: bool, block_u: int, block_p: int
     return (gather or not backward) and (block_u if gather else block_p) < 64
 
 
-def _projection_pieces(shape: Shape, gather: bool, batched: bool) -> tuple:
+def _projection_pieces(shape: Shape, gather: bool, batched: bool, whole_groups: bool) -> tuple:
     """``(BLOCK_KP, NUM_PIECES_P)`` of a resident ``W_hr`` block: over its ``P`` columns in the
     gathering backward (the transposed block), else over ``H``; narrow where its product is
     ``batched``."""
     columns = shape.features if gather else shape.hidden
-    return batched_pieces(columns, NARROW_PIECE_COLUMNS) if batched else pieces(columns)
+    return batched_pieces(columns, NARROW_PIECE_COLUMNS, whole_groups=whole_groups) if batched else pieces(columns)
 
 
 def pieces(columns: int, widest: int = MAX_PIECE_COLUMNS) -> tuple:
@@ -320,16 +341,15 @@ def pieces(columns: int, widest: int = MAX_PIECE_COLUMNS) -> tuple:
     return width, count
 
 
-def resident_bytes(shape: Shape, block_b: int, block_u: int, block_p: int, backward: bool,
-                   gather: bool = False, resident_proj: bool = False) -> int:
-    """Shared memory a resident program needs for its weight blocks and dot operands; the
-    backward's include ``W_hr``'s, the forward's where it keeps ``W_hr`` too (``resident_proj``)."""
+def resident_bytes(shape: Shape, options: dict, backward: bool) -> int:
+    """Shared memory a resident program (block constexprs ``options``, see ``_options``) needs for
+    its weight blocks and dot operands; ``W_hr``'s too where it keeps it (``RESIDENT_PROJ``)."""
     size = shape.dtype.itemsize
-    block_k, num_pieces = _resident_pieces(shape, backward, gather)
-    columns = block_k * num_pieces
-    width, count = _projection_pieces(shape, gather, _batches_projection(backward, gather, block_u, block_p))
-    projection_columns = width * count if shape.has_proj and (backward or resident_proj) else 0
-    if gather:  # W_hh's transposed block over features, W_hr's over units; every piece of the operands
+    block_b, block_u, block_p = options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"]
+    columns = options["BLOCK_K"] * options["NUM_PIECES"]
+    projection_columns = options["BLOCK_KP"] * options["NUM_PIECES_P"] if options["RESIDENT_PROJ"] else 0
+    if options.get("GATHER", False):
+        # W_hh's transposed block over features, W_hr's over units; every piece of the operands
         block_f = block_p if shape.has_proj else block_u
         weights = block_f * columns + block_u * projection_columns
         operands = (columns + projection_columns) * block_b
@@ -342,27 +362,29 @@ def resident_bytes(shape: Shape, block_b: int, block_u: int, block_p: int, backw
     return size * (weights + operands)
 
 
-def _projection_fits(shape: Shape, block_b: int, block_u: int, block_p: int) -> bool:
-    """Whether the forward keeps its block of ``W_hr`` on chip beside ``W_hh``'s: in shared memory,
-    and with a gate tile small enough that the registers hold ``h_raw``'s pieces besides
-    (``PROJECTION_GATE_TILE``). Elsewhere (TF32 from H = 1000, and at H = 768 with both
-    directions or from B = 64; blocks of 32 units or more on 32-row tiles) it streams, the smaller
-    weight: ``P x H`` against ``4H x P`` (docs/design.md, ``python -m bench.kernels --all``)."""
-    return (shape.gate_slots * block_u * block_b <= PROJECTION_GATE_TILE
-            and resident_bytes(shape, block_b, block_u, block_p, False, resident_proj=True) <= SHARED_MEMORY_BUDGET)
+def _projection_fits(shape: Shape, options: dict) -> bool:
+    """Whether the forward keeps its block of ``W_hr`` on chip beside ``W_hh``'s (``options`` with
+    ``RESIDENT_PROJ``): in shared memory, and with a gate tile small enough that the registers hold
+    ``h_raw``'s pieces besides (``PROJECTION_GATE_TILE``). Elsewhere (TF32 from H = 1000, and at H
+    = 768 with both directions or from B = 64; blocks of 32 units or more on 32-row tiles) it
+    streams, the smaller weight: ``P x H`` against ``4H x P`` (docs/design.md, ``python -m
+    bench.kernels --all``)."""
+    return (shape.gate_slots * options["BLOCK_U"] * options["BLOCK_B"] <= PROJECTION_GATE_TILE
+            and resident_bytes(shape, options, False) <= SHARED_MEMORY_BUDGET)
 
 
-def _fits(shape: Shape, block_b: int, block_u: int, block_p: int, backward: bool, gather: bool = False) -> bool:
+def _fits(shape: Shape, options: dict, backward: bool) -> bool:
+    """Whether a resident program with the block constexprs ``options`` fits an SM."""
     if shape.dtype == torch.float64 or (shape.dtype == torch.float32 and _precision(shape.dtype)["DOT_PRECISION"] == "ieee"):
         # Exact fp32 and fp64 products run on the FMA units, which hold both operands whole in
         # registers (fp64 multiplies and reduces, see recurrence.matmul): a resident block does not
         # fit there. TF32, fp16 and bf16 use the tensor cores, which read the block from shared memory.
         return False
-    if resident_bytes(shape, block_b, block_u, block_p, backward, gather) > SHARED_MEMORY_BUDGET:
+    if resident_bytes(shape, options, backward) > SHARED_MEMORY_BUDGET:
         return False
-    if gather:  # every piece of the gate gradients in registers at once
-        block_k, num_pieces = _resident_pieces(shape, backward, gather)
-        return block_k * num_pieces * block_b * shape.dtype.itemsize <= OPERAND_BYTES
+    block_b = options["BLOCK_B"]
+    if options.get("GATHER", False):  # every piece of the gate gradients in registers at once
+        return options["BLOCK_K"] * options["NUM_PIECES"] * block_b * shape.dtype.itemsize <= OPERAND_BYTES
     # The forward stages its (P, BLOCK_B) operand through registers, the partial sums hold their part
     # of dL/dh (all P, or H with a projection, features) there.
     widest = max(shape.features, shape.hidden if shape.has_proj and backward else 0)
@@ -400,12 +422,12 @@ def gpu_plan(shape: Shape, multiprocessors: int, backward: bool, scheme: str = "
     if scheme == "persistent" and found.grid[1] * 2 * shape.steps < 2**31:
         return found
     # The same blocks, so the same rounding: one program per block and batch tile, a launch a step.
-    options = found.options
-    programs = triton.cdiv(shape.hidden, options["BLOCK_U"])
-    grid = (triton.cdiv(shape.batch, options["BLOCK_B"]), programs, shape.directions)
-    options = _options(shape, found.resident, options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"], programs,
-                       _chunk(shape.dtype), backward, options.get("GATHER", False), options["RESIDENT_PROJ"])
-    return Plan("stepwise", grid, options, shape.has_proj)
+    options = dict(found.options)
+    block_b, block_u, block_p = options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"]
+    programs = triton.cdiv(shape.hidden, block_u)
+    if backward:
+        options["REDUCE_CHUNK"] = _reduce_chunk(shape, block_b, block_u, block_p, programs)
+    return Plan("stepwise", (triton.cdiv(shape.batch, block_b), programs, shape.directions), options, shape.has_proj)
 
 
 def _interpreter_plan(shape: Shape, scheme: str, resident: bool, backward: bool, gather: bool) -> Plan:
@@ -455,24 +477,31 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
     sizes = [16] if gather else [size for size in (1, 2, 4, 8, 16, 32, 64) if size >= shape.smallest_block]
     if backward and not gather and shape.hidden % 16 == 0:
         sizes = [size for size in sizes if size >= BACKWARD_UNITS] + [size for size in sizes[::-1] if size < BACKWARD_UNITS]
+    chunk = _chunk(shape.dtype)
     candidates = []
     for preference, block_u in enumerate(sizes):
         programs = triton.cdiv(shape.hidden, block_u)
         block_p = _pow2(triton.cdiv(shape.features, programs))
         if shape.directions * programs > multiprocessors:
             continue
-        for block_b in (32, 16):
-            if block_b <= _block_b(shape.batch, LARGEST_BLOCK_B) and _fits(shape, block_b, block_u, block_p, backward,
-                                                                            gather):
+        for block_b, whole_groups in itertools.product((32, 16), (True, False)):
+            # The backward keeps W_hr wherever it keeps W_hh; the forward where both fit (below).
+            options = _options(shape, True, block_b, block_u, block_p, programs, chunk, backward, gather,
+                               shape.has_proj and backward, whole_groups)
+            if block_b <= _block_b(shape.batch, LARGEST_BLOCK_B) and _fits(shape, options, backward):
                 groups = min(triton.cdiv(shape.batch, block_b), multiprocessors // (shape.directions * programs))
                 tiles = triton.cdiv(triton.cdiv(shape.batch, block_b), groups)
-                candidates.append((tiles, preference, -block_b, groups, programs, block_u, block_p))
+                candidates.append((tiles, preference, -block_b, not whole_groups, groups, programs, options))
     if not candidates:
         return None
-    _, _, negative_block_b, groups, programs, block_u, block_p = min(candidates)
-    resident_proj = shape.has_proj and (backward or _projection_fits(shape, -negative_block_b, block_u, block_p))
-    options = _options(shape, True, -negative_block_b, block_u, block_p, programs, _chunk(shape.dtype), backward,
-                       gather, resident_proj)
+    *_, groups, programs, options = min(candidates, key=lambda candidate: candidate[:4])
+    if shape.has_proj and not backward:
+        for whole_groups in (True, False):
+            keeping = _options(shape, True, options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"], programs,
+                               chunk, backward, resident_proj=True, whole_groups=whole_groups)
+            if _projection_fits(shape, keeping):
+                options = keeping
+                break
     return Plan("persistent", (groups, programs, shape.directions), options, shape.has_proj)
 
 
