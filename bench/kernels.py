@@ -16,15 +16,16 @@ Its last column compares the shared memory the plan counted (``launch.resident_b
 the compiler allocated.
 
 ``fresh loads`` counts, by width, the loads of what other programs wrote (the step's operand, the
-partial sums), which go to L2: where every size is a multiple of 16, 16-byte vectors.
+partial sums), which go to L2: where rows of ``H`` and ``P`` start on 8 elements, 16-byte vectors.
 
 Run it with ``TRITON_INTERPRET`` unset. ``--check`` exits non-zero if a variant fails to compile,
 spills, needs more shared memory than an H100 gives a program, or reads from L2 in narrower loads
 than that (``NARROW_FRESH_LOADS``); ``--all`` compiles the full grid
 (B 1/16/64/256 x H 256/768/1024 x fp16/bf16/fp32/tf32, every cell and both kernels, one
 direction; the headline B=16 H=768 also in fp64 and without options, and with both directions
-at H=768 and H=512; B=5 x H=1000, where no size is a multiple of 16; and B=16 x H=480, whose
-gate rows make no whole groups of batched pieces);
+at H=768 and H=512; B=5 x H=999, where no size is a multiple of 16 or of 2; B=16 x H=1000, a
+multiple of 8, also in tf32; and B=16 x H=480, whose gate rows make no whole groups of batched
+pieces);
 ``--json`` writes the table.
 """
 
@@ -58,17 +59,22 @@ MULTIPROCESSORS = 132
 SHARED_MEMORY_LIMIT = 227 * 1024
 HEADLINE = (16, 768)
 GRID_BATCHES, GRID_HIDDENS = (1, 16, 64, 256), (256, 768, 1024)
-# (batch, hidden) with no multiple of 16: nothing for the compiler to specialise on (``signature``).
-UNALIGNED = (5, 1000)
+# (batch, hidden) with no multiple of 16, H not even of 2: nothing for the compiler to specialise on
+# (``signature``), rows that start anywhere, read an element at a time.
+UNALIGNED = (5, 999)
+# H no multiple of 16, but of 8: a launch does not mark it, the kernels tell the compiler
+# (``launch.alignment``), and its rows come in 16-byte vectors (the projection's P = 500 in 8-byte).
+MULTIPLE_OF_8 = (16, 1000)
 # A hidden size whose gate rows (and W_hr's columns) make no whole groups of batched pieces: they
 # are padded (``launch.batched_pieces``; the GRU's 1440 rows in 24 pieces of 64, 3 groups of 8).
 OFF_GRID = (16, 480)
 CELLS = ("lstm", "lstm_proj", "gru", "rnn_tanh")
-# Where every size is a multiple of 16, what a kernel reads from L2 comes in 16-byte vectors but
-# for the streamed chunks (of h_{t-1}, and of h_raw where W_hr streams) and the reduction of
-# W_hr's partial sums (the projection's backward where it sums parts): a load instruction each,
-# of an element or two a thread. Until 2026-12-06, Triton 3.6 read the resident plans' operands an
-# element at a time (64 to 192 loads a thread; ``recurrence.group_columns`` says why).
+# Where rows of H and P are in vectors (``launch.rows_in_vectors``), what a kernel reads from L2 comes in
+# 16-byte vectors but for the streamed chunks (of h_{t-1}, and of h_raw where W_hr streams) and
+# the reduction of W_hr's partial sums (the projection's backward where it sums parts): a load
+# instruction each, of an element or two a thread. Until 2026-12-06, Triton 3.6 read the resident
+# plans' operands an element at a time (64 to 192 loads a thread; ``recurrence.group_columns``
+# says why).
 NARROW_FRESH_LOADS = 2
 # Pointers each cell leaves None, and the optional inputs (the kernels' flags) of each direction.
 CELL_POINTERS = {
@@ -128,8 +134,8 @@ def shape_of(variant: Variant):
 def variants(full: bool):
     """The subset CI compiles - every cell and kernel at the headline shape with every option in
     fp16, tf32 and fp64, the LSTM also in bf16, fp32, without options and bidirectional (at H=512)
-    - or the full grid, and each cell and kernel at the ``UNALIGNED`` and ``OFF_GRID`` shapes in
-    fp16."""
+    - or the full grid, and each cell and kernel at the ``UNALIGNED``, ``MULTIPLE_OF_8`` (also
+    in tf32) and ``OFF_GRID`` shapes in fp16."""
     for cell in CELLS:
         for kernel in ("forward", "backward"):
             for dtype in DTYPES if full or cell == "lstm" else ("float16", "tf32", "float64"):
@@ -146,6 +152,8 @@ def variants(full: bool):
                             if (batch, hidden) != HEADLINE:
                                 yield Variant(cell, kernel, dtype, "all", batch, hidden)
                 yield Variant(cell, kernel, "float16", "all", *UNALIGNED)
+                for dtype in ("float16", "tf32"):
+                    yield Variant(cell, kernel, dtype, "all", *MULTIPLE_OF_8)
                 yield Variant(cell, kernel, "float16", "all", *OFF_GRID)
 
 
@@ -408,6 +416,8 @@ def fresh_loads(sass: str) -> str:
 
 def failures(report: Report) -> list:
     """What ``--check`` refuses in a report."""
+    from fused_rnn.ops.launch import rows_in_vectors
+
     problems = []
     if not report.ok:
         problems.append("does not compile")
@@ -420,7 +430,8 @@ def failures(report: Report) -> list:
     if report.ok and report.plan.startswith("resident") and "W_hr streams" not in report.plan and report.w_hr_loads_in_loop:
         problems.append("loads W_hr inside the time loop")
     narrow = sum(int(count) for bits, count in re.findall(r"(\d+)-bit x(\d+)", report.fresh_loads) if int(bits) < 128)
-    if (report.variant.batch, report.variant.hidden) != UNALIGNED and narrow > NARROW_FRESH_LOADS:
+    shape = shape_of(report.variant)
+    if rows_in_vectors(shape.hidden) and rows_in_vectors(shape.features) and narrow > NARROW_FRESH_LOADS:
         problems.append(f"reads from L2 in {narrow} loads narrower than 16 bytes")
     return problems
 

@@ -36,11 +36,11 @@ def test_every_kernel_compiles_for_sm90_without_spilling(tmp_path):
 def test_reports_compile_the_shape_as_a_launch_specialises_it():
     # A launch marks integer arguments that are multiples of 16 as such and makes a 1 a constant;
     # compiled without that, the reports showed spills the launched kernels do not have.
-    from bench.kernels import Variant, signature, shape_of
+    from bench.kernels import UNALIGNED, Variant, signature, shape_of
     from fused_rnn.ops import launch, recurrence
 
     for batch, hidden, constant, divisible in [(1, 768, {"B"}, {"H", "P"}), (16, 768, set(), {"B", "H", "P"}),
-                                               (5, 1000, set(), set())]:
+                                               (*UNALIGNED, set(), set())]:
         variant = Variant("lstm", "backward", "float16", "all", batch, hidden)
         plan = launch.gpu_plan(shape_of(variant), 132, backward=True)
         types, constants, marked = signature(variant, recurrence.backward_kernel, plan)
@@ -98,7 +98,7 @@ def test_fresh_loads_leave_out_the_barriers_polls_and_the_check_refuses_narrow_o
     # Triton 3.6 read the headline forward's operand 2 bytes at a time: 64 loads a thread where 8
     # vectors of 16 bytes do. The barrier's poll (the acquire: CCTL.IVALL follows it) is not data,
     # though ptxas may use its address register for a data load elsewhere (R160 at 0x0100).
-    from bench.kernels import UNALIGNED, Report, Variant, failures, fresh_loads
+    from bench.kernels import MULTIPLE_OF_8, UNALIGNED, Report, Variant, failures, fresh_loads
 
     sass = """
         /*0100*/               @P5 LDG.E.128.STRONG.GPU R28, desc[UR12][R160.64] ;
@@ -119,7 +119,26 @@ def test_fresh_loads_leave_out_the_barriers_polls_and_the_check_refuses_narrow_o
 
     assert failures(report((16, 768), "16-bit x64")) == ["reads from L2 in 64 loads narrower than 16 bytes"]
     assert failures(report((16, 768), "128-bit x8 32-bit x1")) == []
-    assert failures(report(UNALIGNED, "16-bit x64")) == []  # a launch cannot mark H = 1000 as aligned
+    assert failures(report(UNALIGNED, "16-bit x64")) == []  # rows of H = 999 start anywhere
+    # H = 1000 is a multiple of 8: the kernels say so (launch.alignment), and rows come in vectors.
+    assert failures(report(MULTIPLE_OF_8, "16-bit x64")) == ["reads from L2 in 64 loads narrower than 16 bytes"]
+
+
+@pytest.mark.parametrize("cell, kernel, plan, chain", [("lstm", "forward", "resident 1x125x1", 8),
+                                                      ("gru", "backward", "resident gather", 4)])
+def test_rows_of_a_multiple_of_8_are_read_in_vectors_and_batched(tmp_path, cell, kernel, plan, chain):
+    # A launch marks only the multiples of 16 among its integers: at H = 1000 the forward read
+    # h_{t-1} 2 bytes at a time (64 loads a thread) in one tl.dot, a chain of 64 HMMA, and the
+    # GRU's gathering backward spilled 140 bytes a thread, so it summed parts. Told H and P are
+    # multiples of 8 (ALIGNMENT_H, ALIGNMENT_P), they read 16-byte vectors and batch.
+    script = ("from bench.kernels import Variant, compile_variant; "
+              f"r = compile_variant(Variant('{cell}', '{kernel}', 'float16', 'all', 16, 1000), 90); "
+              "print(r.ok, r.spill_bytes, r.plan, r.mma_chain, r.fresh_loads, sep=',')")
+    result = compile_in_subprocess(["-c", script], tmp_path, 600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ok, spill, planned, longest, loads = result.stdout.strip().splitlines()[-1].split(",")
+    assert (ok, spill) == ("True", "0") and planned.startswith(plan) and 0 < int(longest) <= chain, result.stdout
+    assert loads.startswith("128-bit") and len(loads.split()) == 2, result.stdout
 
 
 @pytest.mark.parametrize("kernel", ["forward", "backward"])

@@ -75,13 +75,39 @@ def test_headline_backward_gathers_with_48_programs_of_16_units():
     assert launch.resident_bytes(shape(), plan.options, backward=True) == 2 * 96 * 1024
 
 
-def test_backward_sums_parts_where_h_is_no_multiple_of_16():
-    # The GRU's transposed blocks fit at H=1000 (3000 gate rows), but there the gathering backward
-    # spills: the launch cannot mark H as a multiple of 16 (python -m bench.kernels --all).
-    layer = shape("gru", hidden=1000)
+def test_backward_sums_parts_where_rows_of_h_are_not_in_vectors():
+    # The GRU's transposed blocks fit at H=1004 (3012 gate rows), but its rows start on a multiple
+    # of 4: read an element at a time, the gathering backward spilled (140 bytes a thread at
+    # H=1000 before the kernels knew H a multiple of 8; python -m bench.kernels --all).
+    layer = shape("gru", hidden=1004)
+    assert launch.alignment(1004) == 4 and not launch.rows_in_vectors(1004)
     assert launch._fits(layer, gathering_options(layer, 16), backward=True)
     assert not launch.gpu_plan(layer, H100_SMS, backward=True).options["GATHER"]
-    assert launch.gpu_plan(shape("gru", hidden=1008), H100_SMS, backward=True).options["GATHER"]
+    for hidden in (1000, 1008):
+        assert launch.gpu_plan(shape("gru", hidden=hidden), H100_SMS, backward=True).options["GATHER"]
+
+
+@pytest.mark.parametrize("size, expected", [(768, 16), (1024, 16), (1000, 8), (500, 4), (650, 2), (999, 1)])
+def test_alignment_is_the_largest_power_of_two_up_to_16_dividing_a_size(size, expected):
+    assert launch.alignment(size) == expected
+    assert launch.rows_in_vectors(size) == (expected >= 8)
+
+
+def test_every_plan_tells_the_kernels_an_alignment_of_h_and_p_that_divides_them(monkeypatch):
+    # The kernels write H and P as multiples of ALIGNMENT_H and ALIGNMENT_P (recurrence.aligned):
+    # one that does not divide them would move every row.
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    plans = []
+    for cell, hidden, proj, backward in itertools.product(CELLS, (7, 20, 100, 500, 650, 1000, 1004), (None, 60, 125),
+                                                          (False, True)):
+        if proj and cell != "lstm-proj":
+            continue
+        layer = shape(cell, hidden=hidden, proj=proj and min(proj, hidden - 1))
+        plans += [launch.gpu_plan(layer, H100_SMS, backward), launch.gpu_plan(layer, H100_SMS, backward, "stepwise"),
+                  launch._interpreter_plan(layer, "persistent", True, backward, True)]
+        for plan in plans[-3:]:
+            assert layer.hidden % plan.options["ALIGNMENT_H"] == 0 and layer.features % plan.options["ALIGNMENT_P"] == 0
+    assert {plan.options["ALIGNMENT_H"] for plan in plans} == {1, 4, 2, 8}
 
 
 @pytest.mark.parametrize(
@@ -102,14 +128,15 @@ def test_forward_plan_walks_the_fewest_batch_tiles_then_spreads_w_hh_widest(batc
 
 @pytest.mark.parametrize(
     "dtype, hidden, units",
-    [(torch.float16, 1024, 16), (torch.float32, 768, 16), (torch.float32, 1024, 8), (torch.float16, 1000, 8)],
-    ids=["fp16-H1024", "tf32-H768", "tf32-H1024", "fp16-H1000"],
+    [(torch.float16, 1024, 16), (torch.float32, 768, 16), (torch.float32, 1024, 8), (torch.float16, 1000, 16),
+     (torch.float16, 1004, 8)],
+    ids=["fp16-H1024", "tf32-H768", "tf32-H1024", "fp16-H1000", "fp16-H1004"],
 )
 def test_backward_sums_parts_where_the_transposed_blocks_do_not_fit(monkeypatch, dtype, hidden, units):
     # fp16 at H=1024: 16 features' columns (4096 x 16 x 2 bytes) and the operand need 256 KB. The
     # partial sums take blocks of 16 units where they fit, smaller ones where not (TF32 at H=1024:
-    # 64 x 1024 x 4 bytes), and the smallest where H is no multiple of 16: the compiler cannot
-    # specialise H there, and 16-unit programs spill (python -m bench.kernels --all).
+    # 64 x 1024 x 4 bytes), and the smallest where rows do not start on 16 bytes (H=1004 in fp16):
+    # read an element at a time, 16-unit programs spill (python -m bench.kernels --all).
     monkeypatch.setattr(launch, "interpreting", lambda: False)  # fp32 dots in TF32, as on a GPU
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     layer = shape(dtype=dtype, hidden=hidden)

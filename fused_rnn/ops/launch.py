@@ -19,7 +19,7 @@ Launch schemes (both run the same kernels, which take the steps ``[step_begin, s
 The backward carries the gradient through ``W_hh`` one of two ways (``recurrence.backward_kernel``):
 ``gather`` (every program reads all gate gradients, the default where its transposed blocks fit on
 an SM) or ``partial`` (partial sums, the finer tiling; also wherever the weights stream, and
-where ``H`` is no multiple of 16: ``gpu_plan``).
+where rows of ``H`` are not in vectors: ``gpu_plan``).
 
 ``FUSED_RNN_SCHEME`` (``persistent`` / ``stepwise``) forces a scheme; ``FUSED_RNN_WEIGHTS=streaming``
 forces streamed weights (``resident``, the default, keeps them on chip where they fit);
@@ -218,6 +218,8 @@ def _options(shape: Shape, resident: bool, block_b: int, block_u: int, block_p: 
         BLOCK_KP=block_kp,
         NUM_PIECES_P=num_pieces_p,
         GROUP_PIECES_P=group_p,
+        ALIGNMENT_H=alignment(shape.hidden),
+        ALIGNMENT_P=alignment(shape.features),
         **_precision(shape.dtype),
     )
     if backward:
@@ -234,6 +236,20 @@ def _reduce_chunk(shape: Shape, block_b: int, block_u: int, block_p: int, progra
     return max(1, min(triton.next_power_of_2(programs), reduce_elements // (block_f * block_b)))
 
 
+def alignment(size: int) -> int:
+    """``ALIGNMENT_H`` / ``ALIGNMENT_P``: the largest power of two, at most 16, dividing ``size``
+    (``recurrence.aligned``)."""
+    return min(16, size & -size)
+
+
+def rows_in_vectors(size: int) -> bool:
+    """Whether rows of ``size`` elements start on 8 elements (16 bytes in fp16 and bf16, 32 in
+    fp32), where the compiler reads them in 16-byte vectors: the alignment the plans ask of ``H``
+    for the gathering backward and 16-unit blocks of parts, of ``P`` for the batched forward
+    (compiled at H = 1000, ``python -m bench.kernels --all``)."""
+    return alignment(size) >= 8
+
+
 def partial_columns(features: int) -> int:
     """Row length of the partial-sum buffers: ``features`` rounded up to a multiple of 16, which a
     launch marks divisible by 16 (``recurrence.write_partial`` says why)."""
@@ -244,10 +260,12 @@ def _batches_forward(shape: Shape, block_u: int) -> bool:
     """Whether the forward multiplies its resident block in batched pieces
     (``recurrence.recurrent_matmul``): blocks of fewer than 64 gate rows, which run on ``HMMA``
     anyway (64 rows and more take ``HGMMA``, which a batched ``tl.dot`` would give up), with
-    ``P`` at least 32 (two pieces of ``tl.dot``'s least 16) and a multiple of 16 (at P = 1000 the
-    batched forward spills 8 bytes a thread with Triton 3.6). The gathering backward always
-    batches (its blocks have 16 rows); in how many groups, ``group_pieces`` decides."""
-    return shape.gate_slots * block_u < 64 and shape.features >= 32 and shape.features % 16 == 0
+    ``P`` at least 32 (two pieces of ``tl.dot``'s least 16) and rows of ``P`` in vectors
+    (``rows_in_vectors``: read an element at a time, at P = 1000 before ``ALIGNMENT_P`` told the
+    compiler of its multiple of 8, the batched forward spilled 8 bytes a thread with Triton 3.6).
+    The gathering backward always batches (its blocks have 16 rows); in how many groups,
+    ``group_pieces`` decides."""
+    return shape.gate_slots * block_u < 64 and shape.features >= 32 and rows_in_vectors(shape.features)
 
 
 def group_pieces(shape: Shape, block_k: int, num_pieces: int, block_b: int) -> int:
@@ -408,12 +426,13 @@ def plan(shape: Shape, device: torch.device, backward: bool) -> Plan:
 def gpu_plan(shape: Shape, multiprocessors: int, backward: bool, scheme: str = "persistent",
              weights: str | None = None, gather: bool = True) -> Plan:
     """``plan`` for a GPU with ``multiprocessors`` SMs (``python -m bench.kernels`` asks without one).
-    The backward gathers where its transposed blocks fit, else it sums parts; not where ``H`` is
-    no multiple of 16, which a launch cannot mark as such: there the GRU's gathering backward
-    spills (140 bytes a thread at H = 1000, ``python -m bench.kernels --all``)."""
+    The backward gathers where its transposed blocks fit, else it sums parts; not where rows of
+    ``H`` are not in vectors (``rows_in_vectors``): read an element at a time, the GRU's gathering
+    backward spilled 140 bytes a thread at H = 1000 before ``ALIGNMENT_H`` (``python -m
+    bench.kernels --all``)."""
     found = None
     if weights != "streaming":
-        if backward and gather and shape.hidden % 16 == 0:
+        if backward and gather and rows_in_vectors(shape.hidden):
             found = _resident_persistent_plan(shape, multiprocessors, backward, gather=True)
         found = found or _resident_persistent_plan(shape, multiprocessors, backward)
     found = found or _streaming_persistent_plan(shape, multiprocessors, backward)
@@ -471,11 +490,14 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
     Triton 3.9; its 32-unit TF32 blocks, 12 with 3.6: ``python -m bench.kernels --all``), so it
     takes 16. The partial sums cost each program a write and a read of ``B * P`` values per step, so
     that backward prefers blocks of ``BACKWARD_UNITS`` (at the headline 48 programs of 16 units
-    instead of 96 of 8), then larger ones, then smaller ones. Not where ``H`` is no multiple of
-    16: a launch cannot mark it so, and there 16-unit programs spill (56 bytes a thread in the
-    LSTM backward at H = 1000, ``python -m bench.kernels --all``)."""
+    instead of 96 of 8), then larger ones, then smaller ones. Not where rows of ``H`` are not in
+    vectors (``rows_in_vectors``): read an element at a time, 16-unit programs spilled (56 bytes a
+    thread in the LSTM backward at H = 1000 before ``ALIGNMENT_H``, ``python -m bench.kernels
+    --all``). Batched products come in pieces padded to whole groups where they fit
+    (``batched_pieces``), before wider tiles: a group smaller than the warps repeats its product
+    on several."""
     sizes = [16] if gather else [size for size in (1, 2, 4, 8, 16, 32, 64) if size >= shape.smallest_block]
-    if backward and not gather and shape.hidden % 16 == 0:
+    if backward and not gather and rows_in_vectors(shape.hidden):
         sizes = [size for size in sizes if size >= BACKWARD_UNITS] + [size for size in sizes[::-1] if size < BACKWARD_UNITS]
     chunk = _chunk(shape.dtype)
     candidates = []
@@ -484,14 +506,18 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
         block_p = _pow2(triton.cdiv(shape.features, programs))
         if shape.directions * programs > multiprocessors:
             continue
-        for block_b, whole_groups in itertools.product((32, 16), (True, False)):
+        # Only the gathering backward's pieces are ever padded: the forward's W_hh columns are a
+        # power of two, and W_hr's there are settled below.
+        for block_b, whole_groups in itertools.product((32, 16), (True, False) if gather else (True,)):
+            if block_b > _block_b(shape.batch, LARGEST_BLOCK_B):
+                continue
             # The backward keeps W_hr wherever it keeps W_hh; the forward where both fit (below).
             options = _options(shape, True, block_b, block_u, block_p, programs, chunk, backward, gather,
                                shape.has_proj and backward, whole_groups)
-            if block_b <= _block_b(shape.batch, LARGEST_BLOCK_B) and _fits(shape, options, backward):
+            if _fits(shape, options, backward):
                 groups = min(triton.cdiv(shape.batch, block_b), multiprocessors // (shape.directions * programs))
                 tiles = triton.cdiv(triton.cdiv(shape.batch, block_b), groups)
-                candidates.append((tiles, preference, -block_b, not whole_groups, groups, programs, options))
+                candidates.append((tiles, preference, not whole_groups, -block_b, groups, programs, options))
     if not candidates:
         return None
     *_, groups, programs, options = min(candidates, key=lambda candidate: candidate[:4])
