@@ -1,7 +1,8 @@
 """How a recurrence is launched: the plan (scheme, resident or streamed weights, block sizes,
 grid), the precision, the grid barrier, and the launch itself.
 
-Launch schemes (both run the same kernels, which take the steps ``[step_begin, step_end)``):
+Launch schemes (both run the same kernels: a persistent launch walks all ``T`` steps, a stepwise
+one ``[step_begin, step_end)``, ``recurrence.step_bounds``):
 
 * ``persistent`` - one launch per layer, both directions. Grid ``(n_b, n_u, D)``: the ``n_u``
   programs of a batch group and direction walk every timestep and meet at a barrier

@@ -57,6 +57,19 @@ def aligned(size, ALIGNMENT: tl.constexpr):
 
 
 @triton.jit
+def step_bounds(T, step_begin, step_end, GRID_SYNC: tl.constexpr):
+    """The steps a launch walks: all ``T`` in a persistent launch (``GRID_SYNC``), else ``[step_begin,
+    step_end)``. Bounded by ``0`` and the argument ``T``, the time loop compares against ``T`` where
+    the launch left it; ``step_end - step_begin`` took a register, which Triton 3.6 spilled in the
+    gathering backward at B = 5 and loaded again every step, after the barrier's poll had
+    invalidated L1 (``python -m bench.kernels``)."""
+    first_step, last_step = step_begin, step_end
+    if GRID_SYNC:
+        first_step, last_step = 0, T
+    return first_step, last_step
+
+
+@triton.jit
 def buffer_rows(slot, batch_rows, B, D, direction):
     """Rows of ``(slot, batch_rows, direction)`` in a ``(., B, D, F)`` buffer (int64: row offsets
     pass 2**31 long before the element count of any one tensor is a problem)."""
@@ -493,7 +506,8 @@ def forward_kernel(
     GROUP_PIECES_P: tl.constexpr, ALIGNMENT_H: tl.constexpr, ALIGNMENT_P: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
-    """Forward recurrence of a layer over the steps ``[step_begin, step_end)``, both directions.
+    """Forward recurrence of a layer over its ``T`` steps (a stepwise launch: ``[step_begin,
+    step_end)``, ``step_bounds``), both directions.
 
     Grid ``(n_b, n_u, D)``: program ``(i, j, d)`` runs direction ``d`` (1: reverse in time) for the
     batch tiles ``i, i + n_b, ...`` and the unit blocks ``j, j + n_u, ...`` (with ``RESIDENT``,
@@ -532,7 +546,8 @@ def forward_kernel(
         w_hr = resident_block(w_hr_ptr, first_feature, P, H, 1, 1, BLOCK_P, BLOCK_KP, NUM_PIECES_P, GROUP_PIECES_P,
                               False)
     arrivals = 0
-    for step in range(step_begin, step_end):
+    first_step, last_step = step_bounds(T, step_begin, step_end, GRID_SYNC)
+    for step in range(first_step, last_step):
         t = tl.where(direction == 0, step, T - 1 - step)
         t_next = t + 1 - 2 * direction
         if STEP_PHASE != 2:
@@ -665,10 +680,10 @@ def backward_kernel(
     ALIGNMENT_P: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
-    """Backward (BPTT) of ``forward_kernel`` over the steps ``[step_begin, step_end)``, each
-    direction walking its time the other way. Same grid as the forward; program ``j`` owns the
-    unit blocks ``j, j + n_u, ...`` and the blocks of ``BLOCK_P`` features of ``h`` (with a
-    projection; else its features are its units).
+    """Backward (BPTT) of ``forward_kernel`` over its ``T`` steps (stepwise: ``[step_begin,
+    step_end)``), each direction walking its time the other way. Same grid as the forward;
+    program ``j`` owns the unit blocks ``j, j + n_u, ...`` and the blocks of ``BLOCK_P`` features
+    of ``h`` (with a projection; else its features are its units).
 
     Per step: ``dh_t`` for the features the program owns (``hidden_grad``); [proj] then
     a barrier (``STEP_PHASE`` as in the forward: 1 runs up to it, 2 from it) and ``dL/d(o *
@@ -729,7 +744,8 @@ def backward_kernel(
         if RESIDENT_PROJ and STEP_PHASE != 2:
             w_hr = resident_block(w_hr_ptr, first_feature, P, H, 1, 1, BLOCK_P, BLOCK_KP, NUM_PIECES_P, 1, False)
     arrivals = 0
-    for step in range(step_begin, step_end):
+    first_step, last_step = step_bounds(T, step_begin, step_end, GRID_SYNC)
+    for step in range(first_step, last_step):
         # Walking time backwards: T-1, ..., 0 for the forward direction; 0, ..., T-1 in reverse. As
         # arithmetic (T - 1 - step + direction * (2 * step + 1 - T)) it kept 1 - T live across the
         # loop, which Triton 3.9 spilled in the LSTM's gathering backward with lengths.
