@@ -125,10 +125,10 @@ def plan_cases(mode, P=None):
     """What runs on every plan: all options in both directions over several programs' worth of
     units, two batch tiles, and blocks whose products go as batched pieces
     (``launch.group_pieces``): 48 features, four pieces in the stepwise forward's blocks; in the
-    gathering backward the LSTM's 4 x 128 gate rows, one group of 8 pieces of 64, and the GRU's
-    3 x 128, 12 pieces of 32 (pieces of 64 would not fill groups of 8) in three groups of 4."""
+    gathering backward 192 units: the LSTM's 4 x 192 gate rows in three groups of 8 pieces of 32,
+    the GRU's 3 x 192 padded with zero pieces to as many (``launch.batched_pieces``)."""
     return [Case(mode, 3, 5, 20, P, D=2, options=ALL_TRAINING), Case(mode, 2, 67, 7), Case(mode, 2, 3, 48),
-            Case(mode, 2, 3, 128)]
+            Case(mode, 2, 3, 192)]
 
 
 @dataclasses.dataclass
