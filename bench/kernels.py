@@ -68,6 +68,10 @@ MULTIPLE_OF_8 = (16, 1000)
 # A hidden size whose gate rows (and W_hr's columns) make no whole groups of batched pieces: they
 # are padded (``launch.batched_pieces``; the GRU's 1440 rows in 24 pieces of 64, 3 groups of 8).
 OFF_GRID = (16, 480)
+# A batch of no multiple of 16 where the backward gathers, its operand filling the registers (the
+# GRU's, one wave) or in waves (the LSTM's 2, the projection's 4): at B=5 Triton 3.6 spilled the
+# time loop's trip count where 16 did not (``recurrence.step_bounds``).
+ODD_BATCH = (5, 1024)
 CELLS = ("lstm", "lstm_proj", "gru", "rnn_tanh")
 # Where rows of H and P are in vectors (``launch.rows_in_vectors``), what a kernel reads from L2 comes in
 # 16-byte vectors but for the streamed chunks (of h_{t-1}, and of h_raw where W_hr streams) and
@@ -135,7 +139,7 @@ def variants(full: bool):
     """The subset CI compiles - every cell and kernel at the headline shape with every option in
     fp16, tf32 and fp64, the LSTM also in bf16, fp32, without options and bidirectional (at H=512)
     - or the full grid, and each cell and kernel at the ``UNALIGNED``, ``MULTIPLE_OF_8`` (also
-    in tf32) and ``OFF_GRID`` shapes in fp16."""
+    in tf32), ``OFF_GRID`` and ``ODD_BATCH`` shapes in fp16."""
     for cell in CELLS:
         for kernel in ("forward", "backward"):
             for dtype in DTYPES if full or cell == "lstm" else ("float16", "tf32", "float64"):
@@ -155,6 +159,7 @@ def variants(full: bool):
                 for dtype in ("float16", "tf32"):
                     yield Variant(cell, kernel, dtype, "all", *MULTIPLE_OF_8)
                 yield Variant(cell, kernel, "float16", "all", *OFF_GRID)
+                yield Variant(cell, kernel, "float16", "all", *ODD_BATCH)
 
 
 def signature(variant: Variant, kernel, plan):
@@ -213,12 +218,14 @@ def signature(variant: Variant, kernel, plan):
 
 def describe(shape, plan) -> str:
     """A plan in a few words: resident or streaming weights, the backward's scheme, the grid and the
-    blocks, e.g. ``resident gather 1x48x1 B16xU16``."""
+    blocks, e.g. ``resident gather 1x48x1 B16xU16``, and the gathering operand's waves where there
+    are several (``resident gather 1x64x1 B16xU16 in 2 waves``)."""
     options = plan.options
     scheme = {True: " gather", False: " parts"}.get(options.get("GATHER"), "")
+    waves = options.get("OPERAND_WAVES", 1) if options.get("GATHER") else 1
     projection = " W_hr streams" if plan.resident and shape.has_proj and not options["RESIDENT_PROJ"] else ""
     return (f"{'resident' if plan.resident else 'streaming'}{scheme} {plan.grid[0]}x{plan.grid[1]}x{plan.grid[2]} "
-            f"B{options['BLOCK_B']}xU{options['BLOCK_U']}{projection}")
+            f"B{options['BLOCK_B']}xU{options['BLOCK_U']}{projection}{f' in {waves} waves' if waves > 1 else ''}")
 
 
 def compile_variant(variant: Variant, arch: int) -> Report:

@@ -16,8 +16,9 @@ in microseconds per step:
 
 ``round_trips`` counts the dependent trips to L2 on a step's critical path: the stores the next
 step reads and the barrier (an arrival and the poll that sees the last one), then for each batch
-tile a program walks the operand load (every piece at once; in a backward that sums parts, one
-per chunk of programs whose parts ``reduce_partials`` loads), with the cell's own loads (the
+tile a program walks the operand load (every piece at once, or of the gathering backward's
+operand one wave after another; in a backward that sums parts, one per chunk of programs whose
+parts ``reduce_partials`` loads), with the cell's own loads (the
 forward's ``gates_x`` and state, the backward's saved activations and states) issued before it.
 A batch tile's product takes the longer of two times: ``chain``, its longest run of
 ``HMMA`` instructions that each wait for the one before, and the multiply-adds of all its matrix
@@ -131,7 +132,8 @@ def step_seconds(cell: str, dtype_name: str, batch: int, hidden: int, backward: 
             gates * hidden * size            # every unit's gate gradients of the step before, read
             + units * (saved_gates + gates) * size      # saved activations read, gate gradients written
             + units * (size + states + 8))              # grad_h, states, carries
-        round_trips = SYNC_ROUND_TRIPS + tiles * TILE_ROUND_TRIPS
+        # A wave of the operand after another's products: one trip each.
+        round_trips = SYNC_ROUND_TRIPS + tiles * TILE_ROUND_TRIPS * plan.options["OPERAND_WAVES"]
     elif backward:
         per_program = rows * (
             hidden * 4                       # partial sums of dL/dh_{t-1}, written (fp32)

@@ -128,23 +128,66 @@ def test_forward_plan_walks_the_fewest_batch_tiles_then_spreads_w_hh_widest(batc
 
 @pytest.mark.parametrize(
     "dtype, hidden, units",
-    [(torch.float16, 1024, 16), (torch.float32, 768, 16), (torch.float32, 1024, 8), (torch.float16, 1000, 16),
-     (torch.float16, 1004, 8)],
-    ids=["fp16-H1024", "tf32-H768", "tf32-H1024", "fp16-H1000", "fp16-H1004"],
+    [(torch.float32, 768, 16), (torch.float32, 1024, 8), (torch.float16, 1004, 8)],
+    ids=["tf32-H768", "tf32-H1024", "fp16-H1004"],
 )
 def test_backward_sums_parts_where_the_transposed_blocks_do_not_fit(monkeypatch, dtype, hidden, units):
-    # fp16 at H=1024: 16 features' columns (4096 x 16 x 2 bytes) and the operand need 256 KB. The
-    # partial sums take blocks of 16 units where they fit, smaller ones where not (TF32 at H=1024:
-    # 64 x 1024 x 4 bytes), and the smallest where rows do not start on 16 bytes (H=1004 in fp16):
-    # read an element at a time, 16-unit programs spill (python -m bench.kernels --all).
+    # TF32 at H=768: 16 features' columns alone take 3072 x 16 x 4 bytes, 192 KB, with no room for a
+    # wave of the operand. The partial sums take blocks of 16 units where they fit, smaller ones where not (TF32
+    # at H=1024: 64 x 1024 x 4 bytes), and the smallest where rows do not start on 16 bytes (H=1004
+    # in fp16): read an element at a time, 16-unit programs spill (python -m bench.kernels --all).
     monkeypatch.setattr(launch, "interpreting", lambda: False)  # fp32 dots in TF32, as on a GPU
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     layer = shape(dtype=dtype, hidden=hidden)
-    assert not any(launch._fits(layer, gathering_options(layer, 16, whole_groups), backward=True)
-                   for whole_groups in (True, False))
+    for whole_groups in (True, False) if launch.rows_in_vectors(hidden) else ():
+        options = gathering_options(layer, 16, whole_groups)
+        assert not any(launch._fits(layer, dict(options, OPERAND_WAVES=waves), backward=True)
+                       for waves in launch.operand_waves(options))
     plan = launch.gpu_plan(layer, H100_SMS, backward=True)
     assert plan.resident and not plan.options["GATHER"]
     assert plan.options["BLOCK_U"] == units
+
+
+@pytest.mark.parametrize(
+    "dtype, hidden, waves",
+    [(torch.float16, 768, 1), (torch.float16, 1000, 2), (torch.float16, 1024, 2), (torch.bfloat16, 1216, 4)],
+    ids=["fp16-H768", "fp16-H1000", "fp16-H1024", "bf16-H1216"],
+)
+def test_backward_gathers_in_waves_where_one_operand_does_not_fit(monkeypatch, dtype, hidden, waves):
+    # The LSTM at H=1024 in fp16: 16 features' columns of W_hh (4096 x 16 x 2 bytes, 128 KB) and
+    # the gate gradients of a batch tile (128 KB) need 256 KB at once; in two waves of 64 KB, 192
+    # KB, and 64 registers a thread for the operand. One wave where it fits: each costs a round trip.
+    layer = shape(dtype=dtype, hidden=hidden)
+    plan = launch.gpu_plan(layer, H100_SMS, backward=True)
+    assert plan.resident and plan.options["GATHER"] and plan.options["OPERAND_WAVES"] == waves
+    assert plan.options["BLOCK_U"] == 16 and plan.grid == (1, -(-hidden // 16), 1)
+    assert launch.resident_bytes(layer, plan.options, backward=True) <= launch.SHARED_MEMORY_BUDGET
+    assert launch.wave_columns(plan.options) * 16 * dtype.itemsize <= launch.OPERAND_BYTES
+    if waves > 1:
+        assert not launch._fits(layer, dict(plan.options, OPERAND_WAVES=waves - 1), backward=True)
+
+
+def test_tf32_backward_sums_parts_where_its_operand_would_need_waves(monkeypatch):
+    # The LSTM at H=512 in TF32 would gather in two waves (128 KB of W_hh, 64 KB a wave), but its
+    # product runs HMMA at a quarter of the partial sums' HGMMA rate (python -m bench.model).
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    layer = shape(dtype=torch.float32, hidden=512)
+    options = gathering_options(layer, 16)
+    assert launch._fits(layer, dict(options, OPERAND_WAVES=2), backward=True)
+    assert not launch._fits(layer, options, backward=True)
+    plan = launch.gpu_plan(layer, H100_SMS, backward=True)
+    assert plan.resident and not plan.options["GATHER"]
+
+
+@pytest.mark.parametrize("groups, expected", [(1, [1]), (2, [1, 2]), (3, [1, 2, 3]), (6, [1, 2, 3]), (8, [1, 2, 3, 4])])
+def test_operand_waves_split_the_groups_into_that_many_waves(groups, expected):
+    # 6 groups in 4 waves would be 2 + 2 + 2 + 0: load_operand loads them in 3.
+    options = dict(NUM_PIECES=8 * groups, GROUP_PIECES=8, BLOCK_K=64)
+    assert launch.operand_waves(options) == expected
+    for waves in expected:
+        wave_groups = launch.wave_columns(dict(options, OPERAND_WAVES=waves)) // (8 * 64)
+        assert (waves - 1) * wave_groups < groups <= waves * wave_groups
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
@@ -189,7 +232,8 @@ def test_forward_streams_w_hr_where_it_does_not_fit_beside_w_hh(monkeypatch, dty
 def resident_fits(plan, layer, backward):
     """A resident plan's blocks fit the chip: shared memory for the weight blocks and dot operands,
     registers for the (features, batch) tile - the forward's operand, the partial sums over every
-    feature (``TILE_ELEMENTS``), the gathering backward's operand (``OPERAND_BYTES``); batch tiles
+    feature (``TILE_ELEMENTS``), a wave of the gathering backward's operand (``OPERAND_BYTES``,
+    in as many waves as ``operand_waves`` allows); batch tiles
     of at most ``LARGEST_BLOCK_B`` rows; blocks of at least 16 features where they are transposed;
     and each program owns exactly one block of units (and of the projection's features). A forward
     that keeps ``W_hr`` on chip too counts its block and operand, with a gate tile of at most
@@ -198,8 +242,9 @@ def resident_fits(plan, layer, backward):
     gather = options.get("GATHER", False)
     size = launch.resident_bytes(layer, options, backward)
     if gather:
-        operand = options["BLOCK_K"] * options["NUM_PIECES"] * options["BLOCK_B"] * layer.dtype.itemsize
+        operand = launch.wave_columns(options) * options["BLOCK_B"] * layer.dtype.itemsize
         registers = operand <= launch.OPERAND_BYTES and options["BLOCK_U"] >= 16 and options["BLOCK_P"] >= 16
+        registers &= options["OPERAND_WAVES"] in launch.operand_waves(options)
     else:
         widest = max(layer.features, layer.hidden if layer.has_proj and backward else 0)
         registers = triton.next_power_of_2(widest) * options["BLOCK_B"] <= launch.TILE_ELEMENTS
@@ -340,14 +385,17 @@ def test_batched_pieces_without_padding_cover_the_columns_in_the_largest_groups(
     assert launch.batched_pieces(columns, widest, narrowest, whole_groups=False) == expected
 
 
-def test_gathering_backward_pads_its_pieces_only_where_they_fit(no_forced_plan):
+def test_gathering_backward_pads_its_pieces_in_waves_rather_than_multiply_in_small_groups(no_forced_plan):
     # LSTM H=720 P=240, fp16, B=64: 2880 gate rows padded to 3072 and W_hr's 256 columns, with their
-    # operands, need 208 KB; unpadded, 196 KB: the plan gathers in groups of 2 rather than summing
-    # parts. Without the projection it pads.
-    for layer, count in ((shape("lstm-proj", batch=64, hidden=720, proj=240), 90), (shape(batch=64, hidden=720), 48)):
+    # operands, need 208 KB at once; unpadded, 196 KB, but 90 pieces of 32 make groups of 2, each
+    # product repeated on 4 warps. Padded, the gate gradients come in waves: of 32 batch rows in 3
+    # (184 KB), one tile a program, rather than 2 tiles of 16 in 2 waves each. Without the
+    # projection the padded pieces fit in one wave.
+    for layer, waves in ((shape("lstm-proj", batch=64, hidden=720, proj=240), 3), (shape(batch=64, hidden=720), 1)):
         assert launch._fits(layer, gathering_options(layer, 16, whole_groups=False), backward=True)
         plan = launch.gpu_plan(layer, H100_SMS, backward=True)
-        assert plan.options["GATHER"] and plan.options["NUM_PIECES"] == count
+        assert plan.options["GATHER"] and plan.options["OPERAND_WAVES"] == waves
+        assert (plan.options["NUM_PIECES"], plan.options["GROUP_PIECES"]) == (48, 8)
         assert launch._fits(layer, plan.options, backward=True)
 
 

@@ -49,7 +49,11 @@ def test_lstm_matches_reference_with_options(monkeypatch, case):
 
 @pytest.mark.parametrize("plan", OTHER_PLANS)
 @pytest.mark.parametrize("case", params(
-    plan_cases("LSTM") + [Case("LSTM", 3, 5, 20, 7, D=2, options=ALL_EVAL), Case("LSTM", 2, 3, 70, 65, options=ALL_TRAINING)]
+    plan_cases("LSTM")
+    + [Case("LSTM", 3, 5, 20, 7, D=2, options=ALL_EVAL), Case("LSTM", 2, 3, 70, 65, options=ALL_TRAINING),
+       # The projection's gathering backward loads the first wave of the gate gradients in its
+       # product, not beside the cell's loads (3 groups, 2 waves).
+       Case("LSTM", 2, 3, 192, 65)]
 ))
 def test_lstm_matches_reference_on_every_plan(monkeypatch, plan, case):
     use_plan(monkeypatch, plan)

@@ -56,10 +56,13 @@ SHARED_MEMORY_BUDGET = 200 * 1024
 # Elements of a (features, batch) tile a program holds in registers: the forward's h_{t-1} operand
 # on its way to shared memory, and the partial sums' part of dL/dh: 64 a thread at 8 warps.
 TILE_ELEMENTS = 64 * 256
-# Bytes of the gathering backward's operand (the gate gradients of a batch tile, every piece loaded
-# at once so that their L2 round trips overlap: ``recurrence.load_operand``), in registers: 96
-# registers a thread.
+# Bytes of the gathering backward's operand (the gate gradients of a batch tile) loaded at once, in
+# registers: 96 a thread. Every piece of a wave is loaded at once so that their L2 round trips
+# overlap (``recurrence.load_operand``); a larger operand comes in several waves, one after the
+# other's products (``operand_waves``).
 OPERAND_BYTES = 96 * 1024
+# Most waves an operand comes in: each adds an L2 round trip to every step.
+MAX_OPERAND_WAVES = 4
 # Batch rows of a tile on a GPU: wider tiles make the operands and the partial sums spill.
 LARGEST_BLOCK_B = 32
 # The forward keeps W_hr on chip beside W_hh where the step's gate tile (gate rows x batch rows) is
@@ -196,7 +199,8 @@ def _options(shape: Shape, resident: bool, block_b: int, block_u: int, block_p: 
     (``pieces``), batched ``GROUP_PIECES`` at a time, ``W_hr``'s (``resident_proj``) in
     ``NUM_PIECES_P`` of ``BLOCK_KP``, ``GROUP_PIECES_P`` at a time; streamed ones go ``chunk`` at a
     time. The gathering backward multiplies by the transposed blocks
-    (``recurrence.backward_kernel``): its ``K`` is ``G * H``, and ``W_hr``'s is ``P``. With
+    (``recurrence.backward_kernel``): its ``K`` is ``G * H``, and ``W_hr``'s is ``P``; its operand
+    comes in one wave (``OPERAND_WAVES``, more where ``operand_waves`` says). With
     ``whole_groups`` the pieces of a batched product are padded to fill whole groups
     (``batched_pieces``).
     """
@@ -224,7 +228,8 @@ def _options(shape: Shape, resident: bool, block_b: int, block_u: int, block_p: 
         **_precision(shape.dtype),
     )
     if backward:
-        options.update(GATHER=gather, REDUCE_CHUNK=_reduce_chunk(shape, block_b, block_u, block_p, programs))
+        options.update(GATHER=gather, OPERAND_WAVES=1,
+                       REDUCE_CHUNK=_reduce_chunk(shape, block_b, block_u, block_p, programs))
     return options
 
 
@@ -368,10 +373,11 @@ def resident_bytes(shape: Shape, options: dict, backward: bool) -> int:
     columns = options["BLOCK_K"] * options["NUM_PIECES"]
     projection_columns = options["BLOCK_KP"] * options["NUM_PIECES_P"] if options["RESIDENT_PROJ"] else 0
     if options.get("GATHER", False):
-        # W_hh's transposed block over features, W_hr's over units; every piece of the operands
+        # W_hh's transposed block over features, W_hr's over units; the operands' pieces, W_hh's a
+        # wave at a time
         block_f = block_p if shape.has_proj else block_u
         weights = block_f * columns + block_u * projection_columns
-        operands = (columns + projection_columns) * block_b
+        operands = (wave_columns(options) + projection_columns) * block_b
     elif backward:  # the weight blocks (W_hr's too) and the gate gradients, the other operand
         weights = shape.gate_slots * block_u * columns + block_p * projection_columns
         operands = shape.gate_slots * block_u * block_b + (block_p * block_b if shape.has_proj else 0)
@@ -379,6 +385,23 @@ def resident_bytes(shape: Shape, options: dict, backward: bool) -> int:
         weights = shape.gate_slots * block_u * columns + block_p * projection_columns
         operands = block_b * (columns + projection_columns)
     return size * (weights + operands)
+
+
+def wave_columns(options: dict) -> int:
+    """Columns of the widest wave of a resident block's operand (``recurrence.load_operand``): the
+    block's groups of pieces split into ``OPERAND_WAVES`` waves of as many as they divide into."""
+    group_columns = options["GROUP_PIECES"] * options["BLOCK_K"]
+    groups = options["NUM_PIECES"] // options["GROUP_PIECES"]
+    return triton.cdiv(groups, options.get("OPERAND_WAVES", 1)) * group_columns
+
+
+def operand_waves(options: dict) -> list:
+    """The wave counts a gathering block's operand may come in (``OPERAND_WAVES``), at most
+    ``MAX_OPERAND_WAVES``: those that split its groups of pieces into that many waves, all but the
+    last of one size (6 groups: 1, 2, 3; not 4, which ``load_operand`` would load in 3)."""
+    groups = options["NUM_PIECES"] // options["GROUP_PIECES"]
+    return [waves for waves in range(1, min(groups, MAX_OPERAND_WAVES) + 1)
+            if triton.cdiv(groups, triton.cdiv(groups, waves)) == waves]
 
 
 def _projection_fits(shape: Shape, options: dict) -> bool:
@@ -402,8 +425,8 @@ def _fits(shape: Shape, options: dict, backward: bool) -> bool:
     if resident_bytes(shape, options, backward) > SHARED_MEMORY_BUDGET:
         return False
     block_b = options["BLOCK_B"]
-    if options.get("GATHER", False):  # every piece of the gate gradients in registers at once
-        return options["BLOCK_K"] * options["NUM_PIECES"] * block_b * shape.dtype.itemsize <= OPERAND_BYTES
+    if options.get("GATHER", False):  # a wave of the gate gradients in registers at once
+        return wave_columns(options) * block_b * shape.dtype.itemsize <= OPERAND_BYTES
     # The forward stages its (P, BLOCK_B) operand through registers, the partial sums hold their part
     # of dL/dh (all P, or H with a projection, features) there.
     widest = max(shape.features, shape.hidden if shape.has_proj and backward else 0)
@@ -470,6 +493,8 @@ def _interpreter_plan(shape: Shape, scheme: str, resident: bool, backward: bool,
         block_p = _pow2(triton.cdiv(shape.features, programs))
         options = _options(shape, resident, block_b, block_u, block_p, programs, 16, backward, gather,
                            resident and shape.has_proj)
+        if gather:  # the gathering operand in two waves where it has two groups, as larger blocks on a GPU
+            options["OPERAND_WAVES"] = min(2, options["NUM_PIECES"] // options["GROUP_PIECES"])
         return Plan(scheme, (batch_tiles, programs, shape.directions), options, shape.has_proj)
     if resident:
         block_u, block_p = max(shape.smallest_block, triton.next_power_of_2(shape.hidden)), _pow2(shape.features)
@@ -481,10 +506,11 @@ def _interpreter_plan(shape: Shape, scheme: str, resident: bool, backward: bool,
 
 
 def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool, gather: bool = False) -> Plan | None:
-    """The resident plan whose programs each walk the fewest batch tiles per step (one after
-    another, an L2 round trip or two each: batch groups on the SMs that smaller blocks leave
-    free), then the fewest units per block (the most SMs sharing ``W_hh``), then the widest tiles;
-    every program must fit on an SM.
+    """The resident plan whose programs each take the fewest operand loads per step: batch tiles
+    walked one after another (an L2 round trip or two each: batch groups on the SMs that smaller
+    blocks leave free), times the waves of the gathering backward's operand (``operand_waves``);
+    then the fewest waves, the fewest units per block (the most SMs sharing ``W_hh``), the widest
+    tiles; every program must fit on an SM.
 
     The gathering backward's blocks are transposed, blocks of features: ``tl.dot`` wants 16 at
     least, and larger ones spill (at B=256 H=768 the RNN's 64-unit blocks, 104 bytes a thread with
@@ -515,13 +541,23 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
             # The backward keeps W_hr wherever it keeps W_hh; the forward where both fit (below).
             options = _options(shape, True, block_b, block_u, block_p, programs, chunk, backward, gather,
                                shape.has_proj and backward, whole_groups)
-            if _fits(shape, options, backward):
-                groups = min(triton.cdiv(shape.batch, block_b), multiprocessors // (shape.directions * programs))
-                tiles = triton.cdiv(triton.cdiv(shape.batch, block_b), groups)
-                candidates.append((tiles, preference, not whole_groups, -block_b, groups, programs, options))
+            # The gathering operand in as few waves as fit, each its own L2 round trip; in several
+            # only in whole groups, whose products are a warp's piece each, and in 16-bit dtypes:
+            # TF32's gathering product runs HMMA at a quarter of the partial sums' HGMMA rate, and
+            # from B=64 the model puts the GRU at H=768 in 3 waves behind them (9.1 us a step
+            # against 8.5; python -m bench.model, 2026-12-06).
+            several = gather and whole_groups and shape.dtype.itemsize == 2
+            for waves in operand_waves(options) if several else (1,):
+                options = dict(options, OPERAND_WAVES=waves) if gather else options
+                if _fits(shape, options, backward):
+                    groups = min(triton.cdiv(shape.batch, block_b), multiprocessors // (shape.directions * programs))
+                    tiles = triton.cdiv(triton.cdiv(shape.batch, block_b), groups)
+                    candidates.append((not whole_groups, tiles * waves, waves, preference, -block_b, groups, programs,
+                                       options))
+                    break
     if not candidates:
         return None
-    *_, groups, programs, options = min(candidates, key=lambda candidate: candidate[:4])
+    *_, groups, programs, options = min(candidates, key=lambda candidate: candidate[:5])
     if shape.has_proj and not backward:
         for whole_groups in (True, False):
             keeping = _options(shape, True, options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"], programs,

@@ -273,15 +273,22 @@ def resident_block(w_ptr, first, N, K, NUM_GATES: tl.constexpr, GATE_SLOTS: tl.c
 
 @triton.jit
 def load_operand(x_ptr, x_rows, K, row_mask, BLOCK_K: tl.constexpr, NUM_PIECES: tl.constexpr,
-                 GROUP_PIECES: tl.constexpr, RESIDENT: tl.constexpr):
+                 GROUP_PIECES: tl.constexpr, RESIDENT: tl.constexpr, WAVE: tl.constexpr = 0,
+                 OPERAND_WAVES: tl.constexpr = 1):
     """The operand ``x = x_ptr[x_rows, :K]`` of a resident block's ``recurrent_matmul``, which
     other programs wrote in the previous step (hence ``.cg``), in the block's groups of pieces,
-    transposed: ``(BLOCK_K, batch)`` tiles, or ``(GROUP_PIECES, BLOCK_K, batch)`` stacks. Every
-    one is issued before the first product, so their L2 round trips overlap: one per step, not
-    one per piece. A streamed block loads its operand chunk by chunk instead (nothing here)."""
+    transposed: ``(BLOCK_K, batch)`` tiles, or ``(GROUP_PIECES, BLOCK_K, batch)`` stacks. The
+    groups come in ``OPERAND_WAVES`` waves of as many as they divide into (the last may be
+    smaller); this loads wave ``WAVE``. Every one of a wave is issued before its first product,
+    so their L2 round trips overlap: one per wave and step, not one per piece. A streamed block
+    loads its operand chunk by chunk instead (nothing here)."""
+    NUM_GROUPS: tl.constexpr = NUM_PIECES // GROUP_PIECES
+    WAVE_GROUPS: tl.constexpr = (NUM_GROUPS + OPERAND_WAVES - 1) // OPERAND_WAVES
+    FIRST_GROUP: tl.constexpr = WAVE * WAVE_GROUPS
+    END_GROUP: tl.constexpr = FIRST_GROUP + WAVE_GROUPS if FIRST_GROUP + WAVE_GROUPS < NUM_GROUPS else NUM_GROUPS
     pieces = ()
     if RESIDENT:
-        for group in tl.static_range(NUM_PIECES // GROUP_PIECES):
+        for group in tl.static_range(FIRST_GROUP, END_GROUP):
             # The block's columns, turned to run down the operand's rows.
             ks = group_columns(group * GROUP_PIECES, GROUP_PIECES, BLOCK_K, True)
             pieces = pieces + (tl.load(x_ptr + x_rows * K + ks, mask=(ks < K) & row_mask, other=0.0,
@@ -307,15 +314,18 @@ def recurrent_matmul(
     w, w_ptr, first, N, K, operand, x_ptr, x_rows, row_mask,
     NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr, NUM_PIECES: tl.constexpr, GROUP_PIECES: tl.constexpr, RESIDENT: tl.constexpr,
-    TRANSPOSED: tl.constexpr,
+    TRANSPOSED: tl.constexpr, OPERAND_WAVES: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """``W_block @ x^T`` for ``x = x_ptr[x_rows, :K]``: ``(GATE_SLOTS * BLOCK_ROWS, BLOCK_B)``,
     see ``weight_block``.
 
-    ``RESIDENT``: ``w`` is the whole block (``resident_block``) and ``operand`` the pieces of ``x``
-    (``load_operand``), or None to load them here; a caller loads them first to issue its own loads
-    beside them (the cells' inputs, forward and backward). A ``tl.dot`` gives each warp a whole
+    ``RESIDENT``: ``w`` is the whole block (``resident_block``) and ``operand`` the first of the
+    ``OPERAND_WAVES`` waves of ``x``'s pieces (``load_operand``), or None to load it here; a caller
+    loads it first to issue its own loads beside it (the cells' inputs, forward and backward).
+    Each later wave is loaded after the products of the one before, in the registers it leaves
+    (the LSTM's gathering backward at H = 1024: 128 KB of gate gradients a batch tile, in two
+    waves of 64). A ``tl.dot`` gives each warp a whole
     reduction over ``K``, one matrix instruction after another into the same accumulator; where
     the block has few rows, the 8 warps all do the same (the gathering backward's ``(16, 3072) @
     (3072, 16)``: 192 dependent instructions on each warp). Groups of ``GROUP_PIECES`` pieces are
@@ -325,10 +335,14 @@ def recurrent_matmul(
     """
     accumulator = tl.zeros((GATE_SLOTS * BLOCK_ROWS, BLOCK_B), dtype=ACC_DTYPE)
     if RESIDENT:
-        if operand is None:
-            operand = load_operand(x_ptr, x_rows, K, row_mask, BLOCK_K, NUM_PIECES, GROUP_PIECES, RESIDENT)
-        for group in tl.static_range(NUM_PIECES // GROUP_PIECES):
-            accumulator = group_matmul(w[group], operand[group], accumulator, GROUP_PIECES, DOT_PRECISION, DOT_UPCAST)
+        NUM_GROUPS: tl.constexpr = NUM_PIECES // GROUP_PIECES
+        WAVE_GROUPS: tl.constexpr = (NUM_GROUPS + OPERAND_WAVES - 1) // OPERAND_WAVES
+        for group in tl.static_range(NUM_GROUPS):
+            if group % WAVE_GROUPS == 0 and (group > 0 or operand is None):
+                operand = load_operand(x_ptr, x_rows, K, row_mask, BLOCK_K, NUM_PIECES, GROUP_PIECES, RESIDENT,
+                                       group // WAVE_GROUPS, OPERAND_WAVES)
+            accumulator = group_matmul(w[group], operand[group % WAVE_GROUPS], accumulator, GROUP_PIECES,
+                                       DOT_PRECISION, DOT_UPCAST)
     else:
         for k_start in range(0, K, BLOCK_K):
             ks = k_start + tl.arange(0, BLOCK_K)
@@ -578,7 +592,7 @@ def forward_kernel(
                         state = previous_state(h_ptr, prev_rows, init_rows, P, units, mask, reset, HAS_RESETS)
                     gates_h = recurrent_matmul(
                         w_hh, w_hh_ptr, block_start, H, P, operand, operand_ptr, operand_rows, row_mask,
-                        NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_B, BLOCK_K, NUM_PIECES, GROUP_PIECES, RESIDENT, False,
+                        NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_B, BLOCK_K, NUM_PIECES, GROUP_PIECES, RESIDENT, False, 1,
                         ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
                     h = CELL_FORWARD(
                         gates_h, gates_x.to(ACC_DTYPE), state.to(ACC_DTYPE), b_hh_ptr, c_ptr, saved_ptr, zoneout_c_ptr,
@@ -606,7 +620,7 @@ def forward_kernel(
                         mask = (features < P)[:, None] & row_mask[None, :]
                         h = recurrent_matmul(
                             w_hr, w_hr_ptr, block_start, P, H, None, h_raw_ptr, x_rows, row_mask, 1, 1, BLOCK_P, BLOCK_B,
-                            BLOCK_KP, NUM_PIECES_P, GROUP_PIECES_P, RESIDENT_PROJ, False, ACC_DTYPE, DOT_PRECISION,
+                            BLOCK_KP, NUM_PIECES_P, GROUP_PIECES_P, RESIDENT_PROJ, False, 1, ACC_DTYPE, DOT_PRECISION,
                             DOT_UPCAST)
                         store_hidden(
                             h, h_ptr, zoneout_h_ptr, h_mask_ptr, recurrent_ptr, zoneout_p, x_rows, prev_rows,
@@ -623,15 +637,15 @@ def hidden_grad(
     mask, reset_before,
     NUM_GATES: tl.constexpr, GATHER: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_H_MASK: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, NUM_PIECES: tl.constexpr,
-    GROUP_PIECES: tl.constexpr, REDUCE_CHUNK: tl.constexpr, RESIDENT: tl.constexpr,
+    GROUP_PIECES: tl.constexpr, OPERAND_WAVES: tl.constexpr, REDUCE_CHUNK: tl.constexpr, RESIDENT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """``dL/dh_t`` for the ``(BLOCK_F, batch)`` tile of features from ``first_feature``: the
     gradient of the output sequence, the carry (what reached ``h_t`` around ``W_hh``), and what
     the previous backward step sends through ``W_hh``. With ``GATHER`` that is its gate gradients,
-    every program's (``recurrent_grad`` at ``before_rows``: ``operand``, loaded by the caller, or
-    None to load them here), times the block's columns of ``W_hh``; else the sum of the parts
-    every program wrote (``reduce_partials``). Where that step reset, it belongs to ``h_0``
+    every program's (``recurrent_grad`` at ``before_rows``: ``operand``, the first of their
+    ``OPERAND_WAVES`` waves, loaded by the caller, or None to load it here), times the block's
+    columns of ``W_hh``; else the sum of the parts every program wrote (``reduce_partials``). Where that step reset, it belongs to ``h_0``
     instead and goes to ``dh0``."""
     features = first_feature + tl.arange(0, BLOCK_F)
     dh = load_tile(grad_h_ptr, x_rows, P, features, mask).to(ACC_DTYPE)
@@ -640,8 +654,8 @@ def hidden_grad(
         if GATHER:
             incoming = recurrent_matmul(
                 w_hh, w_hh_ptr, first_feature, P, NUM_GATES * H, operand, recurrent_grad_ptr, before_rows, row_mask,
-                1, 1, BLOCK_F, BLOCK_B, BLOCK_K, NUM_PIECES, GROUP_PIECES, RESIDENT, True, ACC_DTYPE, DOT_PRECISION,
-                DOT_UPCAST)
+                1, 1, BLOCK_F, BLOCK_B, BLOCK_K, NUM_PIECES, GROUP_PIECES, RESIDENT, True, OPERAND_WAVES, ACC_DTYPE,
+                DOT_PRECISION, DOT_UPCAST)
         else:
             num_parts = tl.num_programs(1)
             incoming = reduce_partials(partial_ptr, (1 - step % 2) * num_parts, num_parts, batch_rows, B, D,
@@ -675,8 +689,8 @@ def backward_kernel(
     HAS_RESETS: tl.constexpr, HAS_H_MASK: tl.constexpr, ZONEOUT: tl.constexpr, GRID_SYNC: tl.constexpr,
     RESIDENT: tl.constexpr, RESIDENT_PROJ: tl.constexpr, STEP_PHASE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_PIECES: tl.constexpr, GROUP_PIECES: tl.constexpr, BLOCK_KP: tl.constexpr, NUM_PIECES_P: tl.constexpr,
-    GROUP_PIECES_P: tl.constexpr, REDUCE_CHUNK: tl.constexpr, ALIGNMENT_H: tl.constexpr,
+    NUM_PIECES: tl.constexpr, GROUP_PIECES: tl.constexpr, OPERAND_WAVES: tl.constexpr, BLOCK_KP: tl.constexpr,
+    NUM_PIECES_P: tl.constexpr, GROUP_PIECES_P: tl.constexpr, REDUCE_CHUNK: tl.constexpr, ALIGNMENT_H: tl.constexpr,
     ALIGNMENT_P: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
@@ -768,7 +782,8 @@ def backward_kernel(
                             h_mask_ptr, step, x_rows, buffer_rows(t_before, batch_rows, B, D, direction), state_rows,
                             batch_rows, row_mask, B, D, direction, H, P, partial_columns, block_start, mask,
                             reset_before, NUM_GATES, GATHER, HAS_RESETS, HAS_H_MASK, BLOCK_P, BLOCK_B, BLOCK_K,
-                            NUM_PIECES, GROUP_PIECES, REDUCE_CHUNK, RESIDENT, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
+                            NUM_PIECES, GROUP_PIECES, OPERAND_WAVES, REDUCE_CHUNK, RESIDENT, ACC_DTYPE, DOT_PRECISION,
+                            DOT_UPCAST)
                         dh_new, carry = zoneout_grad(dh, zoneout_h_ptr, x_rows, P, features, mask, zoneout_p, ZONEOUT)
                         if HAS_LENGTHS:
                             # Past a sequence's end h_t is h_{t-1}: dh goes around the projection and the cell.
@@ -798,15 +813,15 @@ def backward_kernel(
                     units = block_start + tl.arange(0, BLOCK_U)
                     mask = (units < H)[:, None] & row_mask[None, :]
                     # All of the step's loads go out before the product, so that their L2 round trips
-                    # overlap: the gathering product's operand (masked off entirely at the first
-                    # step, which has no step before it), then what the cell reads of its own (the
-                    # saved activations, its states). In the other order, or with the cell's loads
+                    # overlap: the gathering product's operand, its first wave (masked off entirely
+                    # at the first step, which has no step before it), then what the cell reads of its
+                    # own (the saved activations, its states). In the other order, or with the cell's loads
                     # after the product's, Triton 3.6 and 3.9 spilled 4 to 20 bytes a thread where
                     # the operand fills the registers (LSTM H=768, GRU H=768 and 1024).
                     before_rows = buffer_rows(t_before, batch_rows, B, D, direction)
                     if GATHER and not HAS_PROJ:
                         operand = load_operand(recurrent_grad_ptr, before_rows, NUM_GATES * H, row_mask & (step > 0),
-                                               BLOCK_K, NUM_PIECES, GROUP_PIECES, RESIDENT)
+                                               BLOCK_K, NUM_PIECES, GROUP_PIECES, RESIDENT, 0, OPERAND_WAVES)
                     else:
                         operand = None
                     inputs = CELL_BACKWARD_INPUTS(
@@ -816,7 +831,7 @@ def backward_kernel(
                         if GATHER:
                             dh = recurrent_matmul(
                                 w_hr, w_hr_ptr, block_start, H, P, None, grad_h_proj_ptr, x_rows, row_mask, 1, 1,
-                                BLOCK_U, BLOCK_B, BLOCK_KP, NUM_PIECES_P, GROUP_PIECES_P, RESIDENT_PROJ, True,
+                                BLOCK_U, BLOCK_B, BLOCK_KP, NUM_PIECES_P, GROUP_PIECES_P, RESIDENT_PROJ, True, 1,
                                 ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
                         else:
                             dh = reduce_partials(partial_proj_ptr, 0, num_parts, batch_rows, B, D, direction,
@@ -828,7 +843,8 @@ def backward_kernel(
                             h_mask_ptr, step, x_rows, before_rows, state_rows,
                             batch_rows, row_mask, B, D, direction, H, P, partial_columns, block_start, mask,
                             reset_before, NUM_GATES, GATHER, HAS_RESETS, HAS_H_MASK, BLOCK_U, BLOCK_B, BLOCK_K,
-                            NUM_PIECES, GROUP_PIECES, REDUCE_CHUNK, RESIDENT, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
+                            NUM_PIECES, GROUP_PIECES, OPERAND_WAVES, REDUCE_CHUNK, RESIDENT, ACC_DTYPE, DOT_PRECISION,
+                            DOT_UPCAST)
                     dh_total = dh
                     if not HAS_PROJ:
                         dh, carry_zoneout = zoneout_grad(dh, zoneout_h_ptr, x_rows, P, units, mask, zoneout_p, ZONEOUT)
