@@ -87,6 +87,16 @@ def test_backward_sums_parts_where_rows_of_h_are_not_in_vectors():
         assert launch.gpu_plan(shape("gru", hidden=hidden), H100_SMS, backward=True).options["GATHER"]
 
 
+def test_projection_backward_sums_parts_where_rows_of_p_are_not_in_vectors():
+    # With P = 245 at H = 736 the gathering backward reads grad_h_proj an element at a time and
+    # spilled 112 bytes a thread with Triton 3.6 (32 at P = 239, H = 720); at P = 240 it gathers.
+    for hidden, proj in ((736, 245), (720, 239), (720, 236)):
+        layer = shape("lstm-proj", hidden=hidden, proj=proj)
+        assert launch._fits(layer, gathering_options(layer, 16, whole_groups=False), backward=True)
+        assert not launch.gpu_plan(layer, H100_SMS, backward=True).options["GATHER"]
+    assert launch.gpu_plan(shape("lstm-proj", hidden=736, proj=240), H100_SMS, backward=True).options["GATHER"]
+
+
 @pytest.mark.parametrize("size, expected", [(768, 16), (1024, 16), (1000, 8), (500, 4), (650, 2), (999, 1)])
 def test_alignment_is_the_largest_power_of_two_up_to_16_dividing_a_size(size, expected):
     assert launch.alignment(size) == expected
@@ -153,7 +163,7 @@ def test_backward_sums_parts_where_the_transposed_blocks_do_not_fit(monkeypatch,
     [(torch.float16, 768, 1), (torch.float16, 1000, 2), (torch.float16, 1024, 2), (torch.bfloat16, 1216, 4)],
     ids=["fp16-H768", "fp16-H1000", "fp16-H1024", "bf16-H1216"],
 )
-def test_backward_gathers_in_waves_where_one_operand_does_not_fit(monkeypatch, dtype, hidden, waves):
+def test_backward_gathers_in_waves_where_one_operand_does_not_fit(dtype, hidden, waves):
     # The LSTM at H=1024 in fp16: 16 features' columns of W_hh (4096 x 16 x 2 bytes, 128 KB) and
     # the gate gradients of a batch tile (128 KB) need 256 KB at once; in two waves of 64 KB, 192
     # KB, and 64 registers a thread for the operand. One wave where it fits: each costs a round trip.

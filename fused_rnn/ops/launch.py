@@ -451,12 +451,13 @@ def gpu_plan(shape: Shape, multiprocessors: int, backward: bool, scheme: str = "
              weights: str | None = None, gather: bool = True) -> Plan:
     """``plan`` for a GPU with ``multiprocessors`` SMs (``python -m bench.kernels`` asks without one).
     The backward gathers where its transposed blocks fit, else it sums parts; not where rows of
-    ``H`` are not in vectors (``rows_in_vectors``): read an element at a time, the GRU's gathering
-    backward spilled 140 bytes a thread at H = 1000 before ``ALIGNMENT_H`` (``python -m
-    bench.kernels --all``)."""
+    ``H``, or with a projection of ``P``, are not in vectors (``rows_in_vectors``): read an
+    element at a time, the GRU's gathering backward spilled 140 bytes a thread at H = 1000 before
+    ``ALIGNMENT_H`` (``python -m bench.kernels --all``), the LSTM's with a projection 32 to 112
+    bytes with Triton 3.6 at P = 239 and 245 (H = 720 and 736)."""
     found = None
     if weights != "streaming":
-        if backward and gather and rows_in_vectors(shape.hidden):
+        if backward and gather and rows_in_vectors(shape.hidden) and rows_in_vectors(shape.features):
             found = _resident_persistent_plan(shape, multiprocessors, backward, gather=True)
         found = found or _resident_persistent_plan(shape, multiprocessors, backward)
     found = found or _streaming_persistent_plan(shape, multiprocessors, backward)
@@ -493,7 +494,7 @@ def _interpreter_plan(shape: Shape, scheme: str, resident: bool, backward: bool,
         block_p = _pow2(triton.cdiv(shape.features, programs))
         options = _options(shape, resident, block_b, block_u, block_p, programs, 16, backward, gather,
                            resident and shape.has_proj)
-        if gather:  # the gathering operand in two waves where it has two groups, as larger blocks on a GPU
+        if gather:  # the gathering operand in two waves where it has two groups or more, as on a GPU
             options["OPERAND_WAVES"] = min(2, options["NUM_PIECES"] // options["GROUP_PIECES"])
         return Plan(scheme, (batch_tiles, programs, shape.directions), options, shape.has_proj)
     if resident:
@@ -506,11 +507,13 @@ def _interpreter_plan(shape: Shape, scheme: str, resident: bool, backward: bool,
 
 
 def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool, gather: bool = False) -> Plan | None:
-    """The resident plan whose programs each take the fewest operand loads per step: batch tiles
-    walked one after another (an L2 round trip or two each: batch groups on the SMs that smaller
-    blocks leave free), times the waves of the gathering backward's operand (``operand_waves``);
-    then the fewest waves, the fewest units per block (the most SMs sharing ``W_hh``), the widest
-    tiles; every program must fit on an SM.
+    """Of the resident plans whose programs fit on an SM: first those whose batched products come
+    in whole groups of pieces (``batched_pieces``: a group smaller than the warps repeats its
+    product on several); of those, the one whose programs each take the fewest operand loads per
+    step: batch tiles walked one after another (an L2 round trip or two each: batch groups on the
+    SMs that smaller blocks leave free), times the waves of the gathering backward's operand
+    (``operand_waves``); then the fewest waves, the fewest units per block (the most SMs sharing
+    ``W_hh``), the widest tiles.
 
     The gathering backward's blocks are transposed, blocks of features: ``tl.dot`` wants 16 at
     least, and larger ones spill (at B=256 H=768 the RNN's 64-unit blocks, 104 bytes a thread with
@@ -520,9 +523,7 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
     instead of 96 of 8), then larger ones, then smaller ones. Not where rows of ``H`` are not in
     vectors (``rows_in_vectors``): read an element at a time, 16-unit programs spilled (56 bytes a
     thread in the LSTM backward at H = 1000 before ``ALIGNMENT_H``, ``python -m bench.kernels
-    --all``). Batched products come in pieces padded to whole groups where they fit
-    (``batched_pieces``), before wider tiles: a group smaller than the warps repeats its product
-    on several."""
+    --all``)."""
     sizes = [16] if gather else [size for size in (1, 2, 4, 8, 16, 32, 64) if size >= shape.smallest_block]
     if backward and not gather and rows_in_vectors(shape.hidden):
         sizes = [size for size in sizes if size >= BACKWARD_UNITS] + [size for size in sizes[::-1] if size < BACKWARD_UNITS]
@@ -542,12 +543,12 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
             options = _options(shape, True, block_b, block_u, block_p, programs, chunk, backward, gather,
                                shape.has_proj and backward, whole_groups)
             # The gathering operand in as few waves as fit, each its own L2 round trip; in several
-            # only in whole groups, whose products are a warp's piece each, and in 16-bit dtypes:
+            # only in whole groups, whose products are a warp's piece each; in 16-bit dtypes:
             # TF32's gathering product runs HMMA at a quarter of the partial sums' HGMMA rate, and
             # from B=64 the model puts the GRU at H=768 in 3 waves behind them (9.1 us a step
             # against 8.5; python -m bench.model, 2026-12-06).
-            several = gather and whole_groups and shape.dtype.itemsize == 2
-            for waves in operand_waves(options) if several else (1,):
+            may_take_waves = gather and whole_groups and shape.dtype.itemsize == 2
+            for waves in operand_waves(options) if may_take_waves else (1,):
                 options = dict(options, OPERAND_WAVES=waves) if gather else options
                 if _fits(shape, options, backward):
                     groups = min(triton.cdiv(shape.batch, block_b), multiprocessors // (shape.directions * programs))

@@ -322,15 +322,14 @@ def recurrent_matmul(
 
     ``RESIDENT``: ``w`` is the whole block (``resident_block``) and ``operand`` the first of the
     ``OPERAND_WAVES`` waves of ``x``'s pieces (``load_operand``), or None to load it here; a caller
-    loads it first to issue its own loads beside it (the cells' inputs, forward and backward).
-    Each later wave is loaded after the products of the one before, in the registers it leaves
-    (the LSTM's gathering backward at H = 1024: 128 KB of gate gradients a batch tile, in two
-    waves of 64). A ``tl.dot`` gives each warp a whole
-    reduction over ``K``, one matrix instruction after another into the same accumulator; where
-    the block has few rows, the 8 warps all do the same (the gathering backward's ``(16, 3072) @
-    (3072, 16)``: 192 dependent instructions on each warp). Groups of ``GROUP_PIECES`` pieces are
-    batched dots instead, a piece per warp, and the pieces' products are summed: chains of
-    ``BLOCK_K / 16``.
+    loads it first to issue its own loads beside it (the cells' inputs, forward and backward). Each
+    later wave is loaded after the products of the one before, in the registers it leaves (the
+    LSTM's gathering backward at H = 1024: 128 KB of gate gradients a batch tile, in two waves of
+    64). A ``tl.dot`` gives each warp a whole reduction over ``K``, one matrix instruction after
+    another into the same accumulator; where the block has few rows, the 8 warps all do the same
+    (the gathering backward's ``(16, 3072) @ (3072, 16)``: 192 dependent instructions on each warp).
+    Groups of ``GROUP_PIECES`` pieces are batched dots instead, a piece per warp, and the pieces'
+    products are summed: chains of ``BLOCK_K / 16``.
     Otherwise the block streams from ``w_ptr`` in ``BLOCK_K`` chunks, and ``x`` with it.
     """
     accumulator = tl.zeros((GATE_SLOTS * BLOCK_ROWS, BLOCK_B), dtype=ACC_DTYPE)
@@ -641,12 +640,12 @@ def hidden_grad(
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """``dL/dh_t`` for the ``(BLOCK_F, batch)`` tile of features from ``first_feature``: the
-    gradient of the output sequence, the carry (what reached ``h_t`` around ``W_hh``), and what
-    the previous backward step sends through ``W_hh``. With ``GATHER`` that is its gate gradients,
-    every program's (``recurrent_grad`` at ``before_rows``: ``operand``, the first of their
+    gradient of the output sequence, the carry (what reached ``h_t`` around ``W_hh``), and what the
+    previous backward step sends through ``W_hh``. With ``GATHER`` that is its gate gradients, every
+    program's (``recurrent_grad`` at ``before_rows``: ``operand``, the first of their
     ``OPERAND_WAVES`` waves, loaded by the caller, or None to load it here), times the block's
-    columns of ``W_hh``; else the sum of the parts every program wrote (``reduce_partials``). Where that step reset, it belongs to ``h_0``
-    instead and goes to ``dh0``."""
+    columns of ``W_hh``; else the sum of the parts every program wrote (``reduce_partials``). Where
+    that step reset, it belongs to ``h_0`` instead and goes to ``dh0``."""
     features = first_feature + tl.arange(0, BLOCK_F)
     dh = load_tile(grad_h_ptr, x_rows, P, features, mask).to(ACC_DTYPE)
     dh += load_tile(dh_carry_ptr, state_rows, P, features, mask)
@@ -814,10 +813,10 @@ def backward_kernel(
                     mask = (units < H)[:, None] & row_mask[None, :]
                     # All of the step's loads go out before the product, so that their L2 round trips
                     # overlap: the gathering product's operand, its first wave (masked off entirely
-                    # at the first step, which has no step before it), then what the cell reads of its
-                    # own (the saved activations, its states). In the other order, or with the cell's loads
-                    # after the product's, Triton 3.6 and 3.9 spilled 4 to 20 bytes a thread where
-                    # the operand fills the registers (LSTM H=768, GRU H=768 and 1024).
+                    # at the first step, which has no step before it), then what the cell reads of
+                    # its own (the saved activations, its states). In the other order, or with the
+                    # cell's loads after the product's, Triton 3.6 and 3.9 spilled 4 to 20 bytes a
+                    # thread where the operand fills the registers (LSTM H=768, GRU H=768 and 1024).
                     before_rows = buffer_rows(t_before, batch_rows, B, D, direction)
                     if GATHER and not HAS_PROJ:
                         operand = load_operand(recurrent_grad_ptr, before_rows, NUM_GATES * H, row_mask & (step > 0),
