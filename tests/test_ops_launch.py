@@ -34,10 +34,16 @@ def shape(cell="lstm", dtype=torch.float16, batch=16, hidden=768, directions=1, 
                         num_gates=num_gates, has_proj=has_proj, steps=steps)
 
 
-def gathering_options(layer, block_b, whole_groups=True):
+def gathering_options(layer, block_b):
     """The block constexprs of a gathering backward with 16-feature blocks and ``block_b`` rows."""
     programs = triton.cdiv(layer.hidden, 16)
-    return launch._options(layer, True, block_b, 16, 16, programs, 16, True, True, layer.has_proj, whole_groups)
+    return launch._options(layer, True, block_b, 16, 16, programs, 16, True, True, layer.has_proj)
+
+
+def fits_in_some_waves(layer, options):
+    """Whether a gathering plan with ``options`` fits an SM with its operand in some number of waves."""
+    return any(launch._fits(layer, dict(options, OPERAND_WAVES=waves), backward=True)
+               for waves in launch.operand_waves(options))
 
 
 @pytest.fixture
@@ -92,7 +98,7 @@ def test_projection_backward_sums_parts_where_rows_of_p_are_not_in_vectors():
     # spilled 112 bytes a thread with Triton 3.6 (32 at P = 239, H = 720); at P = 240 it gathers.
     for hidden, proj in ((736, 245), (720, 239), (720, 236)):
         layer = shape("lstm-proj", hidden=hidden, proj=proj)
-        assert launch._fits(layer, gathering_options(layer, 16, whole_groups=False), backward=True)
+        assert fits_in_some_waves(layer, gathering_options(layer, 16))
         assert not launch.gpu_plan(layer, H100_SMS, backward=True).options["GATHER"]
     assert launch.gpu_plan(shape("lstm-proj", hidden=736, proj=240), H100_SMS, backward=True).options["GATHER"]
 
@@ -149,10 +155,7 @@ def test_backward_sums_parts_where_the_transposed_blocks_do_not_fit(monkeypatch,
     monkeypatch.setattr(launch, "interpreting", lambda: False)  # fp32 dots in TF32, as on a GPU
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     layer = shape(dtype=dtype, hidden=hidden)
-    for whole_groups in (True, False) if launch.rows_in_vectors(hidden) else ():
-        options = gathering_options(layer, 16, whole_groups)
-        assert not any(launch._fits(layer, dict(options, OPERAND_WAVES=waves), backward=True)
-                       for waves in launch.operand_waves(options))
+    assert not launch.rows_in_vectors(hidden) or not fits_in_some_waves(layer, gathering_options(layer, 16))
     plan = launch.gpu_plan(layer, H100_SMS, backward=True)
     assert plan.resident and not plan.options["GATHER"]
     assert plan.options["BLOCK_U"] == units
@@ -397,16 +400,30 @@ def test_batched_pieces_without_padding_cover_the_columns_in_the_largest_groups(
 
 def test_gathering_backward_pads_its_pieces_in_waves_rather_than_multiply_in_small_groups(no_forced_plan):
     # LSTM H=720 P=240, fp16, B=64: 2880 gate rows padded to 3072 and W_hr's 256 columns, with their
-    # operands, need 208 KB at once; unpadded, 196 KB, but 90 pieces of 32 make groups of 2, each
+    # operands, need 208 KB at once; unpadded 196 KB, but 90 pieces of 32 make groups of 2, each
     # product repeated on 4 warps. Padded, the gate gradients come in waves: of 32 batch rows in 3
     # (184 KB), one tile a program, rather than 2 tiles of 16 in 2 waves each. Without the
     # projection the padded pieces fit in one wave.
+    assert launch.batched_pieces(2880, 64, 32, whole_groups=False) == (32, 90)
     for layer, waves in ((shape("lstm-proj", batch=64, hidden=720, proj=240), 3), (shape(batch=64, hidden=720), 1)):
-        assert launch._fits(layer, gathering_options(layer, 16, whole_groups=False), backward=True)
         plan = launch.gpu_plan(layer, H100_SMS, backward=True)
         assert plan.options["GATHER"] and plan.options["OPERAND_WAVES"] == waves
         assert (plan.options["NUM_PIECES"], plan.options["GROUP_PIECES"]) == (48, 8)
         assert launch._fits(layer, plan.options, backward=True)
+
+
+def test_tf32_backward_sums_parts_where_its_pieces_make_no_whole_groups_in_one_wave(monkeypatch):
+    # The TF32 projection at H=328, P=120: 1312 gate rows padded to 24 pieces of 64 need 208 KB with
+    # their operand, and TF32 takes one wave. Its 41 unpadded pieces of 32 fit (180 KB), but in
+    # groups of 1: every warp ran all of them, 332 HMMA in a chain of 164 (Triton 3.9 and 3.6).
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    layer = shape("lstm-proj", dtype=torch.float32, hidden=328, proj=120)
+    options = gathering_options(layer, 16)
+    assert launch.group_pieces(layer, *launch.batched_pieces(1312, 64, 32, whole_groups=False), 16) == 1
+    assert not launch._fits(layer, options, backward=True) and fits_in_some_waves(layer, options)
+    plan = launch.gpu_plan(layer, H100_SMS, backward=True)
+    assert plan.resident and not plan.options["GATHER"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda dtype: str(dtype).removeprefix("torch."))

@@ -30,7 +30,6 @@ forces streamed weights (``resident``, the default, keeps them on chip where the
 import contextlib
 import dataclasses
 import functools
-import itertools
 import os
 import threading
 
@@ -200,12 +199,11 @@ def _options(shape: Shape, resident: bool, block_b: int, block_u: int, block_p: 
     ``NUM_PIECES_P`` of ``BLOCK_KP``, ``GROUP_PIECES_P`` at a time; streamed ones go ``chunk`` at a
     time. The gathering backward multiplies by the transposed blocks
     (``recurrence.backward_kernel``): its ``K`` is ``G * H``, and ``W_hr``'s is ``P``; its operand
-    comes in one wave (``OPERAND_WAVES``, more where ``operand_waves`` says). With
-    ``whole_groups`` the pieces of a batched product are padded to fill whole groups
-    (``batched_pieces``).
+    comes in one wave (``OPERAND_WAVES``, more where ``operand_waves`` says). Batched pieces are
+    padded to fill whole groups (``batched_pieces``); ``W_hr``'s only with ``whole_groups``.
     """
     batched = resident and (gather if backward else _batches_forward(shape, block_u))
-    block_k, num_pieces = _resident_pieces(shape, backward, gather, batched, whole_groups) if resident else (chunk, 1)
+    block_k, num_pieces = _resident_pieces(shape, backward, gather, batched) if resident else (chunk, 1)
     group = group_pieces(shape, block_k, num_pieces, block_b) if batched else 1
     batched_proj = resident_proj and _batches_projection(backward, gather, block_u, block_p)
     block_kp, num_pieces_p = (_projection_pieces(shape, gather, batched_proj, whole_groups) if resident_proj
@@ -294,7 +292,7 @@ def _whole_group(num_pieces: int) -> int:
     return min(num_pieces & -num_pieces, COMPILE_OPTIONS["num_warps"])
 
 
-def _resident_pieces(shape: Shape, backward: bool, gather: bool, batched: bool, whole_groups: bool) -> tuple:
+def _resident_pieces(shape: Shape, backward: bool, gather: bool, batched: bool) -> tuple:
     """``(BLOCK_K, NUM_PIECES)`` of a resident ``W_hh`` block. The gathering backward's ``dgates
     W_hh`` sums over the ``G * H`` gate rows, the partial sums' ``W_block^T @ dgates`` give a part
     for each of the ``P`` features: both in ``pieces``, the gathering backward's batched ones of at
@@ -308,8 +306,7 @@ def _resident_pieces(shape: Shape, backward: bool, gather: bool, batched: bool, 
         return batched_pieces(columns, min(FORWARD_PIECE_COLUMNS, columns // 2)) if batched else (columns, 1)
     if gather:
         # Not narrower than 32: in pieces of 16 the headline's spilled 8 bytes a thread (Triton 3.6).
-        return batched_pieces(shape.num_gates * shape.hidden, GATHER_PIECE_COLUMNS, NARROW_PIECE_COLUMNS,
-                              whole_groups)
+        return batched_pieces(shape.num_gates * shape.hidden, GATHER_PIECE_COLUMNS, NARROW_PIECE_COLUMNS)
     return pieces(shape.features)
 
 
@@ -323,7 +320,8 @@ def batched_pieces(columns: int, widest: int, narrowest: int = 16, whole_groups:
     product on several warps (the forward at P = 256 in 2 pieces of 128: on 2 to 4 of them;
     ``python -m bench.kernels --all``, 2026-12-06), as in the GRU's gathering backward at H = 480
     without padding: its 1440 gate rows in 23 pieces of 64 or 45 of 32, one group on every warp;
-    padded, 24 pieces of 64 make 3 groups of 8. A plan pads where the padded pieces fit the chip
+    padded, 24 pieces of 64 make 3 groups of 8. The gathering backward always pads, or sums
+    parts; the projection's forward pads ``W_hr``'s pieces where they fit beside ``W_hh``'s block
     (``_resident_persistent_plan``)."""
     options = []
     for shift in range(widest.bit_length() - narrowest.bit_length() + 1):
@@ -507,13 +505,11 @@ def _interpreter_plan(shape: Shape, scheme: str, resident: bool, backward: bool,
 
 
 def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool, gather: bool = False) -> Plan | None:
-    """Of the resident plans whose programs fit on an SM: first those whose batched products come
-    in whole groups of pieces (``batched_pieces``: a group smaller than the warps repeats its
-    product on several); of those, the one whose programs each take the fewest operand loads per
-    step: batch tiles walked one after another (an L2 round trip or two each: batch groups on the
-    SMs that smaller blocks leave free), times the waves of the gathering backward's operand
-    (``operand_waves``); then the fewest waves, the fewest units per block (the most SMs sharing
-    ``W_hh``), the widest tiles.
+    """The resident plan whose programs each take the fewest operand loads per step: batch tiles
+    walked one after another (an L2 round trip or two each: batch groups on the SMs that smaller
+    blocks leave free), times the waves of the gathering backward's operand (``operand_waves``);
+    then the fewest waves, the fewest units per block (the most SMs sharing ``W_hh``), the widest
+    tiles; every program must fit on an SM.
 
     The gathering backward's blocks are transposed, blocks of features: ``tl.dot`` wants 16 at
     least, and larger ones spill (at B=256 H=768 the RNN's 64-unit blocks, 104 bytes a thread with
@@ -523,7 +519,10 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
     instead of 96 of 8), then larger ones, then smaller ones. Not where rows of ``H`` are not in
     vectors (``rows_in_vectors``): read an element at a time, 16-unit programs spilled (56 bytes a
     thread in the LSTM backward at H = 1000 before ``ALIGNMENT_H``, ``python -m bench.kernels
-    --all``)."""
+    --all``). The gathering backward's pieces are padded to whole groups (``batched_pieces``), or
+    it does not gather: in smaller groups its warps repeat each other's products (in the TF32
+    projection's at H = 328, P = 120, 41 pieces of 32 in groups of 1: 332 ``HMMA`` a warp in a
+    chain of 164, with Triton 3.9 and 3.6)."""
     sizes = [16] if gather else [size for size in (1, 2, 4, 8, 16, 32, 64) if size >= shape.smallest_block]
     if backward and not gather and rows_in_vectors(shape.hidden):
         sizes = [size for size in sizes if size >= BACKWARD_UNITS] + [size for size in sizes[::-1] if size < BACKWARD_UNITS]
@@ -534,31 +533,26 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
         block_p = _pow2(triton.cdiv(shape.features, programs))
         if shape.directions * programs > multiprocessors:
             continue
-        # Only the gathering backward's pieces are ever padded: the forward's W_hh columns are a
-        # power of two, and W_hr's there are settled below.
-        for block_b, whole_groups in itertools.product((32, 16), (True, False) if gather else (True,)):
+        for block_b in (32, 16):
             if block_b > _block_b(shape.batch, LARGEST_BLOCK_B):
                 continue
             # The backward keeps W_hr wherever it keeps W_hh; the forward where both fit (below).
             options = _options(shape, True, block_b, block_u, block_p, programs, chunk, backward, gather,
-                               shape.has_proj and backward, whole_groups)
+                               shape.has_proj and backward)
             # The gathering operand in as few waves as fit, each its own L2 round trip; in several
-            # only in whole groups, whose products are a warp's piece each; in 16-bit dtypes:
-            # TF32's gathering product runs HMMA at a quarter of the partial sums' HGMMA rate, and
-            # from B=64 the model puts the GRU at H=768 in 3 waves behind them (9.1 us a step
-            # against 8.5; python -m bench.model, 2026-12-06).
-            may_take_waves = gather and whole_groups and shape.dtype.itemsize == 2
-            for waves in operand_waves(options) if may_take_waves else (1,):
+            # only in 16-bit dtypes: TF32's gathering product runs HMMA at a quarter of the partial
+            # sums' HGMMA rate, and from B=64 the model puts the GRU at H=768 in 3 waves behind them
+            # (9.1 us a step against 8.5; python -m bench.model, 2026-12-06).
+            for waves in operand_waves(options) if gather and shape.dtype.itemsize == 2 else (1,):
                 options = dict(options, OPERAND_WAVES=waves) if gather else options
                 if _fits(shape, options, backward):
                     groups = min(triton.cdiv(shape.batch, block_b), multiprocessors // (shape.directions * programs))
                     tiles = triton.cdiv(triton.cdiv(shape.batch, block_b), groups)
-                    candidates.append((not whole_groups, tiles * waves, waves, preference, -block_b, groups, programs,
-                                       options))
+                    candidates.append((tiles * waves, waves, preference, -block_b, groups, programs, options))
                     break
     if not candidates:
         return None
-    *_, groups, programs, options = min(candidates, key=lambda candidate: candidate[:5])
+    *_, groups, programs, options = min(candidates, key=lambda candidate: candidate[:4])
     if shape.has_proj and not backward:
         for whole_groups in (True, False):
             keeping = _options(shape, True, options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"], programs,
