@@ -103,6 +103,23 @@ def test_projection_backward_sums_parts_where_rows_of_p_are_not_in_vectors():
     assert launch.gpu_plan(shape("lstm-proj", hidden=736, proj=240), H100_SMS, backward=True).options["GATHER"]
 
 
+@pytest.mark.parametrize("hidden, batched", [(300, True), (1004, True), (1000, True), (302, False), (999, False)])
+def test_forward_batches_its_pieces_where_rows_of_p_start_on_4_elements(hidden, batched):
+    # At H = 300 or 1004 h_{t-1} comes in 8-byte vectors (fp16): 4 pieces of 128 in one batched
+    # dot run chains of 4 HMMA where one tl.dot ran 32, no spill (Triton 3.6 and 3.9). Read 4
+    # bytes or an element at a time (H = 302, 999), the forward keeps one tl.dot.
+    plan = launch.gpu_plan(shape(hidden=hidden), H100_SMS, backward=False)
+    assert (plan.options["GROUP_PIECES"] > 1) == batched
+
+
+@pytest.mark.parametrize("hidden, block_b", [(300, 16), (304, 32)])
+def test_forward_takes_32_row_tiles_only_where_rows_of_p_are_in_vectors(hidden, block_b):
+    # At B=256 H=300 (rows of P in 8-byte vectors) the forward's 32-row tiles spilled 40 bytes a
+    # thread with Triton 3.6; in 16-row tiles none.
+    plan = launch.gpu_plan(shape(batch=256, hidden=hidden), H100_SMS, backward=False)
+    assert plan.options["BLOCK_B"] == block_b
+
+
 @pytest.mark.parametrize("size, expected", [(768, 16), (1024, 16), (1000, 8), (500, 4), (650, 2), (999, 1)])
 def test_alignment_is_the_largest_power_of_two_up_to_16_dividing_a_size(size, expected):
     assert launch.alignment(size) == expected

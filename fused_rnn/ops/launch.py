@@ -249,8 +249,9 @@ def alignment(size: int) -> int:
 def rows_in_vectors(size: int) -> bool:
     """Whether rows of ``size`` elements start on 8 elements (16 bytes in fp16 and bf16, 32 in
     fp32), where the compiler reads them in 16-byte vectors: the alignment the plans ask of ``H``
-    for the gathering backward and 16-unit blocks of parts, of ``P`` for the batched forward
-    (compiled at H = 1000, ``python -m bench.kernels --all``)."""
+    (and with a projection ``P``) for the gathering backward and 16-unit blocks of parts, of ``P``
+    for the forward's 32-row batch tiles (compiled at H = 1000, ``python -m bench.kernels
+    --all``)."""
     return alignment(size) >= 8
 
 
@@ -264,12 +265,14 @@ def _batches_forward(shape: Shape, block_u: int) -> bool:
     """Whether the forward multiplies its resident block in batched pieces
     (``recurrence.recurrent_matmul``): blocks of fewer than 64 gate rows, which run on ``HMMA``
     anyway (64 rows and more take ``HGMMA``, which a batched ``tl.dot`` would give up), with
-    ``P`` at least 32 (two pieces of ``tl.dot``'s least 16) and rows of ``P`` in vectors
-    (``rows_in_vectors``: read an element at a time, at P = 1000 before ``ALIGNMENT_P`` told the
-    compiler of its multiple of 8, the batched forward spilled 8 bytes a thread with Triton 3.6).
-    The gathering backward always batches (its blocks have 16 rows); in how many groups,
+    ``P`` at least 32 (two pieces of ``tl.dot``'s least 16) and rows of ``P`` that start on 4
+    elements at least (read an element at a time, at P = 1000 before ``ALIGNMENT_P`` told the
+    compiler of its multiple of 8, the batched forward spilled 8 bytes a thread with Triton 3.6;
+    at P = 300 or 500, multiples of 4 read in 8-byte vectors in fp16, it runs chains of 4 ``HMMA``
+    where one ``tl.dot`` ran 32, no spill: ``python -m bench.kernels --all``, 2026-12-06). The
+    gathering backward always batches (its blocks have 16 rows); in how many groups,
     ``group_pieces`` decides."""
-    return shape.gate_slots * block_u < 64 and shape.features >= 32 and rows_in_vectors(shape.features)
+    return shape.gate_slots * block_u < 64 and shape.features >= 32 and alignment(shape.features) >= 4
 
 
 def group_pieces(shape: Shape, block_k: int, num_pieces: int, block_b: int) -> int:
@@ -534,7 +537,10 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
         if shape.directions * programs > multiprocessors:
             continue
         for block_b in (32, 16):
-            if block_b > _block_b(shape.batch, LARGEST_BLOCK_B):
+            # Where rows of P come in narrower vectors, the forward's 32-row tiles of h_{t-1} spilled
+            # (Triton 3.6: 40 bytes a thread at B=256 H=300, 4 with a projection at H=1000, P=500).
+            narrow = not backward and not rows_in_vectors(shape.features)
+            if block_b > _block_b(shape.batch, 16 if narrow else LARGEST_BLOCK_B):
                 continue
             # The backward keeps W_hr wherever it keeps W_hh; the forward where both fit (below).
             options = _options(shape, True, block_b, block_u, block_p, programs, chunk, backward, gather,
