@@ -69,6 +69,8 @@ MULTIPLE_OF_8 = (16, 1000)
 # batched; at B=256 its 32-row tiles spilled (launch._resident_persistent_plan), it takes 16.
 MULTIPLE_OF_4 = (16, 1004)
 MULTIPLE_OF_4_LARGE_BATCH = (256, 300)
+# H even only: rows in 4-byte vectors in fp16, the forward's product still batched.
+MULTIPLE_OF_2 = (16, 750)
 # A hidden size whose gate rows (and W_hr's columns) make no whole groups of batched pieces: they
 # are padded (``launch.batched_pieces``; the GRU's 1440 rows in 24 pieces of 64, 3 groups of 8).
 OFF_GRID = (16, 480)
@@ -142,9 +144,9 @@ def shape_of(variant: Variant):
 def variants(full: bool):
     """The subset CI compiles - every cell and kernel at the headline shape with every option in
     fp16, tf32 and fp64, the LSTM also in bf16, fp32, without options and bidirectional (at H=512)
-    - or the full grid, and each cell and kernel at the ``UNALIGNED``, ``MULTIPLE_OF_8`` and
-    ``MULTIPLE_OF_4`` (also in tf32), ``MULTIPLE_OF_4_LARGE_BATCH``, ``OFF_GRID`` and
-    ``ODD_BATCH`` shapes in fp16."""
+    - or the full grid, and each cell and kernel at the ``UNALIGNED``, ``MULTIPLE_OF_8``,
+    ``MULTIPLE_OF_4`` and ``MULTIPLE_OF_2`` (also in tf32), ``MULTIPLE_OF_4_LARGE_BATCH``,
+    ``OFF_GRID`` and ``ODD_BATCH`` shapes in fp16."""
     for cell in CELLS:
         for kernel in ("forward", "backward"):
             for dtype in DTYPES if full or cell == "lstm" else ("float16", "tf32", "float64"):
@@ -164,6 +166,7 @@ def variants(full: bool):
                 for dtype in ("float16", "tf32"):
                     yield Variant(cell, kernel, dtype, "all", *MULTIPLE_OF_8)
                     yield Variant(cell, kernel, dtype, "all", *MULTIPLE_OF_4)
+                    yield Variant(cell, kernel, dtype, "all", *MULTIPLE_OF_2)
                 yield Variant(cell, kernel, "float16", "all", *MULTIPLE_OF_4_LARGE_BATCH)
                 yield Variant(cell, kernel, "float16", "all", *OFF_GRID)
                 yield Variant(cell, kernel, "float16", "all", *ODD_BATCH)

@@ -103,11 +103,11 @@ def test_projection_backward_sums_parts_where_rows_of_p_are_not_in_vectors():
     assert launch.gpu_plan(shape("lstm-proj", hidden=736, proj=240), H100_SMS, backward=True).options["GATHER"]
 
 
-@pytest.mark.parametrize("hidden, batched", [(300, True), (1004, True), (1000, True), (302, False), (999, False)])
-def test_forward_batches_its_pieces_where_rows_of_p_start_on_4_elements(hidden, batched):
-    # At H = 300 or 1004 h_{t-1} comes in 8-byte vectors (fp16): 4 pieces of 128 in one batched
-    # dot run chains of 4 HMMA where one tl.dot ran 32, no spill (Triton 3.6 and 3.9). Read 4
-    # bytes or an element at a time (H = 302, 999), the forward keeps one tl.dot.
+@pytest.mark.parametrize("hidden, batched", [(300, True), (1004, True), (1000, True), (750, True), (999, False)])
+def test_forward_batches_its_pieces_where_rows_of_p_are_even(hidden, batched):
+    # At H = 300 or 1004 h_{t-1} comes in 8-byte vectors (fp16), at 750 in 4-byte ones: pieces in
+    # one batched dot run chains of 4 to 8 HMMA where one tl.dot ran 32, no spill (Triton 3.6 and
+    # 3.9). Read an element at a time (H = 999), the batched forward spilled: one tl.dot.
     plan = launch.gpu_plan(shape(hidden=hidden), H100_SMS, backward=False)
     assert (plan.options["GROUP_PIECES"] > 1) == batched
 

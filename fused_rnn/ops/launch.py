@@ -265,14 +265,13 @@ def _batches_forward(shape: Shape, block_u: int) -> bool:
     """Whether the forward multiplies its resident block in batched pieces
     (``recurrence.recurrent_matmul``): blocks of fewer than 64 gate rows, which run on ``HMMA``
     anyway (64 rows and more take ``HGMMA``, which a batched ``tl.dot`` would give up), with
-    ``P`` at least 32 (two pieces of ``tl.dot``'s least 16) and rows of ``P`` that start on 4
-    elements at least (read an element at a time, at P = 1000 before ``ALIGNMENT_P`` told the
-    compiler of its multiple of 8, the batched forward spilled 8 bytes a thread with Triton 3.6;
-    at P = 300 or 500, multiples of 4 read in 8-byte vectors in fp16, it runs chains of 4 ``HMMA``
-    where one ``tl.dot`` ran 32, no spill: ``python -m bench.kernels --all``, 2026-12-06). The
-    gathering backward always batches (its blocks have 16 rows); in how many groups,
-    ``group_pieces`` decides."""
-    return shape.gate_slots * block_u < 64 and shape.features >= 32 and alignment(shape.features) >= 4
+    ``P`` at least 32 (two pieces of ``tl.dot``'s least 16) and even (read an element at a time,
+    at P = 1000 before ``ALIGNMENT_P`` told the compiler of its multiple of 8, the batched forward
+    spilled 8 bytes a thread with Triton 3.6; at P = 300 or 750, multiples of 4 or 2 read in 8-
+    or 4-byte vectors in fp16, it runs chains of 4 to 8 ``HMMA`` where one ``tl.dot`` ran 32, no
+    spill: ``python -m bench.kernels --all``, 2026-12-06). The gathering backward always batches
+    (its blocks have 16 rows); in how many groups, ``group_pieces`` decides."""
+    return shape.gate_slots * block_u < 64 and shape.features >= 32 and alignment(shape.features) >= 2
 
 
 def group_pieces(shape: Shape, block_k: int, num_pieces: int, block_b: int) -> int:
