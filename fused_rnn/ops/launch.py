@@ -529,6 +529,9 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
     if backward and not gather and rows_in_vectors(shape.hidden):
         sizes = [size for size in sizes if size >= BACKWARD_UNITS] + [size for size in sizes[::-1] if size < BACKWARD_UNITS]
     chunk = _chunk(shape.dtype)
+    # Where rows of P come in narrower vectors, the forward's 32-row tiles of h_{t-1} spilled
+    # (Triton 3.6: 40 bytes a thread at B=256 H=300, 4 with a projection at H=1000, P=500).
+    largest_block_b = _block_b(shape.batch, LARGEST_BLOCK_B if backward or rows_in_vectors(shape.features) else 16)
     candidates = []
     for preference, block_u in enumerate(sizes):
         programs = triton.cdiv(shape.hidden, block_u)
@@ -536,10 +539,7 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
         if shape.directions * programs > multiprocessors:
             continue
         for block_b in (32, 16):
-            # Where rows of P come in narrower vectors, the forward's 32-row tiles of h_{t-1} spilled
-            # (Triton 3.6: 40 bytes a thread at B=256 H=300, 4 with a projection at H=1000, P=500).
-            narrow = not backward and not rows_in_vectors(shape.features)
-            if block_b > _block_b(shape.batch, 16 if narrow else LARGEST_BLOCK_B):
+            if block_b > largest_block_b:
                 continue
             # The backward keeps W_hr wherever it keeps W_hh; the forward where both fit (below).
             options = _options(shape, True, block_b, block_u, block_p, programs, chunk, backward, gather,
