@@ -50,10 +50,12 @@ def test_reports_compile_the_shape_as_a_launch_specialises_it():
         assert {"partial_columns", "partial_proj_columns"} <= marked
 
 
-@pytest.mark.parametrize("kernel, chain, product", [("forward", 8, (32, 16, 1024)), ("backward", 4, (16, 16, 3072))])
-def test_headline_products_split_their_reduction_over_the_warps(tmp_path, kernel, chain, product):
+@pytest.mark.parametrize("kernel, hidden, chain, product",
+                         [("forward", 384, 4, (32, 16, 512)), ("backward", 768, 4, (16, 16, 3072))])
+def test_small_blocks_split_their_reduction_over_the_warps(tmp_path, kernel, hidden, chain, product):
     # One tl.dot over all of K gave every warp the whole reduction, dependent matrix instructions
-    # into one accumulator: 64 in the forward's (32, 1024) @ (1024, 16), 192 in the gathering
+    # into one accumulator: 64 in the forward's (32, 1024) @ (1024, 16) (the headline's 8-unit
+    # blocks until 2026-12-06; at H=384 32 in its (32, 512) @ (512, 16)), 192 in the gathering
     # backward's (16, 3072) @ (3072, 16), the same on each of the 8 warps. Batched over the
     # pieces (recurrence.recurrent_matmul), a warp's chain is one piece's k-steps, and the warps
     # together do the product's multiply-adds once.
@@ -61,7 +63,7 @@ def test_headline_products_split_their_reduction_over_the_warps(tmp_path, kernel
     from fused_rnn.ops.launch import COMPILE_OPTIONS
 
     script = ("from bench.kernels import Variant, compile_variant; "
-              f"r = compile_variant(Variant('lstm', '{kernel}', 'float16', 'all', 16, 768), 90); "
+              f"r = compile_variant(Variant('lstm', '{kernel}', 'float16', 'all', 16, {hidden}), 90); "
               "print(r.ok, r.spill_bytes, r.mma_chain, r.matrix_instructions, sep=',')")
     result = compile_in_subprocess(["-c", script], tmp_path, 600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -114,7 +116,7 @@ def test_fresh_loads_leave_out_the_barriers_polls_and_the_check_refuses_narrow_o
     assert fresh_loads(sass) == "128-bit x2 32-bit x1 16-bit x1"
 
     def report(shape, loads):
-        return Report(Variant("lstm", "forward", "float16", "all", *shape), ok=True, plan="resident 1x96x1 B16xU8",
+        return Report(Variant("lstm", "forward", "float16", "all", *shape), ok=True, plan="resident 1x48x1 B16xU16",
                       fresh_loads=loads)
 
     assert failures(report((16, 768), "16-bit x64")) == ["reads from L2 in 64 loads narrower than 16 bytes"]
@@ -124,20 +126,24 @@ def test_fresh_loads_leave_out_the_barriers_polls_and_the_check_refuses_narrow_o
     assert failures(report(MULTIPLE_OF_8, "16-bit x64")) == ["reads from L2 in 64 loads narrower than 16 bytes"]
 
 
-@pytest.mark.parametrize("cell, kernel, plan, chain", [("lstm", "forward", "resident 1x125x1", 8),
-                                                      ("gru", "backward", "resident gather", 4)])
-def test_rows_of_a_multiple_of_8_are_read_in_vectors_and_batched(tmp_path, cell, kernel, plan, chain):
+@pytest.mark.parametrize("cell, kernel, plan, instructions, chain",
+                         [("lstm", "forward", "resident 1x63x1", "HGMMA", 0),
+                          ("gru", "backward", "resident gather", "HMMA", 4)])
+def test_rows_of_a_multiple_of_8_are_read_in_vectors_and_batched(tmp_path, cell, kernel, plan, instructions, chain):
     # A launch marks only the multiples of 16 among its integers: at H = 1000 the forward read
     # h_{t-1} 2 bytes at a time (64 loads a thread) in one tl.dot, a chain of 64 HMMA, and the
     # GRU's gathering backward spilled 140 bytes a thread, so it summed parts. Told H and P are
-    # multiples of 8 (ALIGNMENT_H, ALIGNMENT_P), they read 16-byte vectors and batch.
+    # multiples of 8 (ALIGNMENT_H, ALIGNMENT_P), they read 16-byte vectors, and the products run
+    # as HGMMA (the forward's 64-row blocks since the cost model plans them, 2026-12-06) or in
+    # batched HMMA chains of a piece's k-steps.
     script = ("from bench.kernels import Variant, compile_variant; "
               f"r = compile_variant(Variant('{cell}', '{kernel}', 'float16', 'all', 16, 1000), 90); "
-              "print(r.ok, r.spill_bytes, r.plan, r.mma_chain, r.fresh_loads, sep=',')")
+              "print(r.ok, r.spill_bytes, r.plan, r.matrix_instructions, r.mma_chain, r.fresh_loads, sep=',')")
     result = compile_in_subprocess(["-c", script], tmp_path, 600)
     assert result.returncode == 0, result.stderr[-4000:]
-    ok, spill, planned, longest, loads = result.stdout.strip().splitlines()[-1].split(",")
-    assert (ok, spill) == ("True", "0") and planned.startswith(plan) and 0 < int(longest) <= chain, result.stdout
+    ok, spill, planned, matrix, longest, loads = result.stdout.strip().splitlines()[-1].split(",")
+    assert (ok, spill) == ("True", "0") and planned.startswith(plan), result.stdout
+    assert matrix.startswith(instructions + ".") and int(longest) <= chain, result.stdout
     assert loads.startswith("128-bit") and len(loads.split()) == 2, result.stdout
 
 
@@ -145,12 +151,13 @@ def test_rows_of_a_multiple_of_8_are_read_in_vectors_and_batched(tmp_path, cell,
 def test_a_step_issues_its_loads_before_the_product(tmp_path, kernel):
     # What the cell reads of its own does not depend on the product: loaded after it, it cost
     # the step one more L2 round trip. In the compiled headline (no options) every global load of
-    # the time loop comes before the first matrix instruction; after it only the barrier's polls
-    # (.STRONG.GPU, like the operand's .cg loads) read global memory.
+    # the time loop comes before the first matrix instruction (the forward's HGMMA, the backward's
+    # HMMA); after it only the barrier's polls (.STRONG.GPU, like the operand's .cg loads) read
+    # global memory.
     script = ("import re, bench.kernels as K; sass = []; disassemble = K._disassemble; "
               "K._disassemble = lambda cubin: sass.append(disassemble(cubin)) or sass[-1]; "
               f"r = K.compile_variant(K.Variant('lstm', '{kernel}', 'float16', 'none', 16, 768), 90); "
-              "code = sass[0][re.search(r'\\bHMMA', sass[0]).start():]; "
+              "code = sass[0][re.search(r'\\bHG?MMA', sass[0]).start():]; "
               "print(r.ok, r.spill_bytes, len(re.findall(r'\\bLDG(?![.\\w]*STRONG)[.\\w]*', code)), sep=',')")
     result = compile_in_subprocess(["-c", script], tmp_path, 600)
     assert result.returncode == 0, result.stderr[-4000:]

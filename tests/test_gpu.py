@@ -163,11 +163,12 @@ def test_persistent_and_stepwise_schemes_agree_bitwise(cell, config, dtype, monk
 
 
 # The persistent kernels at sizes where many programs share W_hh and meet at the grid barrier:
-# the headline's 96 programs of 8 units (48 of 16 in the backward), both directions in one launch
-# (48 x 2 programs of 16 units), a batch past one tile, and every option, against the float64
-# reference.
+# the headline's 48 programs of 16 units (the backward's of 16 features), 48 of 8 units at H=384
+# (the forward's batched pieces), both directions in one launch (48 x 2 programs of 16 units), a
+# batch past one tile, and every option, against the float64 reference.
 GPU_LAYER_CASES = [
     Case("LSTM", 16, 16, 768, D=1, options=ALL_TRAINING),
+    Case("LSTM", 16, 16, 384, D=1, options=ALL_TRAINING),
     Case("LSTM", 8, 16, 768, D=2, options=ALL_TRAINING),
     Case("LSTM", 8, 40, 256, 128, D=2, options=ALL_EVAL),
     Case("GRU", 16, 16, 768, D=2, options=ALL_TRAINING),

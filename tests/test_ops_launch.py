@@ -16,7 +16,7 @@ import pytest
 import torch
 import triton
 
-from fused_rnn.ops import launch
+from fused_rnn.ops import cost, launch
 
 H100_SMS = 132
 CUDA = torch.device("cuda", 0)
@@ -62,12 +62,19 @@ def multiprocessors(monkeypatch):
     return set_count
 
 
-def test_headline_forward_plan_gives_96_programs_of_8_units_each_an_sm():
-    # LSTM fp16, B=16, H=P=768 on 132 SMs: blocks of 4 units would need 192 programs.
-    plan = launch.gpu_plan(shape(), H100_SMS, backward=False)
+def test_headline_forward_plan_gives_48_programs_of_16_units_each_an_sm():
+    # LSTM fp16, B=16, H=P=768 on 132 SMs: blocks of 4 units would need 192 programs; of 8, 96
+    # programs would read all of h_{t-1} every step, the L2 twice as much as 48 of 16 units, whose
+    # 64-row blocks run HGMMA at twice the rate (the cost model, ops/cost.py).
+    layer = shape()
+    plan = launch.gpu_plan(layer, H100_SMS, backward=False)
     assert plan.scheme == "persistent" and plan.resident
-    assert plan.grid == (1, 96, 1)
-    assert plan.options["BLOCK_U"] == 8 and plan.options["BLOCK_B"] == 16
+    assert plan.grid == (1, 48, 1)
+    assert plan.options["BLOCK_U"] == 16 and plan.options["BLOCK_B"] == 16
+    options = launch._options(layer, True, 16, 8, 16, 96, 16, backward=False)
+    assert launch._fits(layer, options, backward=False)
+    spread = launch.Plan("persistent", (1, 96, 1), options, False)
+    assert cost.step_seconds(layer, plan, backward=False) < cost.step_seconds(layer, spread, backward=False)
 
 
 def test_headline_backward_gathers_with_48_programs_of_16_units():
@@ -107,9 +114,11 @@ def test_projection_backward_sums_parts_where_rows_of_p_are_not_in_vectors():
 def test_forward_batches_its_pieces_where_rows_of_p_are_even(hidden, batched):
     # At H = 300 or 1004 h_{t-1} comes in 8-byte vectors (fp16), at 750 in 4-byte ones: pieces in
     # one batched dot run chains of 4 to 8 HMMA where one tl.dot ran 32, no spill (Triton 3.6 and
-    # 3.9). Read an element at a time (H = 999), the batched forward spilled: one tl.dot.
-    plan = launch.gpu_plan(shape(hidden=hidden), H100_SMS, backward=False)
-    assert (plan.options["GROUP_PIECES"] > 1) == batched
+    # 3.9). Read an element at a time (H = 999), the batched forward spilled: one tl.dot. Blocks of 8
+    # units (32 gate rows; of 64 rows and more a tl.dot runs HGMMA and is not batched).
+    layer = shape(hidden=hidden)
+    options = launch._options(layer, True, 16, 8, 16, triton.cdiv(hidden, 8), 16, backward=False)
+    assert (options["GROUP_PIECES"] > 1) == batched
 
 
 @pytest.mark.parametrize("hidden, block_b", [(300, 16), (304, 32)])
@@ -146,17 +155,27 @@ def test_every_plan_tells_the_kernels_an_alignment_of_h_and_p_that_divides_them(
 @pytest.mark.parametrize(
     "batch, hidden, grid, units, block_b",
     [
-        (16, 768, (1, 96, 1), 8, 16),     # one tile a program either way: the most SMs share W_hh
+        (16, 768, (1, 48, 1), 16, 16),    # one tile a program either way; 96 programs read h twice as much
         (64, 768, (2, 48, 1), 16, 16),    # 2 tiles a program instead of 4 with 96 programs of 8 units
-        (256, 256, (8, 16, 1), 16, 32),   # 1 tile instead of 4 with 2 x 64 programs of 4 units
+        (64, 256, (4, 16, 1), 16, 16),    # 1 tile of 16 rows, 64 programs reading h, not 2 x 64 of 32 rows
+        (256, 256, (16, 8, 1), 32, 16),   # 1 tile, 128 programs of 32 units; of 16 units 32-row tiles
     ],
 )
-def test_forward_plan_walks_the_fewest_batch_tiles_then_spreads_w_hh_widest(batch, hidden, grid, units, block_b):
-    # A program walks its batch tiles one after another, each an operand load and the cell's loads:
-    # larger blocks free SMs for batch groups.
-    plan = launch.gpu_plan(shape(batch=batch, hidden=hidden), H100_SMS, backward=False)
+def test_forward_plan_is_the_one_the_cost_model_ranks_first(batch, hidden, grid, units, block_b):
+    # A program walks its batch tiles one after another, each an operand load and the cell's loads;
+    # every program reads all of h_{t-1} for each, so fewer, larger blocks read less of L2, and
+    # blocks of 64 gate rows and more run HGMMA (ops/cost.py).
+    layer = shape(batch=batch, hidden=hidden)
+    plan = launch.gpu_plan(layer, H100_SMS, backward=False)
     assert plan.resident and plan.grid == grid
     assert (plan.options["BLOCK_U"], plan.options["BLOCK_B"]) == (units, block_b)
+    for block_u, other_block_b in itertools.product((4, 8, 16, 32, 64), (16, 32)):
+        programs = triton.cdiv(hidden, block_u)
+        options = launch._options(layer, True, other_block_b, block_u, 16, programs, 16, backward=False)
+        if programs <= H100_SMS and other_block_b <= batch and launch._fits(layer, options, backward=False):
+            groups = min(triton.cdiv(batch, other_block_b), H100_SMS // programs)
+            other = launch.Plan("persistent", (groups, programs, 1), options, False)
+            assert cost.step_seconds(layer, plan, False) <= cost.step_seconds(layer, other, False) + 1e-9
 
 
 @pytest.mark.parametrize(
@@ -222,7 +241,8 @@ def test_operand_waves_split_the_groups_into_that_many_waves(groups, expected):
 
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
 def test_bidirectional_headline_plan_shares_the_sms_between_directions(backward):
-    # Two directions at 96 programs each would need 192 SMs: blocks of 16 units, 48 programs each.
+    # Two directions of 48 programs of 16 units each, as one direction alone takes (96 programs of 8
+    # units would need 192 SMs).
     plan = launch.gpu_plan(shape(directions=2), H100_SMS, backward)
     assert plan.scheme == "persistent" and plan.resident
     assert plan.grid == (1, 48, 2)
@@ -232,26 +252,26 @@ def test_bidirectional_headline_plan_shares_the_sms_between_directions(backward)
 
 
 def test_headline_projection_keeps_w_hr_on_chip_in_the_forward_too():
-    # LSTM fp16 B=16 H=768 P=384: W_hh's block (32 x 384, padded to 512) and W_hr's (16
+    # LSTM fp16 B=16 H=768 P=384: W_hh's block (64 x 384, padded to 512) and W_hr's (16
     # features x 768 columns in 24 pieces of 32, batched 8 at a time like the gathering
-    # backward's), with their operands, 96 KB.
+    # backward's), with their operands, 128 KB.
     layer = shape("lstm-proj")
     for backward in (False, True):
         plan = launch.gpu_plan(layer, H100_SMS, backward)
         assert plan.resident and plan.options["RESIDENT_PROJ"]
     options = launch.gpu_plan(layer, H100_SMS, backward=False).options
     assert (options["BLOCK_KP"], options["NUM_PIECES_P"], options["GROUP_PIECES_P"]) == (32, 24, 8)
-    assert launch.resident_bytes(layer, options, backward=False) == 2 * (32 * 512 + 16 * 768 + 16 * (512 + 768))
+    assert launch.resident_bytes(layer, options, backward=False) == 2 * (64 * 512 + 16 * 768 + 16 * (512 + 768))
 
 
 @pytest.mark.parametrize(
     "dtype, batch, hidden",
-    [(torch.float32, 64, 768), (torch.float16, 256, 768)],
-    ids=["tf32-B64-H768", "fp16-B256-H768"],
+    [(torch.float32, 64, 768), (torch.float16, 256, 1024)],
+    ids=["tf32-B64-H768", "fp16-B256-H1024"],
 )
 def test_forward_streams_w_hr_where_it_does_not_fit_beside_w_hh(monkeypatch, dtype, batch, hidden):
-    # TF32 at B=64: W_hh's block and operand take 192 KB already. fp16 at B=256: 32-unit blocks of
-    # 32 batch rows, a 128 x 32 gate tile, beside which h_raw's pieces spill (Triton 3.6).
+    # TF32 at B=64: W_hh's block and operand take 192 KB already. fp16 at B=256 H=1024: 32-unit
+    # blocks of 32 batch rows, a 128 x 32 gate tile, beside which h_raw's pieces spill (Triton 3.6).
     monkeypatch.setattr(launch, "interpreting", lambda: False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     plan = launch.gpu_plan(shape("lstm-proj", dtype, batch, hidden), H100_SMS, backward=False)
@@ -350,18 +370,19 @@ def test_headline_blocks_come_in_pieces():
     # warp: in fewer, larger groups Triton 3.6 spilled or repeated the product on several warps);
     # the GRU's 2304 in 72 pieces of 32, as 36 of 64 would not fill groups of 8; the parts
     # backward's 768 features in 3 of 256, unpadded; the forward's 768 features padded to 1024:
-    # 8 pieces of 128 in one batched tl.dot for its 32-row blocks, one piece for 64 rows (HGMMA;
-    # in chained pieces those spilled).
+    # one piece for its 64-row blocks (HGMMA; in chained pieces those spilled), 8 pieces of 128 in
+    # one batched tl.dot for 32-row blocks.
     assert launch.pieces(768) == (256, 3) and launch.pieces(3072) == (256, 12)
     options = launch.gpu_plan(shape(), H100_SMS, backward=True).options
     assert (options["BLOCK_K"], options["NUM_PIECES"], options["GROUP_PIECES"]) == (64, 48, 8)
     options = launch.gpu_plan(shape(cell="gru"), H100_SMS, backward=True).options
     assert (options["BLOCK_K"], options["NUM_PIECES"], options["GROUP_PIECES"]) == (32, 72, 8)
-    options = launch.gpu_plan(shape(), H100_SMS, backward=False).options
+    for directions in (1, 2):
+        options = launch.gpu_plan(shape(directions=directions), H100_SMS, backward=False).options
+        assert options["BLOCK_U"] == 16
+        assert (options["BLOCK_K"], options["NUM_PIECES"], options["GROUP_PIECES"]) == (1024, 1, 1)
+    options = launch._options(shape(), True, 16, 8, 16, 96, 16, backward=False)
     assert (options["BLOCK_K"], options["NUM_PIECES"], options["GROUP_PIECES"]) == (128, 8, 8)
-    options = launch.gpu_plan(shape(directions=2), H100_SMS, backward=False).options
-    assert options["BLOCK_U"] == 16
-    assert (options["BLOCK_K"], options["NUM_PIECES"], options["GROUP_PIECES"]) == (1024, 1, 1)
     options = launch.gpu_plan(shape(), H100_SMS, backward=True, gather=False).options
     assert (options["BLOCK_K"], options["NUM_PIECES"], options["GROUP_PIECES"]) == (256, 3, 1)
 

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cost
+
 SCHEMES = ("persistent", "stepwise")
 WEIGHTS = ("resident", "streaming")
 BACKWARDS = ("gather", "partial")
@@ -507,28 +509,36 @@ def _interpreter_plan(shape: Shape, scheme: str, resident: bool, backward: bool,
 
 
 def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool, gather: bool = False) -> Plan | None:
-    """The resident plan whose programs each take the fewest operand loads per step: batch tiles
-    walked one after another (an L2 round trip or two each: batch groups on the SMs that smaller
-    blocks leave free), times the waves of the gathering backward's operand (``operand_waves``);
-    then the fewest waves, the fewest units per block (the most SMs sharing ``W_hh``), the widest
-    tiles; every program must fit on an SM.
+    """The resident plan with the least modelled step (``cost.step_seconds``, which counts the
+    round trips of the batch tiles a program walks one after another and of the gathering
+    backward's operand waves, the L2 bytes of all programs and of one, and the product); within a
+    nanosecond, the fewest waves, then the smallest blocks (the most SMs sharing ``W_hh``), then
+    the widest tiles. Every program must fit on an SM. Spreading ``W_hh`` over more programs
+    shrinks each program's product but has more of them read all of the operand: at the headline
+    the forward takes 48 programs of 16 units, not 96 of 8 (``ops/cost.py``). Where rows of ``H``
+    or ``P`` are not in vectors (``rows_in_vectors``), the fewest batch tiles times waves instead
+    of the model, then as above.
 
     The gathering backward's blocks are transposed, blocks of features: ``tl.dot`` wants 16 at
     least, and larger ones spill (at B=256 H=768 the RNN's 64-unit blocks, 104 bytes a thread with
     Triton 3.9; its 32-unit TF32 blocks, 12 with 3.6: ``python -m bench.kernels --all``), so it
-    takes 16. The partial sums cost each program a write and a read of ``B * P`` values per step, so
-    that backward prefers blocks of ``BACKWARD_UNITS`` (at the headline 48 programs of 16 units
-    instead of 96 of 8), then larger ones, then smaller ones. Not where rows of ``H`` are not in
-    vectors (``rows_in_vectors``): read an element at a time, 16-unit programs spilled (56 bytes a
-    thread in the LSTM backward at H = 1000 before ``ALIGNMENT_H``, ``python -m bench.kernels
-    --all``). The gathering backward's pieces are padded to whole groups (``batched_pieces``), or
-    it does not gather: in smaller groups its warps repeat each other's products (in the TF32
-    projection's at H = 328, P = 120, 41 pieces of 32 in groups of 1: 332 ``HMMA`` a warp in a
-    chain of 164, with Triton 3.9 and 3.6)."""
+    takes 16. The partial sums cost each program a write and a read of ``B * P`` values per step,
+    which the model counts. Not where rows of ``H`` are not in vectors (``rows_in_vectors``): read
+    an element at a time, 16-unit programs spilled (56 bytes a thread in the LSTM backward at H =
+    1000 before ``ALIGNMENT_H``, ``python -m bench.kernels --all``). The gathering backward's
+    pieces are padded to whole groups (``batched_pieces``), or it does not gather: in smaller
+    groups its warps repeat each other's products (in the TF32 projection's at H = 328, P = 120,
+    41 pieces of 32 in groups of 1: 332 ``HMMA`` a warp in a chain of 164, with Triton 3.9 and
+    3.6)."""
     sizes = [16] if gather else [size for size in (1, 2, 4, 8, 16, 32, 64) if size >= shape.smallest_block]
     if backward and not gather and rows_in_vectors(shape.hidden):
         sizes = [size for size in sizes if size >= BACKWARD_UNITS] + [size for size in sizes[::-1] if size < BACKWARD_UNITS]
     chunk = _chunk(shape.dtype)
+    # Where rows of H or P are not in 16-byte vectors, the larger blocks the model would take spilled
+    # (Triton 3.6: the forward's 64-row blocks at H = 999, 100 bytes a thread; the partial sums'
+    # 256-row blocks at B=256 H=300, 236): there the plan walks the fewest batch tiles (times
+    # waves) with the smallest blocks, as before the model ranked plans (2026-12-06).
+    in_vectors = rows_in_vectors(shape.hidden) and rows_in_vectors(shape.features)
     # Where rows of P come in narrower vectors, the forward's 32-row tiles of h_{t-1} spilled
     # (Triton 3.6: 40 bytes a thread at B=256 H=300, 4 with a projection at H=1000, P=500).
     largest_block_b = _block_b(shape.batch, LARGEST_BLOCK_B if backward or rows_in_vectors(shape.features) else 16)
@@ -541,7 +551,8 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
         for block_b in (32, 16):
             if block_b > largest_block_b:
                 continue
-            # The backward keeps W_hr wherever it keeps W_hh; the forward where both fit (below).
+            # The backward keeps W_hr wherever it keeps W_hh; the forward where both fit
+            # (``_keeping_projection``).
             options = _options(shape, True, block_b, block_u, block_p, programs, chunk, backward, gather,
                                shape.has_proj and backward)
             # The gathering operand in as few waves as fit, each its own L2 round trip; in several
@@ -551,21 +562,28 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
             for waves in operand_waves(options) if gather and shape.dtype.itemsize == 2 else (1,):
                 options = dict(options, OPERAND_WAVES=waves) if gather else options
                 if _fits(shape, options, backward):
+                    if shape.has_proj and not backward:
+                        options = _keeping_projection(shape, options, programs, chunk)
                     groups = min(triton.cdiv(shape.batch, block_b), multiprocessors // (shape.directions * programs))
-                    tiles = triton.cdiv(triton.cdiv(shape.batch, block_b), groups)
-                    candidates.append((tiles * waves, waves, preference, -block_b, groups, programs, options))
+                    found = Plan("persistent", (groups, programs, shape.directions), options, shape.has_proj)
+                    if in_vectors:  # modelled steps within a nanosecond of each other are a tie
+                        rank = round(cost.step_seconds(shape, found, backward), 9)
+                    else:
+                        rank = triton.cdiv(triton.cdiv(shape.batch, block_b), groups) * waves
+                    candidates.append((rank, waves, preference, -block_b, found))
                     break
-    if not candidates:
-        return None
-    *_, groups, programs, options = min(candidates, key=lambda candidate: candidate[:4])
-    if shape.has_proj and not backward:
-        for whole_groups in (True, False):
-            keeping = _options(shape, True, options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"], programs,
-                               chunk, backward, resident_proj=True, whole_groups=whole_groups)
-            if _projection_fits(shape, keeping):
-                options = keeping
-                break
-    return Plan("persistent", (groups, programs, shape.directions), options, shape.has_proj)
+    return min(candidates, key=lambda candidate: candidate[:4])[-1] if candidates else None
+
+
+def _keeping_projection(shape: Shape, options: dict, programs: int, chunk: int) -> dict:
+    """A forward's ``options`` with its block of ``W_hr`` kept on chip where it fits beside ``W_hh``'s
+    (``_projection_fits``), its pieces padded to whole groups where they can be."""
+    for whole_groups in (True, False):
+        keeping = _options(shape, True, options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"], programs,
+                           chunk, False, resident_proj=True, whole_groups=whole_groups)
+        if _projection_fits(shape, keeping):
+            return keeping
+    return options
 
 
 def _chunk(dtype: torch.dtype) -> int:
