@@ -75,9 +75,8 @@ def product_seconds(report: dict, dtype) -> float:
     cores' time for all its warps' multiply-adds, whichever is longer."""
     from fused_rnn.ops.launch import COMPILE_OPTIONS
 
-    slower = 2 if dtype == torch.float32 else 1
     work = kernels.multiply_adds(report["matrix_instructions"], COMPILE_OPTIONS["num_warps"])
-    tensor_cores = sum(count * slower / (cost.MULTIPLY_ADDS_PER_CLOCK[opcode] * cost.CLOCK) for opcode, count in work.items())
+    tensor_cores = sum(count / cost.multiply_add_rate(opcode, dtype) for opcode, count in work.items())
     return max(report["mma_chain"] * cost.MMA_LATENCY, tensor_cores)
 
 

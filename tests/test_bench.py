@@ -353,6 +353,40 @@ def test_cost_model_reads_the_committed_compiler_reports_of_todays_plans(version
     assert len(headline) == 1 and "gather" in headline[0]
 
 
+@pytest.mark.parametrize("version", ["3.6", "3.9"])
+def test_launcher_estimates_the_product_the_compiler_makes(version, monkeypatch):
+    # The launcher ranks plans by cost.product_estimate, from the blocks' shapes alone; bench.model
+    # reads the compiled matrix instructions. Wherever the launcher ranks by the model (rows of H
+    # and P in vectors) they must agree; a streamed W_hr's chunk loop is compiled once, so its
+    # report counts one chunk and only the estimate counts them all.
+    from bench import kernels, model
+
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    reports = json.loads((REPO / "bench" / "results" / f"kernels-sm90-triton-{version}-all.json").read_text())
+    compared = 0
+    for report in reports["reports"]:
+        variant = kernels.Variant(**report["variant"])
+        if variant.dtype not in model.KERNEL_DTYPES.values():
+            continue
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", kernels.DTYPES[variant.dtype][1])
+        shape, backward = kernels.shape_of(variant), variant.kernel == "backward"
+        plan = launch.gpu_plan(shape, kernels.MULTIPROCESSORS, backward)
+        in_vectors = launch.rows_in_vectors(shape.hidden) and launch.rows_in_vectors(shape.features)
+        if not plan.resident or not in_vectors or (shape.has_proj and not plan.options["RESIDENT_PROJ"]):
+            continue
+        compiled = model.product_seconds(report, shape.dtype)
+        assert cost.product_estimate(shape, plan.options, backward) == pytest.approx(compiled, rel=1e-6), report
+        compared += 1
+    assert compared > 300
+
+
+def test_cost_model_counts_the_activations_each_cell_saves():
+    from fused_rnn.ops import gru, lstm, rnn
+
+    for cell in (lstm.CELL, gru.CELL, *rnn.CELLS.values()):
+        assert cost.SAVED_GATES[cell.num_gates] == cell.saved_gates
+
+
 def test_cost_model_refuses_a_report_of_another_plan(tmp_path, monkeypatch):
     from bench import model
 

@@ -18,7 +18,8 @@ step reads and the barrier (an arrival and the poll that sees the last one), the
 tile a program walks the operand load (every piece at once, or of the gathering backward's operand
 one wave after another; in a backward that sums parts, one per chunk of programs whose parts
 ``reduce_partials`` loads), with the cell's own loads issued before it; with a projection, a
-second barrier and operand load a step. A batch tile's product takes the longer of its longest
+second barrier a step and, for each tile, the projection's operand load (in one wave; summing
+parts, as many as the first phase). A batch tile's product takes the longer of its longest
 run of dependent ``HMMA`` instructions (30 cycles each) and its multiply-adds at the SM's
 tensor-core rate: ``HGMMA`` (wgmma) for a single ``tl.dot`` of 64 rows or more, ``HMMA`` for the
 batched pieces and smaller dots (``recurrence.recurrent_matmul``). The elementwise math hides
@@ -56,14 +57,19 @@ MULTIPLY_ADDS_PER_CLOCK = {"HGMMA": 2048, "HMMA": 1024}  # an SM's, fp16 / bf16;
 SAVED_GATES = {4: 4, 3: 4, 1: 0}
 
 
+def multiply_add_rate(instruction: str, dtype) -> float:
+    """Multiply-adds a second of one SM's tensor cores with ``instruction`` (``HGMMA``, ``HMMA``) in
+    ``dtype``'s products: TF32 (fp32) at half the 16-bit rate."""
+    return MULTIPLY_ADDS_PER_CLOCK[instruction] * CLOCK / (2 if dtype == torch.float32 else 1)
+
+
 def _product(dtype, rows: int, columns: int, batch_rows: int, piece_columns: int, batched: bool) -> float:
     """Seconds of one ``(rows, columns) @ (columns, batch_rows)`` product: ``HGMMA`` where it is one
     ``tl.dot`` of 64 rows or more, else ``HMMA`` in chains of a piece's ``K`` steps."""
-    slower = 2 if dtype == torch.float32 else 1
-    step = 8 if dtype == torch.float32 else 16  # K of one HMMA.1688 (TF32) / HMMA.16816
+    k_step = 8 if dtype == torch.float32 else 16  # K of one HMMA.1688 (TF32) / HMMA.16816
     hgmma = not batched and rows >= 64
-    rate = MULTIPLY_ADDS_PER_CLOCK["HGMMA" if hgmma else "HMMA"] * CLOCK / slower
-    chain = 0 if hgmma else (piece_columns if batched else columns) // step
+    chain = 0 if hgmma else (piece_columns if batched else columns) // k_step
+    rate = multiply_add_rate("HGMMA" if hgmma else "HMMA", dtype)
     return max(chain * MMA_LATENCY, rows * columns * batch_rows / rate)
 
 
@@ -79,23 +85,27 @@ def product_estimate(shape, options: dict, backward: bool) -> float:
     batched, batched_p = options["GROUP_PIECES"] > 1, options["GROUP_PIECES_P"] > 1
     if backward and options["GATHER"]:  # the transposed blocks: features by every gate row
         block_f = block_p if shape.has_proj else block_u
-        seconds = _product(shape.dtype, block_f, columns, block_b, options["BLOCK_K"], True)
-        projection = (block_u, columns_p)
+        seconds = _product(shape.dtype, block_f, columns, block_b, options["BLOCK_K"], batched)
+        if shape.has_proj:  # W_hr's block by all of dL/dh: (units, P) @ (P, batch)
+            seconds += _product(shape.dtype, block_u, columns_p, block_b, options["BLOCK_KP"], batched_p)
     elif backward:  # each piece's part of every feature: (piece, gate rows) @ (gate rows, batch)
-        rows = shape.gate_slots * block_u
-        seconds = options["NUM_PIECES"] * _product(shape.dtype, options["BLOCK_K"], rows, block_b, rows, False)
-        projection = (block_p, columns_p)
+        gate_rows = shape.gate_slots * block_u
+        seconds = options["NUM_PIECES"] * _product(shape.dtype, options["BLOCK_K"], gate_rows, block_b, gate_rows,
+                                                   False)
+        if shape.has_proj:  # and W_hr's, of every unit: (piece, features) @ (features, batch)
+            seconds += options["NUM_PIECES_P"] * _product(shape.dtype, options["BLOCK_KP"], block_p, block_b,
+                                                          block_p, False)
     else:
         seconds = _product(shape.dtype, shape.gate_slots * block_u, columns, block_b, options["BLOCK_K"], batched)
-        projection = (block_p, columns_p)
-    if shape.has_proj:
-        seconds += _product(shape.dtype, *projection, block_b, options["BLOCK_KP"], batched_p)
+        if shape.has_proj:  # W_hr's block by all of h_raw: (features, H) @ (H, batch)
+            seconds += _product(shape.dtype, block_p, columns_p, block_b, options["BLOCK_KP"], batched_p)
     return seconds
 
 
 def step_seconds(shape, plan, backward: bool, product: float | None = None, gpu: str = "H100") -> float:
     """The modelled lower bound of one step of ``plan`` (``launch.Plan``) for ``shape``, in
-    seconds; ``product``, a batch tile's, defaults to ``product_estimate``."""
+    seconds; ``product``, a batch tile's, defaults to ``product_estimate`` for a resident plan
+    and to none for a streaming one (whose weights' bytes are its bound)."""
     gates, size = shape.num_gates, shape.dtype.itemsize
     groups, programs, directions = plan.grid
     options = plan.options
@@ -111,8 +121,8 @@ def step_seconds(shape, plan, backward: bool, product: float | None = None, gpu:
             gates * shape.hidden * size      # every unit's gate gradients of the step before, read
             + units * (SAVED_GATES[gates] + gates) * size  # saved activations read, gate gradients written
             + units * (size + states + 8))   # grad_h, states, carries
-        # A wave of the operand after another's products: one trip each.
-        operand_trips = options["OPERAND_WAVES"]
+        # A wave of the operand after another's products: one trip each (TILE_ROUND_TRIPS a wave).
+        operand_trips = options["OPERAND_WAVES"] * TILE_ROUND_TRIPS
     elif backward:
         per_program = rows * (
             shape.features * 4               # partial sums of dL/dh_{t-1}, written (fp32)
@@ -124,11 +134,20 @@ def step_seconds(shape, plan, backward: bool, product: float | None = None, gpu:
     else:
         per_program = rows * (shape.features * size + units * (gates * size + states))
         operand_trips = TILE_ROUND_TRIPS
-    if shape.has_proj:  # the projection's operand: all of h_raw (forward) or of dL/dh (backward)
-        per_program += rows * (shape.features if backward else shape.hidden) * size
+    projection_trips = 0
+    if shape.has_proj:
+        if backward and not options["GATHER"]:
+            # W_hr's partial sums of dL/dh_raw over all of H, written (fp32), and every program's for
+            # my features read, as many trips as W_hh's.
+            features = options["BLOCK_P"] * math.ceil(math.ceil(shape.features / options["BLOCK_P"]) / programs)
+            per_program += rows * (shape.hidden + programs * features) * 4
+            projection_trips = operand_trips
+        else:  # the projection's operand, in one load: all of h_raw (forward) or of dL/dh (backward)
+            per_program += rows * (shape.features if backward else shape.hidden) * size
+            projection_trips = TILE_ROUND_TRIPS
         if plan.resident and not options["RESIDENT_PROJ"]:  # W_hr's block read again for every tile
             per_program += tiles * options["BLOCK_P"] * shape.hidden * size
-    round_trips = phases * (SYNC_ROUND_TRIPS + tiles * operand_trips)
+    round_trips = phases * SYNC_ROUND_TRIPS + tiles * (operand_trips + projection_trips)
     weights = 0.0
     if not plan.resident:  # every program reads its blocks again for every batch tile, every step
         weights = gates * shape.hidden * shape.features * size * math.ceil(shape.batch / block_b) * directions

@@ -279,9 +279,10 @@ def _batches_forward(shape: Shape, block_u: int) -> bool:
 def group_pieces(shape: Shape, block_k: int, num_pieces: int, block_b: int) -> int:
     """Pieces a batched ``tl.dot`` takes at once (``recurrence.recurrent_matmul``): the most, a
     power of two that divides ``num_pieces``, at most one a warp, whose operand stays within
-    ``GROUP_OPERAND_BYTES`` (the headline's forward: all 8; its gathering backward: 6 groups of
-    8); 1 (a piece at a time) for fp64, which multiplies in registers, not with ``tl.dot``. A
-    group of fewer pieces than warps leaves warps repeating each other's products (Triton 3.6)."""
+    ``GROUP_OPERAND_BYTES`` (the forward's 8-unit blocks at H = 768: all 8; the headline's
+    gathering backward: 6 groups of 8); 1 (a piece at a time) for fp64, which multiplies in
+    registers, not with ``tl.dot``. A group of fewer pieces than warps leaves warps repeating each
+    other's products (Triton 3.6)."""
     if shape.dtype == torch.float64:
         return 1
     group = _whole_group(num_pieces)
@@ -511,13 +512,14 @@ def _interpreter_plan(shape: Shape, scheme: str, resident: bool, backward: bool,
 def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool, gather: bool = False) -> Plan | None:
     """The resident plan with the least modelled step (``cost.step_seconds``, which counts the
     round trips of the batch tiles a program walks one after another and of the gathering
-    backward's operand waves, the L2 bytes of all programs and of one, and the product); within a
-    nanosecond, the fewest waves, then the smallest blocks (the most SMs sharing ``W_hh``), then
-    the widest tiles. Every program must fit on an SM. Spreading ``W_hh`` over more programs
-    shrinks each program's product but has more of them read all of the operand: at the headline
-    the forward takes 48 programs of 16 units, not 96 of 8 (``ops/cost.py``). Where rows of ``H``
-    or ``P`` are not in vectors (``rows_in_vectors``), the fewest batch tiles times waves instead
-    of the model, then as above.
+    backward's operand waves, the L2 bytes of all programs and of one, and the product), rounded to
+    the nanosecond; of equals, the fewest waves, then the smallest blocks (the most SMs sharing
+    ``W_hh``; a backward that sums parts prefers ``BACKWARD_UNITS``, then larger blocks, for its
+    fewer partial sums), then the widest tiles. Every program must fit on an SM. Spreading
+    ``W_hh`` over more programs shrinks each program's product but has more of them read all of
+    the operand: at the headline the forward takes 48 programs of 16 units, not 96 of 8
+    (``ops/cost.py``). Where rows of ``H`` or ``P`` are not in vectors (``rows_in_vectors``), the
+    fewest batch tiles times waves instead of the model, then as above.
 
     The gathering backward's blocks are transposed, blocks of features: ``tl.dot`` wants 16 at
     least, and larger ones spill (at B=256 H=768 the RNN's 64-unit blocks, 104 bytes a thread with
@@ -566,7 +568,7 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
                         options = _keeping_projection(shape, options, programs, chunk)
                     groups = min(triton.cdiv(shape.batch, block_b), multiprocessors // (shape.directions * programs))
                     found = Plan("persistent", (groups, programs, shape.directions), options, shape.has_proj)
-                    if in_vectors:  # modelled steps within a nanosecond of each other are a tie
+                    if in_vectors:  # rounded, so that steps the model cannot tell apart tie
                         rank = round(cost.step_seconds(shape, found, backward), 9)
                     else:
                         rank = triton.cdiv(triton.cdiv(shape.batch, block_b), groups) * waves
