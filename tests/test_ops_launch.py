@@ -559,6 +559,39 @@ def test_without_the_environment_the_gpu_plan_is_persistent_and_resident(no_forc
     assert plan.scheme == "persistent" and plan.resident
 
 
+def test_a_gpu_plan_is_made_once_for_each_thing_it_depends_on(no_forced_plan, multiprocessors, monkeypatch,
+                                                               request):
+    # Ranking the candidates costs up to 0.8 ms of Python a launch; launch.plan keeps what it made,
+    # keyed by everything gpu_plan reads: the SMs, the forced choices, cuDNN's TF32 switch.
+    made = []
+    monkeypatch.setattr(launch, "gpu_plan", lambda *args: made.append(args) or args)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    launch._gpu_plan_once.cache_clear()
+    request.addfinalizer(launch._gpu_plan_once.cache_clear)  # drop the stand-ins for plans
+    fp32 = shape(dtype=torch.float32)
+    multiprocessors(H100_SMS)
+    for _ in range(3):
+        launch.plan(fp32, CUDA, backward=False)
+    assert len(made) == 1
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    launch.plan(fp32, CUDA, backward=False)
+    multiprocessors(66)
+    launch.plan(fp32, CUDA, backward=False)
+    monkeypatch.setenv("FUSED_RNN_SCHEME", "stepwise")
+    launch.plan(fp32, CUDA, backward=False)
+    launch.plan(fp32, CUDA, backward=True)
+    assert len(made) == 5
+
+
+def test_a_cached_gpu_plan_follows_the_tf32_switch(no_forced_plan, multiprocessors, monkeypatch):
+    multiprocessors(H100_SMS)
+    monkeypatch.setattr(launch, "interpreting", lambda: False)  # fp32 dots in TF32, as on a GPU
+    for allowed in (True, False, True):
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allowed)
+        plan = launch.plan(shape(dtype=torch.float32), CUDA, backward=False)
+        assert plan.options["DOT_PRECISION"] == ("tf32" if allowed else "ieee")
+
+
 @pytest.mark.parametrize("variable", ["FUSED_RNN_SCHEME", "FUSED_RNN_WEIGHTS", "FUSED_RNN_BACKWARD"])
 def test_unknown_forced_value_is_rejected_naming_the_variable(no_forced_plan, monkeypatch, variable):
     monkeypatch.setenv(variable, "sequential")

@@ -441,13 +441,26 @@ def _block_b(batch: int, largest: int) -> int:
 
 
 def plan(shape: Shape, device: torch.device, backward: bool) -> Plan:
-    """Choose scheme, resident or streamed weights, block sizes and grid for one launch."""
+    """Choose scheme, resident or streamed weights, block sizes and grid for one launch. A GPU's
+    plan is made once for each shape, SM count, forced choice, cuDNN TF32 switch (``_precision``)
+    and interpreter mode, the values it depends on: ranking the candidates by the cost model takes
+    0.1 to 0.8 ms of Python (on the CI machine's CPU), about what a layer's whole launch at the
+    headline takes by the model."""
     scheme = _forced("FUSED_RNN_SCHEME", SCHEMES) or "persistent"
     weights = _forced("FUSED_RNN_WEIGHTS", WEIGHTS)
     gather = _forced("FUSED_RNN_BACKWARD", BACKWARDS) != "partial"
     if device.type != "cuda":
         return _interpreter_plan(shape, scheme, weights != "streaming", backward, gather)
-    return gpu_plan(shape, _usable_multiprocessors(device.index), backward, scheme, weights, gather)
+    return _gpu_plan_once(shape, _usable_multiprocessors(device.index), backward, scheme, weights, gather,
+                          torch.backends.cudnn.allow_tf32, interpreting())
+
+
+@functools.lru_cache(maxsize=4096)
+def _gpu_plan_once(shape: Shape, multiprocessors: int, backward: bool, scheme: str, weights: str | None,
+                   gather: bool, allow_tf32: bool, interpreted: bool) -> Plan:
+    """``gpu_plan``, cached by its arguments and the two switches it reads (``allow_tf32``,
+    ``interpreted``), which here only key the cache. Callers must not change the plan."""
+    return gpu_plan(shape, multiprocessors, backward, scheme, weights, gather)
 
 
 def gpu_plan(shape: Shape, multiprocessors: int, backward: bool, scheme: str = "persistent",
