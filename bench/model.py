@@ -25,8 +25,7 @@ from fused_rnn.ops import cost
 # The GPU machines compile with Triton 3.6.
 KERNELS = os.path.join(os.path.dirname(__file__), "results", "kernels-sm90-triton-3.6-all.json")
 CUDNN_US_PER_STEP = 2.0  # cuDNN, LSTM B=16 H=768 fp16 (../shared/NOTES.md: 2.01 ms at T=1024)
-CELLS = {"lstm": 4, "gru": 3}  # gates
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+CELLS = ("lstm", "gru")
 # bench.kernels' name of each dtype: fp32 runs as TF32 here, as cuDNN runs it.
 KERNEL_DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "tf32"}
 
@@ -43,11 +42,11 @@ class Row:
     backward_us: dict
 
 
-def _plan(cell: str, dtype, batch: int, hidden: int, backward: bool):
-    from fused_rnn.ops.launch import Shape, gpu_plan
+def _plan(cell: str, dtype_name: str, batch: int, hidden: int, backward: bool):
+    from fused_rnn.ops.launch import gpu_plan
 
-    shape = Shape(dtype=dtype, batch=batch, hidden=hidden, features=hidden, directions=1,
-                  num_gates=CELLS[cell], has_proj=False, steps=1024)
+    kernel = "backward" if backward else "forward"
+    shape = kernels.shape_of(kernels.Variant(cell, kernel, KERNEL_DTYPES[dtype_name], "all", batch, hidden))
     return shape, gpu_plan(shape, kernels.MULTIPROCESSORS, backward)
 
 
@@ -61,7 +60,7 @@ def load_reports(path: str) -> dict:
 
 
 def _report(reports: dict, cell: str, dtype_name: str, batch: int, hidden: int, backward: bool) -> dict:
-    shape, plan = _plan(cell, DTYPES[dtype_name], batch, hidden, backward)
+    shape, plan = _plan(cell, dtype_name, batch, hidden, backward)
     kernel = "backward" if backward else "forward"
     report = reports.get((cell, kernel, KERNEL_DTYPES[dtype_name], batch, hidden))
     if report is None or report["plan"] != kernels.describe(shape, plan):
@@ -83,9 +82,8 @@ def product_seconds(report: dict, dtype) -> float:
 def step_seconds(cell: str, dtype_name: str, batch: int, hidden: int, backward: bool, gpu: str,
                  reports: dict) -> float:
     """The modelled lower bound of one step, in seconds, with the compiled product."""
-    dtype = DTYPES[dtype_name]
-    shape, plan = _plan(cell, dtype, batch, hidden, backward)
-    product = product_seconds(_report(reports, cell, dtype_name, batch, hidden, backward), dtype)
+    shape, plan = _plan(cell, dtype_name, batch, hidden, backward)
+    product = product_seconds(_report(reports, cell, dtype_name, batch, hidden, backward), shape.dtype)
     return cost.step_seconds(shape, plan, backward, product, gpu)
 
 
@@ -115,7 +113,7 @@ def main(argv=None) -> int:
     table = [[row.cell, str(row.batch), str(row.hidden), row.dtype, row.forward_plan, row.backward_plan,
               f"{row.forward_us['H100']:.2f}", f"{row.forward_us['H200']:.2f}",
               f"{row.backward_us['H100']:.2f}", f"{row.backward_us['H200']:.2f}"]
-             for row in rows(CELLS, (1, 16, 64, 256), (256, 768, 1024), DTYPES, load_reports(args.kernels))]
+             for row in rows(CELLS, (1, 16, 64, 256), (256, 768, 1024), KERNEL_DTYPES, load_reports(args.kernels))]
     if args.markdown:
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))

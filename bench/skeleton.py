@@ -223,9 +223,7 @@ def model_us(measurement: Measurement) -> float:
         return trip
     if measurement.kind == "barrier":
         return (cost.SYNC_ROUND_TRIPS - 1) * trip
-    per_program = measurement.bytes_per_program()
-    programs = measurement.groups * measurement.programs
-    bandwidth = max(programs * per_program / cost.L2_BANDWIDTH, per_program / cost.SM_L2_BANDWIDTH)
+    bandwidth = cost.l2_seconds(measurement.bytes_per_program(), measurement.groups * measurement.programs)
     return (cost.SYNC_ROUND_TRIPS + measurement.tiles * cost.TILE_ROUND_TRIPS) * trip + bandwidth * 1e6
 
 

@@ -57,6 +57,12 @@ MULTIPLY_ADDS_PER_CLOCK = {"HGMMA": 2048, "HMMA": 1024}  # an SM's, fp16 / bf16;
 SAVED_GATES = {4: 4, 3: 4, 1: 0}
 
 
+def l2_seconds(per_program: float, programs: int) -> float:
+    """Seconds for each of ``programs`` programs to move ``per_program`` bytes through L2: at the
+    L2's bandwidth, or at one SM's share of it, whichever binds."""
+    return max(programs * per_program / L2_BANDWIDTH, per_program / SM_L2_BANDWIDTH)
+
+
 def multiply_add_rate(instruction: str, dtype) -> float:
     """Multiply-adds a second of one SM's tensor cores with ``instruction`` (``HGMMA``, ``HMMA``) in
     ``dtype``'s products: TF32 (fp32) at half the 16-bit rate."""
@@ -152,7 +158,7 @@ def step_seconds(shape, plan, backward: bool, product: float | None = None, gpu:
     if not plan.resident:  # every program reads its blocks again for every batch tile, every step
         weights = gates * shape.hidden * shape.features * size * math.ceil(shape.batch / block_b) * directions
         per_program += weights / (groups * programs * directions)
-    bandwidth = max(directions * groups * programs * per_program / L2_BANDWIDTH, per_program / SM_L2_BANDWIDTH)
+    bandwidth = l2_seconds(per_program, directions * groups * programs)
     if product is None:
         product = product_estimate(shape, options, backward) if plan.resident else 0.0
     hbm = weights / HBM_BANDWIDTH[gpu] if weights > L2_BYTES else 0.0
