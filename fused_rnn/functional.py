@@ -134,6 +134,11 @@ class _FusedLayer(torch.autograd.Function):
     def backward(ctx, grad_states, grad_c_n=None):
         # Slots 0 and T+1 hold the initial states, which no output shows.
         grad_output = grad_states[1:-1]
+        if not ctx.saved_tensors:
+            raise RuntimeError("fused_rnn: this layer's backward has nothing to work from: autograd was off "
+                               "where it ran (a torch.jit.trace made under torch.no_grad, or by check_trace, "
+                               "bakes that in); use torch.export or torch.compile, or trace with grad enabled "
+                               "and check_trace=False")
         if torch.is_grad_enabled():
             return _second_order_backward(ctx, grad_output, grad_c_n)
         x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, h, c, h_raw, saved, *weights = ctx.saved_tensors

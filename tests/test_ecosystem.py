@@ -23,7 +23,7 @@ from torch._dynamo.utils import counters
 from torch.nn.parallel import DistributedDataParallel
 
 import fused_rnn
-from helpers import KERNEL_DEVICE, TOLERANCES, assert_close
+from helpers import KERNEL_DEVICE, KERNELS_RUN, TOLERANCES, assert_close
 
 
 def needs_cuda(test):
@@ -197,6 +197,24 @@ def test_compile_fullgraph_under_no_grad_matches_eager(fresh_dynamo):
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert_all_close(outputs, expected, torch.float32, "output")
 
+
+
+@pytest.mark.skipif(not KERNELS_RUN, reason="the kernel path: CUDA, or CPU under TRITON_INTERPRET=1")
+def test_jit_trace_trains_when_traced_with_grad_and_refuses_a_backward_clearly_otherwise():
+    torch.manual_seed(0)
+    model = fused_rnn.LSTM(IN, HID).to(KERNEL_DEVICE)
+    x = torch.randn(T, B, IN, device=KERNEL_DEVICE)
+    reference = nn.LSTM(IN, HID).to(KERNEL_DEVICE)
+    reference.load_state_dict(model.state_dict())
+    reference(x)[0].sum().backward()
+    torch.jit.trace(model, x, check_trace=False)(x)[0].sum().backward()
+    for ours, theirs in zip(model.parameters(), reference.parameters()):
+        assert_close(ours.grad, theirs.grad.double(), torch.float32, "traced gradient")
+    # A trace made without autograd bakes that in: the traced layer keeps nothing for a backward.
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x, check_trace=False)
+    with pytest.raises(RuntimeError, match="autograd was off where it ran"):
+        traced(x)[0].sum().backward()
 
 def test_compile_inductor_matches_eager(fresh_dynamo):
     model, inputs = lstm_gru_head_case(proj_size=4)
