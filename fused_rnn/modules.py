@@ -125,36 +125,42 @@ class _FusedRNNBase(nn.modules.rnn.RNNBase):
                                f"{list(weights[1].shape)}, expected {list(expected)} (hidden_size="
                                f"{self.hidden_size}, proj_size={self.proj_size})")
 
-    def _torch_serves(self, input, lengths, reset) -> bool:
-        """Whether torch.nn's own ``forward`` runs this call: in eager mode, on plain CPU tensors
-        (``native.handles``), without what torch.nn lacks. It ends in the same ``torch._VF``
-        operator as ``fused_rnn.native``, minus this package's layers of Python: a small model's
-        call costs what it costs with torch.nn, and errors, packed input and results are torch.nn's."""
-        data = input.data if isinstance(input, PackedSequence) else input
-        return (isinstance(data, torch.Tensor) and native.handles(data) and lengths is None and reset is None
-                and not self.zoneout and not (self.training and (self.recurrent_dropout or self.weight_drop))
+    def forward(self, input, hx=None, lengths=None, reset=None):
+        if lengths is None and reset is None and self._torch_serves(input):
+            try:
+                return self._torch_forward(input, hx)
+            except RuntimeError:
+                # torch.nn's operator names a state of another dtype cryptically ("get_mkldnn_dtype:
+                # unsupported data type"): named here once it has failed, so that the calls it
+                # serves pay nothing for the check, and the states it accepts stay accepted.
+                error = _state_dtype_error(input, hx)
+                if error is None:
+                    raise
+                raise error from None
+        return self._run(input, hx, lengths, reset)
+
+    def _torch_serves(self, input) -> bool:
+        """Whether torch.nn's own ``forward`` runs this call (``lengths`` and ``reset`` aside): in
+        eager mode, on plain CPU tensors (``native.handles``), without the regularizers torch.nn
+        lacks. It ends in the same ``torch._VF`` operator as ``fused_rnn.native``, minus this
+        package's layers of Python: a small model's call costs what it costs with torch.nn, and
+        errors, packed input and results are torch.nn's."""
+        data = input if isinstance(input, torch.Tensor) else input.data if isinstance(input, PackedSequence) else None
+        return (data is not None and native.handles(data) and not self.zoneout
+                and not (self.training and (self.recurrent_dropout or self.weight_drop))
                 and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
 
-    def _run(self, run, input, hx, lengths, reset, check_batched_hx, **extra):
-        """Prepare the input, call ``functional``'s ``run``, and give the output the input's form;
-        or leave the call to torch.nn's ``forward`` (``_torch_forward``) where it serves."""
-        if self._torch_serves(input, lengths, reset):
-            # torch.nn checks all but the states' dtype, which its operator reports cryptically
-            # ("get_mkldnn_dtype: unsupported data type"); under autocast it casts them itself.
-            if not torch._C._is_any_autocast_enabled():
-                states = hx if isinstance(hx, (tuple, list)) else () if hx is None else (hx,)
-                data = input.data if isinstance(input, PackedSequence) else input
-                functional.check_dtypes("hidden", [state for state in states if isinstance(state, torch.Tensor)],
-                                        data)
-            return self._torch_forward(input, hx)
-        input, hx, lengths, reset, packed, is_batched = self._prepare(input, hx, lengths, reset, check_batched_hx)
+    def _run(self, input, hx, lengths, reset):
+        """Prepare the input, call the cell's function of ``functional`` (``_functional``), and give
+        the output the input's form."""
+        input, hx, lengths, reset, packed, is_batched = self._prepare(input, hx, lengths, reset, self._check_hx)
         weights = self._weights()
         self._check_hidden_weights(weights)
-        output, state = run(
+        output, state = self._functional(
             input, hx, weights, batch_first=self.batch_first and packed is None, lengths=lengths,
             reset=reset, has_biases=self.bias, num_layers=self.num_layers, dropout=self.dropout,
             train=self.training, bidirectional=self.bidirectional,
-            recurrent_dropout=self.recurrent_dropout, zoneout=self.zoneout, weight_drop=self.weight_drop, **extra,
+            recurrent_dropout=self.recurrent_dropout, zoneout=self.zoneout, weight_drop=self.weight_drop,
         )
         if packed is not None:
             return _pack_like(output, lengths, packed), state
@@ -163,6 +169,20 @@ class _FusedRNNBase(nn.modules.rnn.RNNBase):
             state = tuple(map(squeeze, state)) if isinstance(state, tuple) else squeeze(state)
             return output.squeeze(0 if self.batch_first else 1), state
         return output, state
+
+
+def _state_dtype_error(input, hx) -> RuntimeError | None:
+    """The error naming a state whose dtype is not the input's, where torch.nn's call failed; None
+    under autocast, where torch.nn casts the states itself."""
+    if torch._C._is_any_autocast_enabled():
+        return None
+    states = hx if isinstance(hx, (tuple, list)) else () if hx is None else (hx,)
+    data = input.data if isinstance(input, PackedSequence) else input
+    try:
+        functional.check_dtypes("hidden", [state for state in states if isinstance(state, torch.Tensor)], data)
+    except RuntimeError as error:
+        return error
+    return None
 
 
 class LSTM(_FusedRNNBase):
@@ -204,8 +224,7 @@ class LSTM(_FusedRNNBase):
             )
         return (h0, c0) if is_batched else (h0.unsqueeze(1), c0.unsqueeze(1))
 
-    def forward(self, input, hx=None, lengths=None, reset=None):
-        return self._run(functional.lstm, input, hx, lengths, reset, self._check_hx)
+    _functional = staticmethod(functional.lstm)
 
 
 class GRU(_FusedRNNBase):
@@ -228,8 +247,7 @@ class GRU(_FusedRNNBase):
     def _check_hx(hx, is_batched):
         return _check_single_hx(hx, is_batched, "GRU")
 
-    def forward(self, input, hx=None, lengths=None, reset=None):
-        return self._run(functional.gru, input, hx, lengths, reset, self._check_hx)
+    _functional = staticmethod(functional.gru)
 
 
 class RNN(_FusedRNNBase):
@@ -260,8 +278,8 @@ class RNN(_FusedRNNBase):
     def _check_hx(hx, is_batched):
         return _check_single_hx(hx, is_batched, "RNN")
 
-    def forward(self, input, hx=None, lengths=None, reset=None):
-        return self._run(functional.rnn, input, hx, lengths, reset, self._check_hx, nonlinearity=self.nonlinearity)
+    def _functional(self, *args, **kwargs):
+        return functional.rnn(*args, nonlinearity=self.nonlinearity, **kwargs)
 
 
 def _fused_twin(module: nn.Module) -> nn.Module:

@@ -289,6 +289,17 @@ def test_eager_module_calls_name_a_state_of_the_wrong_dtype(cell, native_calls):
         fused(torch.randn(STEPS, BATCH, INPUT_SIZE), hx)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bfloat16"])
+def test_eager_module_calls_take_the_float32_c0_torch_takes(dtype, native_calls):
+    # torch.nn's CPU operator computes with a c_0 of another dtype here (and returns c_n in it for
+    # bf16 input): a drop-in does the same.
+    oracle, fused = make_pair("LSTM", dtype)
+    x = torch.randn(STEPS, BATCH, INPUT_SIZE, dtype=dtype)
+    hx = (torch.randn(1, BATCH, HIDDEN_SIZE, dtype=dtype), torch.randn(1, BATCH, HIDDEN_SIZE))
+    for actual, expected in zip(flatten(fused(x, hx)), flatten(oracle(x, hx)), strict=True):
+        assert actual.dtype == expected.dtype
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
 @pytest.mark.parametrize("cell", ["LSTM", "GRU"])
 def test_eager_module_calls_under_autocast_take_states_in_the_autocast_dtype_as_torch_does(cell, native_calls):
     oracle, fused = make_pair(cell, torch.float32)
