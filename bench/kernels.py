@@ -6,7 +6,8 @@ the GPU compiler's verdict - ``tl.dot`` shapes, registers, spills to local memor
 which matrix instructions were emitted and the longest chain of them that depend on each other
 (``chain``) - is available on a machine without a GPU. That is what the interpreter cannot check.
 A variant is (cell, forward or backward, dtype, optional inputs, batch, hidden, directions) with
-the plan ``launch.gpu_plan`` makes for an H100/H200 (132 SMs).
+the plan ``launch.gpu_plan`` makes for the architecture's GPU in ``GPUS`` (``--arch 90``, the
+default: an H100/H200, 132 SMs; 80: an A100; 89: an L40S).
 
 For each variant the report also counts the loads of the weights that sit inside the time loop
 (``W_hh in loop``, ``W_hr in loop``): the resident plans load their blocks once, before it; the
@@ -19,7 +20,7 @@ the compiler allocated.
 partial sums), which go to L2: where rows of ``H`` and ``P`` start on 8 elements, 16-byte vectors.
 
 Run it with ``TRITON_INTERPRET`` unset. ``--check`` exits non-zero if a variant fails to compile,
-spills, needs more shared memory than an H100 gives a program, or reads from L2 in narrower loads
+spills, needs more shared memory than that GPU gives a program, or reads from L2 in narrower loads
 than that (``NARROW_FRESH_LOADS``); ``--all`` compiles the full grid
 (B 1/16/64/256 x H 256/768/1024 x fp16/bf16/fp32/tf32, every cell and both kernels, one
 direction; the headline B=16 H=768 also in fp64 and without options, and with both directions
@@ -53,10 +54,8 @@ DTYPES = {
 }
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 # Buffers kept in the accumulator dtype (fp32, or fp64 for fp64), whatever the layer's dtype.
-ACCUMULATOR_BUFFERS = {"c_ptr", "dh_carry_ptr", "dh0_ptr", "dc_carry_ptr", "dc0_ptr", "partial_ptr", "partial_proj_ptr"}
-# SMs of an H100 SXM / H200, and the shared memory one program may use there.
-MULTIPROCESSORS = 132
-SHARED_MEMORY_LIMIT = 227 * 1024
+ACCUMULATOR_BUFFERS = {"c_ptr", "dh_carry_ptr", "dh0_ptr", "dh0_recurrent_ptr", "dc_carry_ptr", "dc0_ptr", "partial_ptr",
+                       "partial_proj_ptr"}
 HEADLINE = (16, 768)
 GRID_BATCHES, GRID_HIDDENS = (1, 16, 64, 256), (256, 768, 1024)
 # (batch, hidden) with no multiple of 16, H not even of 2: nothing for the compiler to specialise on
@@ -95,7 +94,25 @@ CELL_POINTERS = {
                  "h_raw_ptr", "grad_h_proj_ptr", "partial_proj_ptr"},
 }
 CELL_POINTERS["lstm_proj"] = CELL_POINTERS["lstm"] - {"w_hr_ptr", "h_raw_ptr", "grad_h_proj_ptr", "partial_proj_ptr"}
-OPTIONAL = {"lengths_ptr", "resets_ptr", "h_mask_ptr", "zoneout_h_ptr", "zoneout_c_ptr"}
+OPTIONAL = {"lengths_ptr", "resets_ptr", "dh0_recurrent_ptr", "h_mask_ptr", "zoneout_h_ptr", "zoneout_c_ptr"}
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """What a plan depends on of a GPU (``launch._device_limits``)."""
+
+    name: str
+    multiprocessors: int
+    shared_memory: int  # bytes a program may opt in to: shared_memory_per_block_optin
+
+
+# A GPU of each architecture ``--arch`` names. The L4 (58 SMs) and RTX 4090 (128), sm_89, and the
+# sm_86 A10 (72) and RTX 3090 (82) give a program as much shared memory as the L40S.
+GPUS = {
+    90: Gpu("H100 SXM / H200", 132, 227 * 1024),
+    80: Gpu("A100", 108, 163 * 1024),
+    89: Gpu("L40S", 142, 99 * 1024),
+}
 
 
 @dataclass
@@ -227,6 +244,13 @@ def signature(variant: Variant, kernel, plan):
     return types, constants, divisible
 
 
+def plan_of(shape, backward: bool, gpu: Gpu = GPUS[90]):
+    """The plan a launch makes on ``gpu`` (``launch.gpu_plan``)."""
+    from fused_rnn.ops import launch
+
+    return launch.gpu_plan(shape, gpu.multiprocessors, backward, shared_memory=gpu.shared_memory)
+
+
 def describe(shape, plan) -> str:
     """A plan in a few words: resident or streaming weights, the backward's scheme, the grid and the
     blocks, e.g. ``resident gather 1x48x1 B16xU16``, and the gathering operand's waves where there
@@ -250,7 +274,7 @@ def compile_variant(variant: Variant, arch: int) -> Report:
     kernel = recurrence.forward_kernel if variant.kernel == "forward" else recurrence.backward_kernel
     shape = shape_of(variant)
     backward = variant.kernel == "backward"
-    plan = launch.gpu_plan(shape, MULTIPROCESSORS, backward)
+    plan = plan_of(shape, backward, GPUS[arch])
     options = plan.options
     description = describe(shape, plan)
     planned = launch.resident_bytes(shape, options, backward)
@@ -432,8 +456,8 @@ def fresh_loads(sass: str) -> str:
     return " ".join(f"{bits}-bit x{count}" for bits, count in sorted(widths.items(), reverse=True))
 
 
-def failures(report: Report) -> list:
-    """What ``--check`` refuses in a report."""
+def failures(report: Report, gpu: Gpu) -> list:
+    """What ``--check`` refuses in a report compiled for ``gpu``."""
     from fused_rnn.ops.launch import rows_in_vectors
 
     problems = []
@@ -441,7 +465,7 @@ def failures(report: Report) -> list:
         problems.append("does not compile")
     if report.spill_bytes:
         problems.append(f"spills {report.spill_bytes} bytes")
-    if report.shared_bytes > SHARED_MEMORY_LIMIT:
+    if report.shared_bytes > gpu.shared_memory:
         problems.append(f"needs {report.shared_bytes} bytes of shared memory")
     if report.ok and report.plan.startswith("resident") and report.w_hh_loads_in_loop:
         problems.append("loads W_hh inside the time loop")
@@ -457,7 +481,8 @@ def failures(report: Report) -> list:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200)")
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(GPUS),
+                        help="compute capability: the plans of its GPU in GPUS (90: H100/H200, 80: A100, 89: L40S)")
     parser.add_argument("--all", action="store_true", help="the full grid (default: the subset CI compiles)")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 if a variant fails to compile, spills, overflows shared memory or reads L2 "
@@ -468,6 +493,7 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter does not compile")
 
+    gpu = GPUS[args.arch]
     todo = list(variants(args.all))
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
         reports = list(pool.map(compile_variant, todo, [args.arch] * len(todo)))
@@ -489,9 +515,10 @@ def main(argv=None) -> int:
 
     if args.json:
         with open(args.json, "w") as file:
-            json.dump({"arch": args.arch, "triton": triton.__version__, "multiprocessors": MULTIPROCESSORS,
+            json.dump({"arch": args.arch, "triton": triton.__version__, "gpu": gpu.name,
+                       "multiprocessors": gpu.multiprocessors, "shared_memory": gpu.shared_memory,
                        "reports": [asdict(report) for report in reports]}, file, indent=1)
-    failed = [(report, failures(report)) for report in reports if failures(report)]
+    failed = [(report, failures(report, gpu)) for report in reports if failures(report, gpu)]
     for report, problems in failed:
         print(f"FAILED {report.variant}: {', '.join(problems)}", file=sys.stderr)
     if args.check and failed:

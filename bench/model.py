@@ -43,11 +43,9 @@ class Row:
 
 
 def _plan(cell: str, dtype_name: str, batch: int, hidden: int, backward: bool):
-    from fused_rnn.ops.launch import gpu_plan
-
     kernel = "backward" if backward else "forward"
     shape = kernels.shape_of(kernels.Variant(cell, kernel, KERNEL_DTYPES[dtype_name], "all", batch, hidden))
-    return shape, gpu_plan(shape, kernels.MULTIPROCESSORS, backward)
+    return shape, kernels.plan_of(shape, backward)
 
 
 def load_reports(path: str) -> dict:

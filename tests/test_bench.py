@@ -370,7 +370,7 @@ def test_launcher_estimates_the_product_the_compiler_makes(version, monkeypatch)
             continue
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", kernels.DTYPES[variant.dtype][1])
         shape, backward = kernels.shape_of(variant), variant.kernel == "backward"
-        plan = launch.gpu_plan(shape, kernels.MULTIPROCESSORS, backward)
+        plan = kernels.plan_of(shape, backward)
         in_vectors = launch.rows_in_vectors(shape.hidden) and launch.rows_in_vectors(shape.features)
         if not plan.resident or not in_vectors or (shape.has_proj and not plan.options["RESIDENT_PROJ"]):
             continue

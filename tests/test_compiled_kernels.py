@@ -3,8 +3,9 @@
 The interpreter runs the kernels' arithmetic but not the compiler: a ``tl.dot`` shape it rejects,
 an unsupported cast or an operation that only fails to lower would surface only on a GPU. Triton
 compiles for a named target with the ``ptxas`` it ships, so ``python -m bench.kernels`` compiles
-each kernel for sm_90 (H100/H200) in every dtype, with and without its optional inputs, and
-checks that nothing spills to local memory.
+each kernel in every dtype, with and without its optional inputs, with the plans of an H100/H200
+(sm_90), an A100 (sm_80) and an L40S (sm_89), and checks that nothing spills to local memory and
+that every program fits that GPU's shared memory.
 """
 
 import os
@@ -25,8 +26,9 @@ def compile_in_subprocess(arguments, tmp_path, timeout):
                           cwd=os.path.dirname(os.path.dirname(__file__)), timeout=timeout)
 
 
-def test_every_kernel_compiles_for_sm90_without_spilling(tmp_path):
-    result = compile_in_subprocess(["-m", "bench.kernels", "--arch", "90", "--check"], tmp_path, 1800)
+@pytest.mark.parametrize("arch", [90, 80, 89])
+def test_every_kernel_compiles_without_spilling(tmp_path, arch):
+    result = compile_in_subprocess(["-m", "bench.kernels", "--arch", str(arch), "--check"], tmp_path, 1800)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     rows = [line for line in result.stdout.splitlines() if line.split()[:1] and line.split()[0] in CELLS]
     assert {row.split()[0] for row in rows} == set(CELLS), result.stdout
@@ -100,7 +102,7 @@ def test_fresh_loads_leave_out_the_barriers_polls_and_the_check_refuses_narrow_o
     # Triton 3.6 read the headline forward's operand 2 bytes at a time: 64 loads a thread where 8
     # vectors of 16 bytes do. The barrier's poll (the acquire: CCTL.IVALL follows it) is not data,
     # though ptxas may use its address register for a data load elsewhere (R160 at 0x0100).
-    from bench.kernels import MULTIPLE_OF_8, UNALIGNED, Report, Variant, failures, fresh_loads
+    from bench.kernels import GPUS, MULTIPLE_OF_8, UNALIGNED, Report, Variant, failures, fresh_loads
 
     sass = """
         /*0100*/               @P5 LDG.E.128.STRONG.GPU R28, desc[UR12][R160.64] ;
@@ -119,11 +121,21 @@ def test_fresh_loads_leave_out_the_barriers_polls_and_the_check_refuses_narrow_o
         return Report(Variant("lstm", "forward", "float16", "all", *shape), ok=True, plan="resident 1x48x1 B16xU16",
                       fresh_loads=loads)
 
-    assert failures(report((16, 768), "16-bit x64")) == ["reads from L2 in 64 loads narrower than 16 bytes"]
-    assert failures(report((16, 768), "128-bit x8 32-bit x1")) == []
-    assert failures(report(UNALIGNED, "16-bit x64")) == []  # rows of H = 999 start anywhere
+    h100 = GPUS[90]
+    assert failures(report((16, 768), "16-bit x64"), h100) == ["reads from L2 in 64 loads narrower than 16 bytes"]
+    assert failures(report((16, 768), "128-bit x8 32-bit x1"), h100) == []
+    assert failures(report(UNALIGNED, "16-bit x64"), h100) == []  # rows of H = 999 start anywhere
     # H = 1000 is a multiple of 8: the kernels say so (launch.alignment), and rows come in vectors.
-    assert failures(report(MULTIPLE_OF_8, "16-bit x64")) == ["reads from L2 in 64 loads narrower than 16 bytes"]
+    assert failures(report(MULTIPLE_OF_8, "16-bit x64"), h100) == ["reads from L2 in 64 loads narrower than 16 bytes"]
+
+
+def test_the_check_refuses_more_shared_memory_than_the_gpu_gives_a_program():
+    from bench.kernels import GPUS, Report, Variant, failures
+
+    compiled = Report(Variant("lstm", "forward", "float16", "all", 16, 768), ok=True, plan="resident 1x96x1 B16xU8",
+                      shared_bytes=120 * 1024, fresh_loads="128-bit x8")
+    assert failures(compiled, GPUS[90]) == failures(compiled, GPUS[80]) == []
+    assert failures(compiled, GPUS[89]) == [f"needs {120 * 1024} bytes of shared memory"]
 
 
 @pytest.mark.parametrize("cell, kernel, plan, instructions, chain",

@@ -19,6 +19,9 @@ import triton
 from fused_rnn.ops import cost, launch
 
 H100_SMS = 132
+H100_BUDGET = 200 * 1024  # of the 227 KB a program may use (launch.shared_memory_budget)
+# (SMs, shared memory a program may use): an H100/H200, an A100, an L40S (sm_89; as an RTX 4090 or A10).
+GPUS = {"H100": (H100_SMS, 227 * 1024), "A100": (108, 163 * 1024), "L40S": (142, 99 * 1024)}
 CUDA = torch.device("cuda", 0)
 CPU = torch.device("cpu")
 # (name, G, has a projection): the cells as the plans see them.
@@ -37,12 +40,13 @@ def shape(cell="lstm", dtype=torch.float16, batch=16, hidden=768, directions=1, 
 def gathering_options(layer, block_b):
     """The block constexprs of a gathering backward with 16-feature blocks and ``block_b`` rows."""
     programs = triton.cdiv(layer.hidden, 16)
-    return launch._options(layer, True, block_b, 16, 16, programs, 16, True, True, layer.has_proj)
+    return launch._options(layer, block_b, 16, 16, programs, 16, resident=True, backward=True, gather=True,
+                           resident_proj=layer.has_proj)
 
 
 def fits_in_some_waves(layer, options):
     """Whether a gathering plan with ``options`` fits an SM with its operand in some number of waves."""
-    return any(launch._fits(layer, dict(options, OPERAND_WAVES=waves), backward=True)
+    return any(launch._fits(layer, dict(options, OPERAND_WAVES=waves), backward=True, budget=H100_BUDGET)
                for waves in launch.operand_waves(options))
 
 
@@ -54,12 +58,13 @@ def no_forced_plan(monkeypatch):
 
 @pytest.fixture
 def multiprocessors(monkeypatch):
-    """Pretend a GPU with a given number of usable SMs is device 0."""
+    """Pretend a GPU with a given number of usable SMs (and shared memory a program, an H100's
+    unless given) is device 0."""
 
-    def set_count(count):
-        monkeypatch.setattr(launch, "_usable_multiprocessors", lambda index: count)
+    def set_limits(count, shared_memory=launch.H100_SHARED_MEMORY):
+        monkeypatch.setattr(launch, "_device_limits", lambda index: (count, shared_memory))
 
-    return set_count
+    return set_limits
 
 
 def test_headline_forward_plan_gives_48_programs_of_16_units_each_an_sm():
@@ -71,8 +76,8 @@ def test_headline_forward_plan_gives_48_programs_of_16_units_each_an_sm():
     assert plan.scheme == "persistent" and plan.resident
     assert plan.grid == (1, 48, 1)
     assert plan.options["BLOCK_U"] == 16 and plan.options["BLOCK_B"] == 16
-    options = launch._options(layer, True, 16, 8, 16, 96, 16, backward=False)
-    assert launch._fits(layer, options, backward=False)
+    options = launch._options(layer, 16, 8, 16, 96, 16, resident=True, backward=False)
+    assert launch._fits(layer, options, backward=False, budget=H100_BUDGET)
     spread = launch.Plan("persistent", (1, 96, 1), options, False)
     assert cost.step_seconds(layer, plan, backward=False) < cost.step_seconds(layer, spread, backward=False)
 
@@ -94,7 +99,7 @@ def test_backward_sums_parts_where_rows_of_h_are_not_in_vectors():
     # H=1000 before the kernels knew H a multiple of 8; python -m bench.kernels --all).
     layer = shape("gru", hidden=1004)
     assert launch.alignment(1004) == 4 and not launch.rows_in_vectors(1004)
-    assert launch._fits(layer, gathering_options(layer, 16), backward=True)
+    assert launch._fits(layer, gathering_options(layer, 16), backward=True, budget=H100_BUDGET)
     assert not launch.gpu_plan(layer, H100_SMS, backward=True).options["GATHER"]
     for hidden in (1000, 1008):
         assert launch.gpu_plan(shape("gru", hidden=hidden), H100_SMS, backward=True).options["GATHER"]
@@ -117,7 +122,7 @@ def test_forward_batches_its_pieces_where_rows_of_p_are_even(hidden, batched):
     # 3.9). Read an element at a time (H = 999), the batched forward spilled: one tl.dot. Blocks of 8
     # units (32 gate rows; of 64 rows and more a tl.dot runs HGMMA and is not batched).
     layer = shape(hidden=hidden)
-    options = launch._options(layer, True, 16, 8, 16, triton.cdiv(hidden, 8), 16, backward=False)
+    options = launch._options(layer, 16, 8, 16, triton.cdiv(hidden, 8), 16, resident=True, backward=False)
     assert (options["GROUP_PIECES"] > 1) == batched
 
 
@@ -171,8 +176,9 @@ def test_forward_plan_is_the_one_the_cost_model_ranks_first(batch, hidden, grid,
     assert (plan.options["BLOCK_U"], plan.options["BLOCK_B"]) == (units, block_b)
     for block_u, other_block_b in itertools.product((4, 8, 16, 32, 64), (16, 32)):
         programs = triton.cdiv(hidden, block_u)
-        options = launch._options(layer, True, other_block_b, block_u, 16, programs, 16, backward=False)
-        if programs <= H100_SMS and other_block_b <= batch and launch._fits(layer, options, backward=False):
+        options = launch._options(layer, other_block_b, block_u, 16, programs, 16, resident=True, backward=False)
+        fits = launch._fits(layer, options, backward=False, budget=H100_BUDGET)
+        if programs <= H100_SMS and other_block_b <= batch and fits:
             groups = min(triton.cdiv(batch, other_block_b), H100_SMS // programs)
             other = launch.Plan("persistent", (groups, programs, 1), options, False)
             assert cost.step_seconds(layer, plan, False) <= cost.step_seconds(layer, other, False) + 1e-9
@@ -210,10 +216,10 @@ def test_backward_gathers_in_waves_where_one_operand_does_not_fit(dtype, hidden,
     plan = launch.gpu_plan(layer, H100_SMS, backward=True)
     assert plan.resident and plan.options["GATHER"] and plan.options["OPERAND_WAVES"] == waves
     assert plan.options["BLOCK_U"] == 16 and plan.grid == (1, -(-hidden // 16), 1)
-    assert launch.resident_bytes(layer, plan.options, backward=True) <= launch.SHARED_MEMORY_BUDGET
+    assert launch.resident_bytes(layer, plan.options, backward=True) <= H100_BUDGET
     assert launch.wave_columns(plan.options) * 16 * dtype.itemsize <= launch.OPERAND_BYTES
     if waves > 1:
-        assert not launch._fits(layer, dict(plan.options, OPERAND_WAVES=waves - 1), backward=True)
+        assert not launch._fits(layer, dict(plan.options, OPERAND_WAVES=waves - 1), backward=True, budget=H100_BUDGET)
 
 
 def test_tf32_backward_sums_parts_where_its_operand_would_need_waves(monkeypatch):
@@ -223,8 +229,8 @@ def test_tf32_backward_sums_parts_where_its_operand_would_need_waves(monkeypatch
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     layer = shape(dtype=torch.float32, hidden=512)
     options = gathering_options(layer, 16)
-    assert launch._fits(layer, dict(options, OPERAND_WAVES=2), backward=True)
-    assert not launch._fits(layer, options, backward=True)
+    assert launch._fits(layer, dict(options, OPERAND_WAVES=2), backward=True, budget=H100_BUDGET)
+    assert not launch._fits(layer, options, backward=True, budget=H100_BUDGET)
     plan = launch.gpu_plan(layer, H100_SMS, backward=True)
     assert plan.resident and not plan.options["GATHER"]
 
@@ -279,12 +285,12 @@ def test_forward_streams_w_hr_where_it_does_not_fit_beside_w_hh(monkeypatch, dty
     assert plan.options["NUM_PIECES_P"] == 1
 
 
-def resident_fits(plan, layer, backward):
-    """A resident plan's blocks fit the chip: shared memory for the weight blocks and dot operands,
-    registers for the (features, batch) tile - the forward's operand, the partial sums over every
-    feature (``TILE_ELEMENTS``), a wave of the gathering backward's operand (``OPERAND_BYTES``,
-    in as many waves as ``operand_waves`` allows); batch tiles
-    of at most ``LARGEST_BLOCK_B`` rows; blocks of at least 16 features where they are transposed;
+def resident_fits(plan, layer, backward, budget=H100_BUDGET):
+    """A resident plan's blocks fit the chip: ``budget`` bytes of shared memory for the weight
+    blocks and dot operands, registers for the (features, batch) tile - the forward's operand, the
+    partial sums over every feature (``TILE_ELEMENTS``), a wave of the gathering backward's operand
+    (``OPERAND_BYTES``, in as many waves as ``operand_waves`` allows); batch tiles of at most
+    ``LARGEST_BLOCK_B`` rows; blocks of at least 16 features where they are transposed;
     and each program owns exactly one block of units (and of the projection's features). A forward
     that keeps ``W_hr`` on chip too counts its block and operand, with a gate tile of at most
     ``PROJECTION_GATE_TILE``."""
@@ -301,32 +307,35 @@ def resident_fits(plan, layer, backward):
     if options["RESIDENT_PROJ"] and not backward:
         registers &= layer.gate_slots * options["BLOCK_U"] * options["BLOCK_B"] <= launch.PROJECTION_GATE_TILE
     programs = plan.grid[1]
-    return (size <= launch.SHARED_MEMORY_BUDGET
+    return (size <= budget
             and registers
             and options["BLOCK_B"] <= launch.LARGEST_BLOCK_B
             and programs == triton.cdiv(layer.hidden, options["BLOCK_U"])
             and (not layer.has_proj or programs * options["BLOCK_P"] >= layer.features))
 
 
-@pytest.mark.parametrize("sms", [H100_SMS, 108])
+@pytest.mark.parametrize("gpu", GPUS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda dtype: str(dtype).removeprefix("torch."))
 @pytest.mark.parametrize("cell", CELLS)
-def test_every_persistent_plan_fits_the_gpu(cell, dtype, sms):
+def test_every_persistent_plan_fits_the_gpu(cell, dtype, gpu):
+    # What a plan counts leaves 27 KB of the GPU's shared memory to the compiler's scratch.
+    sms, shared_memory = GPUS[gpu]
+    budget = shared_memory - 27 * 1024
     violations = []
     for batch, hidden, directions, backward in itertools.product((1, 16, 64, 256), (256, 768, 1024, 4096), (1, 2),
                                                                  (False, True)):
         layer = shape(cell, dtype, batch, hidden, directions)
-        plan = launch.gpu_plan(layer, sms, backward)
+        plan = launch.gpu_plan(layer, sms, backward, shared_memory=shared_memory)
         groups, programs, grid_directions = plan.grid
         where = f"B={batch} H={hidden} D={directions} {'backward' if backward else 'forward'}: {plan}"
         if plan.scheme != "persistent" or grid_directions != directions:
             violations.append(f"not a persistent plan over D directions, {where}")
         if groups * programs * directions > sms:
             violations.append(f"{groups * programs * directions} programs, {where}")
-        if plan.resident and not resident_fits(plan, layer, backward):
+        if plan.resident and not resident_fits(plan, layer, backward, budget):
             violations.append(f"resident blocks do not fit, {where}")
-        stepwise = launch.gpu_plan(layer, sms, backward, scheme="stepwise")
-        if stepwise.resident and not resident_fits(stepwise, layer, backward):
+        stepwise = launch.gpu_plan(layer, sms, backward, scheme="stepwise", shared_memory=shared_memory)
+        if stepwise.resident and not resident_fits(stepwise, layer, backward, budget):
             violations.append(f"stepwise resident blocks do not fit, {where}")
     assert not violations, "\n".join(violations)
 
@@ -381,7 +390,7 @@ def test_headline_blocks_come_in_pieces():
         options = launch.gpu_plan(shape(directions=directions), H100_SMS, backward=False).options
         assert options["BLOCK_U"] == 16
         assert (options["BLOCK_K"], options["NUM_PIECES"], options["GROUP_PIECES"]) == (1024, 1, 1)
-    options = launch._options(shape(), True, 16, 8, 16, 96, 16, backward=False)
+    options = launch._options(shape(), 16, 8, 16, 96, 16, resident=True, backward=False)
     assert (options["BLOCK_K"], options["NUM_PIECES"], options["GROUP_PIECES"]) == (128, 8, 8)
     options = launch.gpu_plan(shape(), H100_SMS, backward=True, gather=False).options
     assert (options["BLOCK_K"], options["NUM_PIECES"], options["GROUP_PIECES"]) == (256, 3, 1)
@@ -447,7 +456,7 @@ def test_gathering_backward_pads_its_pieces_in_waves_rather_than_multiply_in_sma
         plan = launch.gpu_plan(layer, H100_SMS, backward=True)
         assert plan.options["GATHER"] and plan.options["OPERAND_WAVES"] == waves
         assert (plan.options["NUM_PIECES"], plan.options["GROUP_PIECES"]) == (48, 8)
-        assert launch._fits(layer, plan.options, backward=True)
+        assert launch._fits(layer, plan.options, backward=True, budget=H100_BUDGET)
 
 
 def test_tf32_backward_sums_parts_where_its_pieces_make_no_whole_groups_in_one_wave(monkeypatch):
@@ -459,7 +468,7 @@ def test_tf32_backward_sums_parts_where_its_pieces_make_no_whole_groups_in_one_w
     layer = shape("lstm-proj", dtype=torch.float32, hidden=328, proj=120)
     options = gathering_options(layer, 16)
     assert launch.group_pieces(layer, *launch.batched_pieces(1312, 64, 32, whole_groups=False), 16) == 1
-    assert not launch._fits(layer, options, backward=True) and fits_in_some_waves(layer, options)
+    assert not launch._fits(layer, options, backward=True, budget=H100_BUDGET) and fits_in_some_waves(layer, options)
     plan = launch.gpu_plan(layer, H100_SMS, backward=True)
     assert plan.resident and not plan.options["GATHER"]
 
@@ -559,28 +568,94 @@ def test_without_the_environment_the_gpu_plan_is_persistent_and_resident(no_forc
     assert plan.scheme == "persistent" and plan.resident
 
 
+def test_an_h100_plan_counts_200_kb_of_its_227(multiprocessors):
+    # The committed compiler reports (bench/results/kernels-sm90-*) hold the plans of 200 KB; the
+    # default of gpu_plan is an H100's shared memory, and launch.plan reads the device's.
+    assert launch.shared_memory_budget(launch.H100_SHARED_MEMORY) == H100_BUDGET
+    for backward in (False, True):
+        layer = shape(hidden=1024)
+        h100 = launch.gpu_plan(layer, H100_SMS, backward, shared_memory=227 * 1024)
+        assert launch.gpu_plan(layer, H100_SMS, backward) == h100
+        multiprocessors(H100_SMS, 227 * 1024)
+        assert launch.plan(layer, CUDA, backward) == h100
+
+
+@pytest.mark.parametrize(
+    "gpu, forward, backward",
+    [("A100", (True, False, 96), (True, True, 48)), ("L40S", (False, False, 48), (True, False, 96))],
+)
+def test_a_gpu_with_less_shared_memory_plans_smaller_blocks(no_forced_plan, multiprocessors, gpu, forward, backward):
+    # The headline's 48 forward programs count 160 KB each (128 KB of W_hh, 32 KB of h_{t-1}), its
+    # gathering backward's 192 KB: more than an A100's 163 KB or an L40S's 99 KB allow. An A100
+    # takes 96 forward programs of 8 units (96 KB) and gathers in 3 waves (128 KB); on an L40S the
+    # forward's 8-unit blocks (96 KB) do not fit either, 4-unit ones would need 192 SMs: it streams,
+    # and the backward sums parts in 8-unit blocks (49 KB). (resident, gather, programs) each.
+    sms, shared_memory = GPUS[gpu]
+    budget = shared_memory - 27 * 1024
+    for is_backward, expected in ((False, forward), (True, backward)):
+        h100 = launch.gpu_plan(shape(), H100_SMS, is_backward)
+        assert launch.resident_bytes(shape(), h100.options, is_backward) > budget
+        plan = launch.gpu_plan(shape(), sms, is_backward, shared_memory=shared_memory)
+        assert (plan.resident, plan.options.get("GATHER", False), plan.grid[1]) == expected
+        assert not plan.resident or launch.resident_bytes(shape(), plan.options, is_backward) <= budget
+        multiprocessors(sms, shared_memory)
+        assert launch.plan(shape(), CUDA, is_backward) == plan
+
+
+def test_a_resident_plan_whose_blocks_miss_units_is_refused(monkeypatch):
+    # A resident program loads only its block, at program_id(1): 47 programs of 16 units would
+    # leave the last 16 of H = 768 with no weights.
+    found = launch.gpu_plan(shape(), H100_SMS, backward=False)
+    short = launch.Plan(found.scheme, (1, 47, 1), found.options, found.two_phases)
+    monkeypatch.setattr(launch, "_resident_persistent_plan", lambda *args, **kwargs: short)
+    with pytest.raises(AssertionError):
+        launch.gpu_plan(shape(), H100_SMS, backward=False)
+
+
 def test_a_gpu_plan_is_made_once_for_each_thing_it_depends_on(no_forced_plan, multiprocessors, monkeypatch,
                                                                request):
     # Ranking the candidates costs up to 0.8 ms of Python a launch; launch.plan keeps what it made,
-    # keyed by everything gpu_plan reads: the SMs, the forced choices, cuDNN's TF32 switch.
+    # keyed by everything the plan reads: the SMs and shared memory, the forced choices, cuDNN's
+    # TF32 switch; not the sequence's length, which only the barrier counters' check reads.
     made = []
-    monkeypatch.setattr(launch, "gpu_plan", lambda *args: made.append(args) or args)
+    any_length = launch.Plan("persistent", (1, 1, 1), {}, False)  # a stand-in for the plans
+    monkeypatch.setattr(launch, "_any_length_plan", lambda *args: made.append(args) or any_length)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     launch._gpu_plan_once.cache_clear()
-    request.addfinalizer(launch._gpu_plan_once.cache_clear)  # drop the stand-ins for plans
-    fp32 = shape(dtype=torch.float32)
+    request.addfinalizer(launch._gpu_plan_once.cache_clear)  # drop the stand-ins
     multiprocessors(H100_SMS)
-    for _ in range(3):
-        launch.plan(fp32, CUDA, backward=False)
+    for steps in (100, 100, 7, 5000):
+        launch.plan(shape(dtype=torch.float32, steps=steps), CUDA, backward=False)
     assert len(made) == 1
+    fp32 = shape(dtype=torch.float32)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     launch.plan(fp32, CUDA, backward=False)
     multiprocessors(66)
     launch.plan(fp32, CUDA, backward=False)
+    multiprocessors(66, 163 * 1024)
+    launch.plan(fp32, CUDA, backward=False)
     monkeypatch.setenv("FUSED_RNN_SCHEME", "stepwise")
     launch.plan(fp32, CUDA, backward=False)
     launch.plan(fp32, CUDA, backward=True)
-    assert len(made) == 5
+    assert len(made) == 6
+
+
+def test_sequences_of_every_length_share_one_cached_plan(no_forced_plan, multiprocessors, request):
+    # Variable-length batches: a new T finds the plan made for another, the same plan, until the
+    # barrier counters would overflow, where it launches stepwise with the same blocks.
+    launch._gpu_plan_once.cache_clear()
+    request.addfinalizer(launch._gpu_plan_once.cache_clear)
+    multiprocessors(H100_SMS)
+    short = launch.plan(shape(steps=10), CUDA, backward=True)
+    longer = launch.plan(shape(steps=4321), CUDA, backward=True)
+    assert longer is short and launch._gpu_plan_once.cache_info().misses == 1
+    assert short == launch.gpu_plan(shape(steps=10), H100_SMS, backward=True)
+    longest = (2**31 - 1) // (2 * short.grid[1])
+    assert launch.plan(shape(steps=longest), CUDA, backward=True) is short
+    beyond = launch.plan(shape(steps=longest + 1), CUDA, backward=True)
+    assert beyond == launch.gpu_plan(shape(steps=longest + 1), H100_SMS, backward=True)
+    assert beyond.scheme == "stepwise" and beyond.options["BLOCK_U"] == short.options["BLOCK_U"]
+    assert launch._gpu_plan_once.cache_info().misses == 1
 
 
 def test_a_cached_gpu_plan_follows_the_tf32_switch(no_forced_plan, multiprocessors, monkeypatch):
@@ -601,12 +676,14 @@ def test_unknown_forced_value_is_rejected_naming_the_variable(no_forced_plan, mo
 
 @pytest.mark.parametrize("share, usable", [(None, 132), ("50", 66), ("1", 1)])
 def test_mps_thread_percentage_limits_the_usable_sms(monkeypatch, share, usable):
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(multi_processor_count=132))
+    # An H100's properties as torch reports them; MPS leaves a program's shared memory as it is.
+    properties = SimpleNamespace(multi_processor_count=132, shared_memory_per_block_optin=232448)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: properties)
     if share is None:
         monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", raising=False)
     else:
         monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", share)
-    assert launch._usable_multiprocessors.__wrapped__(0) == usable
+    assert launch._device_limits.__wrapped__(0) == (usable, 232448)
 
 
 class FakeKernel:

@@ -51,9 +51,15 @@ BACKWARDS = ("gather", "partial")
 # prints the compiler's report.
 COMPILE_OPTIONS = dict(num_warps=8, num_stages=1, maxnreg=255)
 
-# Shared memory a program may use on an H100/H200 is 227 KB; what the plan counts (the weight
-# blocks and the dot operand tiles) leaves room for the compiler's layout-conversion scratch.
-SHARED_MEMORY_BUDGET = 200 * 1024
+# Shared memory a program may use on an H100/H200 (its opt-in limit a block,
+# ``shared_memory_per_block_optin``): ``gpu_plan``'s default.
+H100_SHARED_MEMORY = 227 * 1024
+# What the plan counts (the weight blocks and the dot operand tiles, ``resident_bytes``) leaves
+# this much of a GPU's limit to the compiler's layout-conversion scratch (``shared_memory_budget``).
+# Compiled, plans near the budget took up to 32 KB more than counted on an H100 (the TF32 LSTM
+# backward at B=64 H=512, both directions: 168 KB of 227), 24 KB on an A100 and 28 on an L40S,
+# within each GPU's limit (python -m bench.kernels --arch 90 / 80 / 89, Triton 3.9).
+SHARED_MEMORY_MARGIN = 27 * 1024
 # Elements of a (features, batch) tile a program holds in registers: the forward's h_{t-1} operand
 # on its way to shared memory, and the partial sums' part of dL/dh: 64 a thread at 8 warps.
 TILE_ELEMENTS = 64 * 256
@@ -130,13 +136,25 @@ def _forced(name: str, choices) -> str | None:
 
 
 @functools.lru_cache
-def _usable_multiprocessors(device_index: int) -> int:
-    count = torch.cuda.get_device_properties(device_index).multi_processor_count
+def _device_limits(device_index: int) -> tuple:
+    """``(SMs, shared memory)`` of a GPU that a plan depends on: the SMs a launch may use, and the
+    bytes of shared memory a program may opt in to (Triton refuses a kernel that needs more:
+    ``OutOfResources``). A persistent grid has at most a program an SM and each fits one alone
+    (8 warps of at most 255 registers take 65280 of the 65536 of an sm_80 to sm_90 SM), so the
+    cooperative launch finds every program resident."""
+    properties = torch.cuda.get_device_properties(device_index)
+    count = properties.multi_processor_count
     # An MPS client may be limited to a share of the SMs without the device properties saying so.
     share = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
     if share:
         count = int(count * float(share) / 100)
-    return max(1, count)
+    return max(1, count), properties.shared_memory_per_block_optin
+
+
+def shared_memory_budget(shared_memory: int) -> int:
+    """Bytes a resident program's plan may count (``resident_bytes``) on a GPU whose programs may
+    use ``shared_memory``: all but ``SHARED_MEMORY_MARGIN``, 200 KB on an H100."""
+    return shared_memory - SHARED_MEMORY_MARGIN
 
 
 def _pow2(size: int, smallest: int = 16) -> int:
@@ -193,8 +211,8 @@ def _precision(dtype: torch.dtype) -> dict:
     )
 
 
-def _options(shape: Shape, resident: bool, block_b: int, block_u: int, block_p: int, programs: int,
-             chunk: int, backward: bool, gather: bool = False, resident_proj: bool = False,
+def _options(shape: Shape, block_b: int, block_u: int, block_p: int, programs: int, chunk: int, *,
+             resident: bool, backward: bool, gather: bool = False, resident_proj: bool = False,
              whole_groups: bool = True) -> dict:
     """The block constexprs: resident blocks come in ``NUM_PIECES`` pieces of ``BLOCK_K`` columns
     (``pieces``), batched ``GROUP_PIECES`` at a time, ``W_hr``'s (``resident_proj``) in
@@ -407,25 +425,27 @@ def operand_waves(options: dict) -> list:
             if triton.cdiv(groups, triton.cdiv(groups, waves)) == waves]
 
 
-def _projection_fits(shape: Shape, options: dict) -> bool:
+def _projection_fits(shape: Shape, options: dict, budget: int) -> bool:
     """Whether the forward keeps its block of ``W_hr`` on chip beside ``W_hh``'s (``options`` with
-    ``RESIDENT_PROJ``): in shared memory, and with a gate tile small enough that the registers hold
-    ``h_raw``'s pieces besides (``PROJECTION_GATE_TILE``). Elsewhere (TF32 from H = 1000, and at H
+    ``RESIDENT_PROJ``): in ``budget`` bytes of shared memory, and with a gate tile small enough that
+    the registers hold ``h_raw``'s pieces besides (``PROJECTION_GATE_TILE``). Elsewhere (TF32 from H = 1000, and at H
     = 768 with both directions or from B = 64; blocks of 32 units or more on 32-row tiles) it
-    streams, the smaller weight: ``P x H`` against ``4H x P`` (docs/design.md, ``python -m
-    bench.kernels --all``)."""
+    streams, the smaller weight: ``P x H`` against ``4H x P`` (on an H100; docs/design.md,
+    ``python -m bench.kernels --all``)."""
     return (shape.gate_slots * options["BLOCK_U"] * options["BLOCK_B"] <= PROJECTION_GATE_TILE
-            and resident_bytes(shape, options, False) <= SHARED_MEMORY_BUDGET)
+            and resident_bytes(shape, options, False) <= budget)
 
 
-def _fits(shape: Shape, options: dict, backward: bool) -> bool:
-    """Whether a resident program with the block constexprs ``options`` fits an SM."""
+def _fits(shape: Shape, options: dict, backward: bool, budget: int) -> bool:
+    """Whether a resident program with the block constexprs ``options`` fits an SM: what it counts
+    in shared memory (``resident_bytes``) within ``budget`` (``shared_memory_budget``), its
+    operand tiles in registers."""
     if shape.dtype == torch.float64 or (shape.dtype == torch.float32 and _precision(shape.dtype)["DOT_PRECISION"] == "ieee"):
         # Exact fp32 and fp64 products run on the FMA units, which hold both operands whole in
         # registers (fp64 multiplies and reduces, see recurrence.matmul): a resident block does not
         # fit there. TF32, fp16 and bf16 use the tensor cores, which read the block from shared memory.
         return False
-    if resident_bytes(shape, options, backward) > SHARED_MEMORY_BUDGET:
+    if resident_bytes(shape, options, backward) > budget:
         return False
     block_b = options["BLOCK_B"]
     if options.get("GATHER", False):  # a wave of the gate gradients in registers at once
@@ -442,46 +462,74 @@ def _block_b(batch: int, largest: int) -> int:
 
 def plan(shape: Shape, device: torch.device, backward: bool) -> Plan:
     """Choose scheme, resident or streamed weights, block sizes and grid for one launch. A GPU's
-    plan is made once for each shape, SM count, forced choice, cuDNN TF32 switch (``_precision``)
-    and interpreter mode, the values it depends on: ranking the candidates by the cost model takes
-    0.1 to 0.8 ms of Python (on the CI machine's CPU), about what a layer's whole launch at the
-    headline takes by the model."""
+    plan is made once for each shape, SM count and shared memory (``_device_limits``), forced
+    choice, cuDNN TF32 switch (``_precision``) and interpreter mode, the values it depends on:
+    ranking the candidates by the cost model takes 0.1 to 0.8 ms of Python (on the CI machine's
+    CPU), about what a layer's whole launch at the headline takes by the model. The sequence's
+    length only decides whether the barrier counters hold it (``_for_length``), after the lookup:
+    batches of every length share a plan."""
     scheme = _forced("FUSED_RNN_SCHEME", SCHEMES) or "persistent"
     weights = _forced("FUSED_RNN_WEIGHTS", WEIGHTS)
     gather = _forced("FUSED_RNN_BACKWARD", BACKWARDS) != "partial"
     if device.type != "cuda":
         return _interpreter_plan(shape, scheme, weights != "streaming", backward, gather)
-    return _gpu_plan_once(shape, _usable_multiprocessors(device.index), backward, scheme, weights, gather,
-                          torch.backends.cudnn.allow_tf32, interpreting())
+    multiprocessors, shared_memory = _device_limits(device.index)
+    any_length = _gpu_plan_once(dataclasses.replace(shape, steps=0), multiprocessors, shared_memory, backward, scheme,
+                                weights, gather, torch.backends.cudnn.allow_tf32, interpreting())
+    return _for_length(any_length, shape, backward)
 
 
 @functools.lru_cache(maxsize=4096)
-def _gpu_plan_once(shape: Shape, multiprocessors: int, backward: bool, scheme: str, weights: str | None,
-                   gather: bool, allow_tf32: bool, interpreted: bool) -> Plan:
-    """``gpu_plan``, cached by its arguments and the two switches it reads (``allow_tf32``,
+def _gpu_plan_once(shape: Shape, multiprocessors: int, shared_memory: int, backward: bool, scheme: str,
+                   weights: str | None, gather: bool, allow_tf32: bool, interpreted: bool) -> Plan:
+    """``_any_length_plan``, cached by its arguments and the two switches it reads (``allow_tf32``,
     ``interpreted``), which here only key the cache. Callers must not change the plan."""
-    return gpu_plan(shape, multiprocessors, backward, scheme, weights, gather)
+    return _any_length_plan(shape, multiprocessors, shared_memory, backward, scheme, weights, gather)
 
 
 def gpu_plan(shape: Shape, multiprocessors: int, backward: bool, scheme: str = "persistent",
-             weights: str | None = None, gather: bool = True) -> Plan:
-    """``plan`` for a GPU with ``multiprocessors`` SMs (``python -m bench.kernels`` asks without one).
-    The backward gathers where its transposed blocks fit, else it sums parts; not where rows of
-    ``H``, or with a projection of ``P``, are not in vectors (``rows_in_vectors``): read an
-    element at a time, the GRU's gathering backward spilled 140 bytes a thread at H = 1000 before
-    ``ALIGNMENT_H`` (``python -m bench.kernels --all``), the LSTM's with a projection 32 to 112
-    bytes with Triton 3.6 at P = 239 and 245 (H = 720 and 736)."""
+             weights: str | None = None, gather: bool = True, *, shared_memory: int = H100_SHARED_MEMORY) -> Plan:
+    """``plan`` for a GPU with ``multiprocessors`` SMs whose programs may use ``shared_memory``
+    bytes (``python -m bench.kernels`` asks without one). The backward gathers where its
+    transposed blocks fit, else it sums parts; not where rows of ``H``, or with a projection of
+    ``P``, are not in vectors (``rows_in_vectors``): read an element at a time, the GRU's
+    gathering backward spilled 140 bytes a thread at H = 1000 before ``ALIGNMENT_H`` (``python -m
+    bench.kernels --all``), the LSTM's with a projection 32 to 112 bytes with Triton 3.6 at P =
+    239 and 245 (H = 720 and 736)."""
+    any_length = _any_length_plan(shape, multiprocessors, shared_memory, backward, scheme, weights, gather)
+    return _for_length(any_length, shape, backward)
+
+
+def _any_length_plan(shape: Shape, multiprocessors: int, shared_memory: int, backward: bool, scheme: str,
+                     weights: str | None, gather: bool) -> Plan:
+    """``gpu_plan`` for a sequence its barrier counters hold: it never reads ``shape.steps``."""
+    budget = shared_memory_budget(shared_memory)
     found = None
     if weights != "streaming":
         if backward and gather and rows_in_vectors(shape.hidden) and rows_in_vectors(shape.features):
-            found = _resident_persistent_plan(shape, multiprocessors, backward, gather=True)
-        found = found or _resident_persistent_plan(shape, multiprocessors, backward)
+            found = _resident_persistent_plan(shape, multiprocessors, backward, budget, gather=True)
+        found = found or _resident_persistent_plan(shape, multiprocessors, backward, budget)
     found = found or _streaming_persistent_plan(shape, multiprocessors, backward)
-    # The int32 arrival counters are never reset: they reach n_u * 2 * steps (two barriers a step
-    # with a projection). Sequences that long launch step by step instead.
-    if scheme == "persistent" and found.grid[1] * 2 * shape.steps < 2**31:
-        return found
-    # The same blocks, so the same rounding: one program per block and batch tile, a launch a step.
+    # A resident program loads one block, at program_id(1), of W_hh (and of W_hr where it keeps
+    # it), where a streaming one walks every n_u-th: the blocks must cover H (and P).
+    units, features = (found.grid[1] * found.options[block] for block in ("BLOCK_U", "BLOCK_P"))
+    assert not found.resident or (units >= shape.hidden
+                                  and (features >= shape.features or not found.options["RESIDENT_PROJ"])), found
+    return found if scheme == "persistent" else _stepwise(found, shape, backward)
+
+
+def _for_length(found: Plan, shape: Shape, backward: bool) -> Plan:
+    """``found`` for a sequence of ``shape.steps``; stepwise where its barrier counters would not
+    hold them. The int32 arrival counters are never reset: they reach ``n_u * 2 * steps`` (two
+    barriers a step with a projection)."""
+    if found.scheme == "persistent" and found.grid[1] * 2 * shape.steps >= 2**31:
+        return _stepwise(found, shape, backward)
+    return found
+
+
+def _stepwise(found: Plan, shape: Shape, backward: bool) -> Plan:
+    """``found``'s blocks launched a step at a time: the same blocks, so the same rounding, one
+    program per block and batch tile."""
     options = dict(found.options)
     block_b, block_u, block_p = options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"]
     programs = triton.cdiv(shape.hidden, block_u)
@@ -508,8 +556,8 @@ def _interpreter_plan(shape: Shape, scheme: str, resident: bool, backward: bool,
         block_u = 16 if gather else max(shape.smallest_block, 8)
         programs = triton.cdiv(shape.hidden, block_u)
         block_p = _pow2(triton.cdiv(shape.features, programs))
-        options = _options(shape, resident, block_b, block_u, block_p, programs, 16, backward, gather,
-                           resident and shape.has_proj)
+        options = _options(shape, block_b, block_u, block_p, programs, 16, resident=resident, backward=backward,
+                           gather=gather, resident_proj=resident and shape.has_proj)
         if gather:  # the gathering operand in two waves where it has two groups or more, as on a GPU
             options["OPERAND_WAVES"] = min(2, options["NUM_PIECES"] // options["GROUP_PIECES"])
         return Plan(scheme, (batch_tiles, programs, shape.directions), options, shape.has_proj)
@@ -518,21 +566,23 @@ def _interpreter_plan(shape: Shape, scheme: str, resident: bool, backward: bool,
     else:
         block_u, block_p = shape.smallest_block, 16
     return Plan(scheme, (1, 1, shape.directions),
-                _options(shape, resident, block_b, block_u, block_p, 1, 16, backward, gather,
-                         resident and shape.has_proj), shape.has_proj)
+                _options(shape, block_b, block_u, block_p, 1, 16, resident=resident, backward=backward,
+                         gather=gather, resident_proj=resident and shape.has_proj), shape.has_proj)
 
 
-def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool, gather: bool = False) -> Plan | None:
+def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool, budget: int,
+                              gather: bool = False) -> Plan | None:
     """The resident plan with the least modelled step (``cost.step_seconds``, which counts the
     round trips of the batch tiles a program walks one after another and of the gathering
     backward's operand waves, the L2 bytes of all programs and of one, and the product), rounded to
     the nanosecond; of equals, the fewest waves, then the smallest blocks (the most SMs sharing
     ``W_hh``; a backward that sums parts prefers ``BACKWARD_UNITS``, then larger blocks, for its
-    fewer partial sums), then the widest tiles. Every program must fit on an SM. Spreading
-    ``W_hh`` over more programs shrinks each program's product but has more of them read all of
-    the operand: at the headline the forward takes 48 programs of 16 units, not 96 of 8
-    (``ops/cost.py``). Where rows of ``H`` or ``P`` are not in vectors (``rows_in_vectors``), the
-    fewest batch tiles times waves instead of the model, then as above.
+    fewer partial sums), then the widest tiles. Every program must fit on an SM, what it counts in
+    shared memory within ``budget`` (``_fits``). Spreading ``W_hh`` over more programs shrinks
+    each program's product but has more of them read all of the operand: at the headline the
+    forward takes 48 programs of 16 units, not 96 of 8 (``ops/cost.py``). Where rows of ``H`` or
+    ``P`` are not in vectors (``rows_in_vectors``), the fewest batch tiles times waves instead of
+    the model, then as above.
 
     The gathering backward's blocks are transposed, blocks of features: ``tl.dot`` wants 16 at
     least, and larger ones spill (at B=256 H=768 the RNN's 64-unit blocks, 104 bytes a thread with
@@ -557,7 +607,7 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
     # Where rows of P come in narrower vectors, the forward's 32-row tiles of h_{t-1} spilled
     # (Triton 3.6: 40 bytes a thread at B=256 H=300, 4 with a projection at H=1000, P=500).
     largest_block_b = _block_b(shape.batch, LARGEST_BLOCK_B if backward or rows_in_vectors(shape.features) else 16)
-    candidates = []
+    best_plan, best_rank = None, None
     for preference, block_u in enumerate(sizes):
         programs = triton.cdiv(shape.hidden, block_u)
         block_p = _pow2(triton.cdiv(shape.features, programs))
@@ -568,35 +618,40 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
                 continue
             # The backward keeps W_hr wherever it keeps W_hh; the forward where both fit
             # (``_keeping_projection``).
-            options = _options(shape, True, block_b, block_u, block_p, programs, chunk, backward, gather,
-                               shape.has_proj and backward)
+            options = _options(shape, block_b, block_u, block_p, programs, chunk, resident=True, backward=backward,
+                               gather=gather, resident_proj=shape.has_proj and backward)
             # The gathering operand in as few waves as fit, each its own L2 round trip; in several
             # only in 16-bit dtypes: TF32's gathering product runs HMMA at a quarter of the partial
             # sums' HGMMA rate, and from B=64 the model puts the GRU at H=768 in 3 waves behind them
             # (9.1 us a step against 8.5; python -m bench.model, 2026-12-06).
             for waves in operand_waves(options) if gather and shape.dtype.itemsize == 2 else (1,):
-                options = dict(options, OPERAND_WAVES=waves) if gather else options
-                if _fits(shape, options, backward):
-                    if shape.has_proj and not backward:
-                        options = _keeping_projection(shape, options, programs, chunk)
-                    groups = min(triton.cdiv(shape.batch, block_b), multiprocessors // (shape.directions * programs))
-                    found = Plan("persistent", (groups, programs, shape.directions), options, shape.has_proj)
-                    if in_vectors:  # rounded, so that steps the model cannot tell apart tie
-                        rank = round(cost.step_seconds(shape, found, backward), 9)
-                    else:
-                        rank = triton.cdiv(triton.cdiv(shape.batch, block_b), groups) * waves
-                    candidates.append((rank, waves, preference, -block_b, found))
-                    break
-    return min(candidates, key=lambda candidate: candidate[:4])[-1] if candidates else None
+                in_waves = dict(options, OPERAND_WAVES=waves) if gather else options
+                if not _fits(shape, in_waves, backward, budget):
+                    continue
+                if shape.has_proj and not backward:
+                    in_waves = _keeping_projection(shape, in_waves, programs, chunk, budget)
+                groups = min(triton.cdiv(shape.batch, block_b), multiprocessors // (shape.directions * programs))
+                found = Plan("persistent", (groups, programs, shape.directions), in_waves, shape.has_proj)
+                if in_vectors:  # rounded, so that steps the model cannot tell apart tie
+                    step = round(cost.step_seconds(shape, found, backward), 9)
+                else:
+                    step = triton.cdiv(triton.cdiv(shape.batch, block_b), groups) * waves
+                # The least step, then the fewest waves, the preferred block size, the widest tile;
+                # of equal ranks the first found.
+                rank = (step, waves, preference, -block_b)
+                if best_rank is None or rank < best_rank:
+                    best_plan, best_rank = found, rank
+                break
+    return best_plan
 
 
-def _keeping_projection(shape: Shape, options: dict, programs: int, chunk: int) -> dict:
+def _keeping_projection(shape: Shape, options: dict, programs: int, chunk: int, budget: int) -> dict:
     """A forward's ``options`` with its block of ``W_hr`` kept on chip where it fits beside ``W_hh``'s
-    (``_projection_fits``), its pieces padded to whole groups where they can be."""
+    in ``budget`` bytes (``_projection_fits``), its pieces padded to whole groups where they can be."""
     for whole_groups in (True, False):
-        keeping = _options(shape, True, options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"], programs,
-                           chunk, False, resident_proj=True, whole_groups=whole_groups)
-        if _projection_fits(shape, keeping):
+        keeping = _options(shape, options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"], programs, chunk,
+                           resident=True, backward=False, resident_proj=True, whole_groups=whole_groups)
+        if _projection_fits(shape, keeping, budget):
             return keeping
     return options
 
@@ -615,7 +670,7 @@ def _streaming_persistent_plan(shape: Shape, multiprocessors: int, backward: boo
     per_direction = max(1, multiprocessors // shape.directions)
     programs = min(triton.cdiv(shape.hidden, block_u), per_direction)
     groups = max(1, min(triton.cdiv(shape.batch, block_b), per_direction // programs))
-    options = _options(shape, False, block_b, block_u, 16, programs, _chunk(shape.dtype), backward)
+    options = _options(shape, block_b, block_u, 16, programs, _chunk(shape.dtype), resident=False, backward=backward)
     return Plan("persistent", (groups, programs, shape.directions), options, shape.has_proj)
 
 

@@ -631,8 +631,8 @@ def forward_kernel(
 
 @triton.jit
 def hidden_grad(
-    w_hh, w_hh_ptr, operand, grad_h_ptr, dh_carry_ptr, dh0_ptr, recurrent_grad_ptr, partial_ptr, h_mask_ptr, step,
-    x_rows, before_rows, state_rows, batch_rows, row_mask, B, D, direction, H, P, partial_columns, first_feature,
+    w_hh, w_hh_ptr, operand, grad_h_ptr, dh_carry_ptr, dh0_recurrent_ptr, recurrent_grad_ptr, partial_ptr, h_mask_ptr,
+    step, x_rows, before_rows, state_rows, batch_rows, row_mask, B, D, direction, H, P, partial_columns, first_feature,
     mask, reset_before,
     NUM_GATES: tl.constexpr, GATHER: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_H_MASK: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, NUM_PIECES: tl.constexpr,
@@ -645,7 +645,9 @@ def hidden_grad(
     program's (``recurrent_grad`` at ``before_rows``: ``operand``, the first of their
     ``OPERAND_WAVES`` waves, loaded by the caller, or None to load it here), times the block's
     columns of ``W_hh``; else the sum of the parts every program wrote (``reduce_partials``). Where
-    that step reset, it belongs to ``h_0`` instead and goes to ``dh0``."""
+    that step reset, it belongs to ``h_0`` instead and goes to ``dh0_recurrent``: a buffer of its
+    own, not ``dh0``, which the caller adds to later in the step, so that no tile is added to twice
+    in a step, by threads of two layouts that nothing orders."""
     features = first_feature + tl.arange(0, BLOCK_F)
     dh = load_tile(grad_h_ptr, x_rows, P, features, mask).to(ACC_DTYPE)
     dh += load_tile(dh_carry_ptr, state_rows, P, features, mask)
@@ -662,7 +664,7 @@ def hidden_grad(
                                        ACC_DTYPE)
         if HAS_H_MASK:
             incoming *= load_tile(h_mask_ptr, state_rows, P, features, mask)
-        dh += route_to_initial(incoming, dh0_ptr, state_rows, P, features, mask, reset_before, HAS_RESETS)
+        dh += route_to_initial(incoming, dh0_recurrent_ptr, state_rows, P, features, mask, reset_before, HAS_RESETS)
     return dh
 
 
@@ -679,7 +681,7 @@ def hidden_grad(
 def backward_kernel(
     grad_h_ptr, w_hh_ptr, w_hr_ptr, lengths_ptr, resets_ptr, h_mask_ptr, zoneout_h_ptr, zoneout_c_ptr,
     h_ptr, c_ptr, saved_ptr,
-    dgates_x_ptr, dgates_h_ptr, grad_h_proj_ptr, dh_carry_ptr, dh0_ptr, dc_carry_ptr, dc0_ptr,
+    dgates_x_ptr, dgates_h_ptr, grad_h_proj_ptr, dh_carry_ptr, dh0_ptr, dh0_recurrent_ptr, dc_carry_ptr, dc0_ptr,
     partial_ptr, partial_proj_ptr,
     T, B, H, P, partial_columns, partial_proj_columns, zoneout_p, barrier_ptr, step_begin, step_end,
     CELL_BACKWARD_INPUTS: tl.constexpr, CELL_BACKWARD: tl.constexpr, NUM_GATES: tl.constexpr,
@@ -723,8 +725,9 @@ def backward_kernel(
     ``grad_h_proj (T, B, D, P)`` [proj: the gradient of the projection's output]. The carries
     ``dh_carry (B, D, P)`` and ``dc_carry (B, D, H)`` come in as zeros and ``dL/dc_n`` and leave
     as the parts of ``dL/dh_0`` and ``dL/dc_0`` from the first step; ``dh0`` and ``dc0`` (zeros
-    in) gather what the resets route to the initial state. What the last step sends through
-    ``W_hh`` to ``h_0`` the launcher adds.
+    in) gather what the resets route to the initial state around ``W_hh``, ``dh0_recurrent``
+    [resets] what they route to it through ``W_hh``. What the last step sends through ``W_hh`` to
+    ``h_0`` the launcher adds.
     """
     H, P = aligned(H, ALIGNMENT_H), aligned(P, ALIGNMENT_P)
     direction = tl.program_id(2)
@@ -777,7 +780,7 @@ def backward_kernel(
                         features = block_start + tl.arange(0, BLOCK_P)
                         mask = (features < P)[:, None] & row_mask[None, :]
                         dh = hidden_grad(
-                            w_hh, w_hh_ptr, None, grad_h_ptr, dh_carry_ptr, dh0_ptr, recurrent_grad_ptr, partial_ptr,
+                            w_hh, w_hh_ptr, None, grad_h_ptr, dh_carry_ptr, dh0_recurrent_ptr, recurrent_grad_ptr, partial_ptr,
                             h_mask_ptr, step, x_rows, buffer_rows(t_before, batch_rows, B, D, direction), state_rows,
                             batch_rows, row_mask, B, D, direction, H, P, partial_columns, block_start, mask,
                             reset_before, NUM_GATES, GATHER, HAS_RESETS, HAS_H_MASK, BLOCK_P, BLOCK_B, BLOCK_K,
@@ -838,7 +841,7 @@ def backward_kernel(
                                                  ACC_DTYPE)
                     else:
                         dh = hidden_grad(
-                            w_hh, w_hh_ptr, operand, grad_h_ptr, dh_carry_ptr, dh0_ptr, recurrent_grad_ptr, partial_ptr,
+                            w_hh, w_hh_ptr, operand, grad_h_ptr, dh_carry_ptr, dh0_recurrent_ptr, recurrent_grad_ptr, partial_ptr,
                             h_mask_ptr, step, x_rows, before_rows, state_rows,
                             batch_rows, row_mask, B, D, direction, H, P, partial_columns, block_start, mask,
                             reset_before, NUM_GATES, GATHER, HAS_RESETS, HAS_H_MASK, BLOCK_U, BLOCK_B, BLOCK_K,
@@ -945,7 +948,7 @@ def forward(cell: Cell, gates_x, w_hh, b_hh, w_hr, h0, c0, lengths, resets, h_ma
     recurrent = None
     if resets is not None or h_mask is not None:
         # The first step's operand; the kernel writes each next one (``store_recurrent_input``).
-        recurrent = torch.empty(2, B, D, P, dtype=h.dtype, device=h.device)
+        recurrent = launch.empty(2, B, D, P, dtype=h.dtype, device=h.device)
         recurrent[0] = h0.transpose(0, 1) if h_mask is None else h0.transpose(0, 1) * h_mask
     shape = _shape(cell, T, B, D, H, P, gates_x.dtype, w_hr is not None)
     plan = launch.plan(shape, gates_x.device, backward=False)
@@ -990,8 +993,9 @@ def backward(cell: Cell, grad_h, grad_c_n, w_hh, w_hr, lengths, resets, h_mask, 
     shape = _shape(cell, T, B, D, H, P, grad_h.dtype, w_hr is not None)
     plan = launch.plan(shape, device, backward=True)
     dh_carry = torch.zeros(B, D, P, dtype=accumulator, device=device)
-    # What resets route to the initial states, summed in the kernel.
+    # What resets route to the initial states, summed in the kernel: to h_0 around W_hh and through it.
     routed_dh0 = torch.zeros(B, D, P, dtype=accumulator, device=device)
+    routed_dh0_recurrent = None if resets is None else torch.zeros(B, D, P, dtype=accumulator, device=device)
     dc_carry = routed_dc0 = None
     if cell.has_cell_state:
         dc_carry = grad_c_n.transpose(0, 1).to(dtype=accumulator, memory_format=torch.contiguous_format, copy=True)
@@ -1009,7 +1013,7 @@ def backward(cell: Cell, grad_h, grad_c_n, w_hh, w_hr, lengths, resets, h_mask, 
         backward_kernel,
         (grad_h, w_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c, h,
          _none_if_empty(c), _none_if_empty(saved), dgates_x, _none_if_empty(dgates_h), _none_if_empty(grad_h_proj),
-         dh_carry, routed_dh0, dc_carry, routed_dc0, partial, partial_proj, T, B, H, P, columns, proj_columns,
+         dh_carry, routed_dh0, routed_dh0_recurrent, dc_carry, routed_dc0, partial, partial_proj, T, B, H, P, columns, proj_columns,
          float(zoneout_p)),
         plan, T, CELL_BACKWARD_INPUTS=cell.backward_inputs, CELL_BACKWARD=cell.backward, NUM_GATES=cell.num_gates,
         GATE_SLOTS=shape.gate_slots,
@@ -1023,6 +1027,8 @@ def backward(cell: Cell, grad_h, grad_c_n, w_hh, w_hr, lengths, resets, h_mask, 
         incoming = partial[(T - 1) % 2, ..., :P].sum(0)
     if h_mask is not None:
         incoming = incoming * h_mask
+    if routed_dh0_recurrent is not None:
+        routed_dh0 += routed_dh0_recurrent
     dh0.copy_((routed_dh0 + dh_carry + incoming).transpose(0, 1))
     if cell.has_cell_state:
         dc0.copy_((routed_dc0 + dc_carry).transpose(0, 1))
