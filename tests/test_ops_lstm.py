@@ -151,3 +151,15 @@ def test_lstm_ops_take_both_zoneout_masks_or_neither():
     for zoneout_h, zoneout_c in [(torch.rand(T, B, D, H) < 0.5, None), (None, torch.rand(T, B, D, H) < 0.5)]:
         with pytest.raises(ValueError, match="zoneout_h and zoneout_c"):
             torch.ops.fused_rnn.lstm_forward(*inputs, zoneout_h, zoneout_c, 0.5, False)
+
+
+def test_lstm_ops_refuse_a_sequence_without_timesteps():
+    B, D, H = 2, 1, 4
+    w_hh, states = torch.randn(D, 4 * H, H), [torch.randn(D, B, H), torch.randn(D, B, H)]
+    with pytest.raises(ValueError, match="gates_x: the recurrence needs at least one timestep"):
+        torch.ops.fused_rnn.lstm_forward(torch.randn(0, B, D, 4 * H), w_hh, None, *states, None, None, None, None,
+                                         None, 0.0, False)
+    with pytest.raises(ValueError, match="grad_h: the recurrence needs at least one timestep"):
+        torch.ops.fused_rnn.lstm_backward(torch.randn(0, B, D, H), states[1], w_hh, None, None, None, None, None,
+                                          None, 0.0, torch.randn(2, B, D, H), torch.randn(2, B, D, H),
+                                          torch.randn(0, B, D, 4 * H))

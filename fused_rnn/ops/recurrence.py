@@ -898,6 +898,13 @@ def _dense(*tensors):
     return [None if tensor is None else tensor.contiguous() for tensor in tensors]
 
 
+def _check_timesteps(name: str, tensor) -> None:
+    """The custom ops are public: a sequence without steps would leave ``h_n`` (and the backward's
+    gathered gradients) unwritten; ``functional`` refuses it before as ``nn.LSTM`` does."""
+    if tensor.shape[0] == 0:
+        raise ValueError(f"{name}: the recurrence needs at least one timestep, got shape {list(tensor.shape)}")
+
+
 def _check_zoneout_masks(cell: Cell, zoneout_h, zoneout_c) -> None:
     """One flag (``ZONEOUT``) covers ``h`` and ``c``: the LSTM takes both keep masks or neither."""
     if cell.has_cell_state and (zoneout_h is None) != (zoneout_c is None):
@@ -936,6 +943,7 @@ def forward(cell: Cell, gates_x, w_hh, b_hh, w_hr, h0, c0, lengths, resets, h_ma
             zoneout_p: float, save_for_backward: bool):
     """Run ``forward_kernel`` for ``cell``; returns ``forward_outputs``, filled. The zoneout keep
     masks are given in training; in eval ``zoneout_p`` alone (0: no zoneout)."""
+    _check_timesteps("gates_x", gates_x)
     _check_zoneout_masks(cell, zoneout_h, zoneout_c)
     gates_x, w_hh, b_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c = _dense(
         gates_x, w_hh, b_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c)
@@ -983,6 +991,7 @@ def backward_outputs(cell: Cell, grad_h, w_hh, w_hr):
 def backward(cell: Cell, grad_h, grad_c_n, w_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c,
              zoneout_p: float, h, c, saved):
     """Run ``backward_kernel`` for ``cell``; returns ``backward_outputs``, filled."""
+    _check_timesteps("grad_h", grad_h)
     _check_zoneout_masks(cell, zoneout_h, zoneout_c)
     grad_h, w_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c, h, c, saved = _dense(
         grad_h, w_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c, h, c, saved)
