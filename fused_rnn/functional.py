@@ -285,7 +285,9 @@ def _check_weights(cell, params, num_gates, has_biases, num_layers, num_directio
         raise RuntimeError(f"{cell}: weight 1 (W_hh) has shape {list(params[1].shape)}: hidden_size must be positive")
     # W_hh's columns are the features of h: hidden_size, or proj_size with a projection.
     features = params[1].shape[1] if has_proj else hidden
-    expected = _weight_shapes(num_gates, hidden, features, has_biases, has_proj, num_layers, num_directions, input_size)
+    # Traced by torch.compile, the cache is skipped (Dynamo warns that it ignores it): call past it.
+    shapes = _weight_shapes.__wrapped__ if torch.compiler.is_compiling() else _weight_shapes
+    expected = shapes(num_gates, hidden, features, has_biases, has_proj, num_layers, num_directions, input_size)
     if [weight.shape for weight in params] != expected:
         index, weight, shape = next((index, weight, shape) for index, (weight, shape) in enumerate(zip(params, expected))
                                     if weight.shape != shape)

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -198,6 +199,17 @@ def test_compile_fullgraph_under_no_grad_matches_eager(fresh_dynamo):
     assert_all_close(outputs, expected, torch.float32, "output")
 
 
+
+
+def test_compile_raises_no_warning_about_fused_rnn_code(fresh_dynamo):
+    model, inputs = lstm_gru_head_case()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(model, backend="aot_eager", fullgraph=True)(*inputs)
+    # Such as Dynamo's "ignores the cache wrapper" for an lru_cache it traces through.
+    ours = [str(warning.message) for warning in caught
+            if "fused_rnn" in warning.filename or "lru_cache" in str(warning.message)]
+    assert not ours, ours
 
 @pytest.mark.skipif(not KERNELS_RUN, reason="the kernel path: CUDA, or CPU under TRITON_INTERPRET=1")
 def test_jit_trace_trains_when_traced_with_grad_and_refuses_a_backward_clearly_otherwise():
