@@ -266,7 +266,7 @@ def resident_block(w_ptr, first, N, K, NUM_GATES: tl.constexpr, GATE_SLOTS: tl.c
     where there are several (``recurrent_matmul`` says why)."""
     pieces = ()
     for group in tl.static_range(NUM_PIECES // GROUP_PIECES):
-        ks = group_columns(group * GROUP_PIECES, GROUP_PIECES, BLOCK_K, False)
+        ks = group_columns(group * GROUP_PIECES, GROUP_PIECES, BLOCK_K, DOWN=False)
         pieces = pieces + (weight_block(w_ptr, first, N, K, ks, NUM_GATES, GATE_SLOTS, BLOCK_ROWS, TRANSPOSED),)
     return pieces
 
@@ -290,7 +290,7 @@ def load_operand(x_ptr, x_rows, K, row_mask, BLOCK_K: tl.constexpr, NUM_PIECES: 
     if RESIDENT:
         for group in tl.static_range(FIRST_GROUP, END_GROUP):
             # The block's columns, turned to run down the operand's rows.
-            ks = group_columns(group * GROUP_PIECES, GROUP_PIECES, BLOCK_K, True)
+            ks = group_columns(group * GROUP_PIECES, GROUP_PIECES, BLOCK_K, DOWN=True)
             pieces = pieces + (tl.load(x_ptr + x_rows * K + ks, mask=(ks < K) & row_mask, other=0.0,
                                        cache_modifier=".cg"),)
     return pieces
@@ -412,7 +412,7 @@ def write_partial(
     else:
         for k_start in range(0, K, BLOCK_K):
             ks = k_start + tl.arange(0, BLOCK_K)
-            w_chunk = weight_block(w_ptr, first, N, K, ks, NUM_GATES, GATE_SLOTS, BLOCK_ROWS, False)
+            w_chunk = weight_block(w_ptr, first, N, K, ks, NUM_GATES, GATE_SLOTS, BLOCK_ROWS, TRANSPOSED=False)
             store_part(w_chunk, dgates, ks, partial_ptr, partial_rows, columns, row_mask, accumulate,
                        BLOCK_B, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
 
@@ -554,10 +554,10 @@ def forward_kernel(
     w_hr = 0.0
     if RESIDENT and STEP_PHASE != 2:
         w_hh = resident_block(w_hh_ptr, first_unit, H, P, NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_K, NUM_PIECES,
-                              GROUP_PIECES, False)
+                              GROUP_PIECES, TRANSPOSED=False)
     if RESIDENT_PROJ and STEP_PHASE != 1:
-        w_hr = resident_block(w_hr_ptr, first_feature, P, H, 1, 1, BLOCK_P, BLOCK_KP, NUM_PIECES_P, GROUP_PIECES_P,
-                              False)
+        w_hr = resident_block(w_hr_ptr, first_feature, P, H, NUM_GATES=1, GATE_SLOTS=1, BLOCK_ROWS=BLOCK_P,
+                              BLOCK_K=BLOCK_KP, NUM_PIECES=NUM_PIECES_P, GROUP_PIECES=GROUP_PIECES_P, TRANSPOSED=False)
     arrivals = 0
     first_step, last_step = step_bounds(T, step_begin, step_end, GRID_SYNC)
     for step in range(first_step, last_step):
@@ -591,8 +591,9 @@ def forward_kernel(
                         state = previous_state(h_ptr, prev_rows, init_rows, P, units, mask, reset, HAS_RESETS)
                     gates_h = recurrent_matmul(
                         w_hh, w_hh_ptr, block_start, H, P, operand, operand_ptr, operand_rows, row_mask,
-                        NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_B, BLOCK_K, NUM_PIECES, GROUP_PIECES, RESIDENT, False, 1,
-                        ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
+                        NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_B, BLOCK_K, NUM_PIECES, GROUP_PIECES, RESIDENT,
+                        TRANSPOSED=False, OPERAND_WAVES=1, ACC_DTYPE=ACC_DTYPE, DOT_PRECISION=DOT_PRECISION,
+                        DOT_UPCAST=DOT_UPCAST)
                     h = CELL_FORWARD(
                         gates_h, gates_x.to(ACC_DTYPE), state.to(ACC_DTYPE), b_hh_ptr, c_ptr, saved_ptr, zoneout_c_ptr,
                         zoneout_p, x_rows, out_rows, row_mask, active, block_start, H, HAS_HH_BIAS, HAS_LENGTHS,
@@ -618,9 +619,11 @@ def forward_kernel(
                         features = block_start + tl.arange(0, BLOCK_P)
                         mask = (features < P)[:, None] & row_mask[None, :]
                         h = recurrent_matmul(
-                            w_hr, w_hr_ptr, block_start, P, H, None, h_raw_ptr, x_rows, row_mask, 1, 1, BLOCK_P, BLOCK_B,
-                            BLOCK_KP, NUM_PIECES_P, GROUP_PIECES_P, RESIDENT_PROJ, False, 1, ACC_DTYPE, DOT_PRECISION,
-                            DOT_UPCAST)
+                            w_hr, w_hr_ptr, block_start, P, H, None, h_raw_ptr, x_rows, row_mask, NUM_GATES=1,
+                            GATE_SLOTS=1, BLOCK_ROWS=BLOCK_P, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_KP,
+                            NUM_PIECES=NUM_PIECES_P, GROUP_PIECES=GROUP_PIECES_P, RESIDENT=RESIDENT_PROJ,
+                            TRANSPOSED=False, OPERAND_WAVES=1, ACC_DTYPE=ACC_DTYPE, DOT_PRECISION=DOT_PRECISION,
+                            DOT_UPCAST=DOT_UPCAST)
                         store_hidden(
                             h, h_ptr, zoneout_h_ptr, h_mask_ptr, recurrent_ptr, zoneout_p, x_rows, prev_rows,
                             init_rows, out_rows, state_rows, buffer_rows((step + 1) % 2, batch_rows, B, D, direction),
@@ -655,8 +658,9 @@ def hidden_grad(
         if GATHER:
             incoming = recurrent_matmul(
                 w_hh, w_hh_ptr, first_feature, P, NUM_GATES * H, operand, recurrent_grad_ptr, before_rows, row_mask,
-                1, 1, BLOCK_F, BLOCK_B, BLOCK_K, NUM_PIECES, GROUP_PIECES, RESIDENT, True, OPERAND_WAVES, ACC_DTYPE,
-                DOT_PRECISION, DOT_UPCAST)
+                NUM_GATES=1, GATE_SLOTS=1, BLOCK_ROWS=BLOCK_F, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, NUM_PIECES=NUM_PIECES,
+                GROUP_PIECES=GROUP_PIECES, RESIDENT=RESIDENT, TRANSPOSED=True, OPERAND_WAVES=OPERAND_WAVES,
+                ACC_DTYPE=ACC_DTYPE, DOT_PRECISION=DOT_PRECISION, DOT_UPCAST=DOT_UPCAST)
         else:
             num_parts = tl.num_programs(1)
             incoming = reduce_partials(partial_ptr, (1 - step % 2) * num_parts, num_parts, batch_rows, B, D,
@@ -748,17 +752,20 @@ def backward_kernel(
     if GATHER:
         if RESIDENT and STEP_PHASE != 2:
             BLOCK_F: tl.constexpr = BLOCK_P if HAS_PROJ else BLOCK_U
-            w_hh = resident_block(w_hh_ptr, tl.program_id(1) * BLOCK_F, P, NUM_GATES * H, 1, 1, BLOCK_F, BLOCK_K,
-                                  NUM_PIECES, GROUP_PIECES, True)
+            w_hh = resident_block(w_hh_ptr, tl.program_id(1) * BLOCK_F, P, NUM_GATES * H, NUM_GATES=1, GATE_SLOTS=1,
+                                  BLOCK_ROWS=BLOCK_F, BLOCK_K=BLOCK_K, NUM_PIECES=NUM_PIECES,
+                                  GROUP_PIECES=GROUP_PIECES, TRANSPOSED=True)
         if RESIDENT_PROJ and STEP_PHASE != 1:
-            w_hr = resident_block(w_hr_ptr, first_unit, H, P, 1, 1, BLOCK_U, BLOCK_KP, NUM_PIECES_P, GROUP_PIECES_P,
-                                  True)
+            w_hr = resident_block(w_hr_ptr, first_unit, H, P, NUM_GATES=1, GATE_SLOTS=1, BLOCK_ROWS=BLOCK_U,
+                                  BLOCK_K=BLOCK_KP, NUM_PIECES=NUM_PIECES_P, GROUP_PIECES=GROUP_PIECES_P,
+                                  TRANSPOSED=True)
     else:
         if RESIDENT and STEP_PHASE != 1:
-            w_hh = resident_block(w_hh_ptr, first_unit, H, P, NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_K, NUM_PIECES, 1,
-                                  False)
+            w_hh = resident_block(w_hh_ptr, first_unit, H, P, NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_K, NUM_PIECES,
+                                  GROUP_PIECES=1, TRANSPOSED=False)
         if RESIDENT_PROJ and STEP_PHASE != 2:
-            w_hr = resident_block(w_hr_ptr, first_feature, P, H, 1, 1, BLOCK_P, BLOCK_KP, NUM_PIECES_P, 1, False)
+            w_hr = resident_block(w_hr_ptr, first_feature, P, H, NUM_GATES=1, GATE_SLOTS=1, BLOCK_ROWS=BLOCK_P,
+                                  BLOCK_K=BLOCK_KP, NUM_PIECES=NUM_PIECES_P, GROUP_PIECES=1, TRANSPOSED=False)
     arrivals = 0
     first_step, last_step = step_bounds(T, step_begin, step_end, GRID_SYNC)
     for step in range(first_step, last_step):
@@ -800,8 +807,10 @@ def backward_kernel(
                             write_partial(
                                 w_hr, w_hr_ptr, block_start, P, H, dh, partial_proj_ptr,
                                 buffer_rows(tl.program_id(1), batch_rows, B, D, direction), partial_proj_columns,
-                                row_mask, block_start != first_feature, 1, 1, BLOCK_P, BLOCK_B, BLOCK_KP, NUM_PIECES_P,
-                                RESIDENT_PROJ, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
+                                row_mask, block_start != first_feature, NUM_GATES=1, GATE_SLOTS=1,
+                                BLOCK_ROWS=BLOCK_P, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_KP, NUM_PIECES=NUM_PIECES_P,
+                                RESIDENT=RESIDENT_PROJ, ACC_DTYPE=ACC_DTYPE, DOT_PRECISION=DOT_PRECISION,
+                                DOT_UPCAST=DOT_UPCAST)
             if STEP_PHASE == 0:
                 # The cell needs the gradient through W_hr for its units, from every feature.
                 arrivals = sync_programs(barrier_ptr, arrivals, GRID_SYNC)
