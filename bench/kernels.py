@@ -518,7 +518,7 @@ def main(argv=None) -> int:
             json.dump({"arch": args.arch, "triton": triton.__version__, "gpu": gpu.name,
                        "multiprocessors": gpu.multiprocessors, "shared_memory": gpu.shared_memory,
                        "reports": [asdict(report) for report in reports]}, file, indent=1)
-    failed = [(report, failures(report, gpu)) for report in reports if failures(report, gpu)]
+    failed = [(report, problems) for report in reports if (problems := failures(report, gpu))]
     for report, problems in failed:
         print(f"FAILED {report.variant}: {', '.join(problems)}", file=sys.stderr)
     if args.check and failed:

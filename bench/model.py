@@ -57,8 +57,7 @@ def load_reports(path: str) -> dict:
             for report in reports for v in [report["variant"]] if v["options"] == "all" and v["directions"] == 1}
 
 
-def _report(reports: dict, cell: str, dtype_name: str, batch: int, hidden: int, backward: bool) -> dict:
-    shape, plan = _plan(cell, dtype_name, batch, hidden, backward)
+def _report(reports: dict, cell: str, dtype_name: str, batch: int, hidden: int, backward: bool, shape, plan) -> dict:
     kernel = "backward" if backward else "forward"
     report = reports.get((cell, kernel, KERNEL_DTYPES[dtype_name], batch, hidden))
     if report is None or report["plan"] != kernels.describe(shape, plan):
@@ -77,12 +76,9 @@ def product_seconds(report: dict, dtype) -> float:
     return max(report["mma_chain"] * cost.MMA_LATENCY, tensor_cores)
 
 
-def step_seconds(cell: str, dtype_name: str, batch: int, hidden: int, backward: bool, gpu: str,
-                 reports: dict) -> float:
-    """The modelled lower bound of one step, in seconds, with the compiled product."""
-    shape, plan = _plan(cell, dtype_name, batch, hidden, backward)
-    product = product_seconds(_report(reports, cell, dtype_name, batch, hidden, backward), shape.dtype)
-    return cost.step_seconds(shape, plan, backward, product, gpu)
+def step_seconds(shape, plan, report: dict, backward: bool, gpu: str) -> float:
+    """The modelled lower bound of one step of ``plan``, in seconds, with the compiled product."""
+    return cost.step_seconds(shape, plan, backward, product_seconds(report, shape.dtype), gpu)
 
 
 def rows(cells, batches, hiddens, dtypes, reports: dict):
@@ -90,11 +86,14 @@ def rows(cells, batches, hiddens, dtypes, reports: dict):
         for dtype_name in dtypes:
             for batch in batches:
                 for hidden in hiddens:
-                    plans = [_report(reports, cell, dtype_name, batch, hidden, backward)["plan"]
-                             for backward in (False, True)]
-                    forward, backward = ({gpu: step_seconds(cell, dtype_name, batch, hidden, backward, gpu, reports) * 1e6
-                                          for gpu in cost.HBM_BANDWIDTH} for backward in (False, True))
-                    yield Row(cell, batch, hidden, dtype_name, *plans, forward, backward)
+                    plans, times = [], []
+                    for backward in (False, True):
+                        shape, plan = _plan(cell, dtype_name, batch, hidden, backward)
+                        report = _report(reports, cell, dtype_name, batch, hidden, backward, shape, plan)
+                        plans.append(report["plan"])
+                        times.append({gpu: step_seconds(shape, plan, report, backward, gpu) * 1e6
+                                      for gpu in cost.HBM_BANDWIDTH})
+                    yield Row(cell, batch, hidden, dtype_name, *plans, *times)
 
 
 def main(argv=None) -> int:

@@ -134,14 +134,16 @@ class _FusedLayer(torch.autograd.Function):
     def backward(ctx, grad_states, grad_c_n=None):
         # Slots 0 and T+1 hold the initial states, which no output shows.
         grad_output = grad_states[1:-1]
-        if not ctx.saved_tensors:
+        # Read once: each read unpacks them again (with save_on_cpu, a copy back to the device).
+        saved_tensors = ctx.saved_tensors
+        if not saved_tensors:
             raise RuntimeError("fused_rnn: this layer's backward has nothing to work from: autograd was off "
                                "where it ran (a torch.jit.trace made under torch.no_grad, or by check_trace, "
                                "bakes that in); use torch.export or torch.compile, or trace with grad enabled "
                                "and check_trace=False")
         if torch.is_grad_enabled():
-            return _second_order_backward(ctx, grad_output, grad_c_n)
-        x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, h, c, h_raw, saved, *weights = ctx.saved_tensors
+            return _second_order_backward(ctx, saved_tensors, grad_output, grad_c_n)
+        x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, h, c, h_raw, saved, *weights = saved_tensors
         mode, needs = ctx.mode, ctx.needs_input_grad
         needs_weight = needs[FIRST_WEIGHT:]
         w_ih, w_hh, b_ih, b_hh, w_hr = (weights[k::WEIGHTS_PER_DIRECTION] for k in range(WEIGHTS_PER_DIRECTION))
@@ -184,11 +186,11 @@ def _column_sums(rows):
     return rows.sum(0, dtype=accumulator_dtype(rows.dtype)).to(rows.dtype)
 
 
-def _second_order_backward(ctx, grad_output, grad_c_n):
+def _second_order_backward(ctx, saved_tensors, grad_output, grad_c_n):
     """The backward when a graph of it is asked for (``create_graph=True``): the layer recomputed
     by ``reference.layer`` in plain PyTorch, differentiated by autograd, so every derivative of
     any order is exact. The first-order backward never comes here."""
-    x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, h, c, h_raw, saved, *weights = ctx.saved_tensors
+    x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, h, c, h_raw, saved, *weights = saved_tensors
     inputs = [x, h0, c0, None, None, None, None, None, *weights]
     wanted = [index for index, tensor in enumerate(inputs)
               if tensor is not None and ctx.needs_input_grad[FIRST_TENSOR + index]]
