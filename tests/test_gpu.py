@@ -23,7 +23,8 @@ SHAPES = {
                                                num_layers=2, bidirectional=True),
     "B5-T9-H64-I40-proj24": dict(batch=5, steps=9, input_size=40, hidden_size=64, proj_size=24),
     # The headline's projection: W_hr on chip in the forward too, 24 pieces of 32 columns; and at
-    # B=256 the forward's W_hr streaming beside a resident W_hh (launch._projection_fits).
+    # B=256 the forward's W_hr on chip beside 32-unit blocks (fp16), or streaming beside a resident
+    # W_hh (TF32: launch._projection_fits).
     "B16-T12-H768-I64-proj384": dict(batch=16, steps=12, input_size=64, hidden_size=768, proj_size=384),
     "B256-T4-H768-I32-proj384": dict(batch=256, steps=4, input_size=32, hidden_size=768, proj_size=384),
     # More batch tiles than one group: batch groups and each program walking several tiles.

@@ -428,10 +428,10 @@ def operand_waves(options: dict) -> list:
 def _projection_fits(shape: Shape, options: dict, budget: int) -> bool:
     """Whether the forward keeps its block of ``W_hr`` on chip beside ``W_hh``'s (``options`` with
     ``RESIDENT_PROJ``): in ``budget`` bytes of shared memory, and with a gate tile small enough that
-    the registers hold ``h_raw``'s pieces besides (``PROJECTION_GATE_TILE``). Elsewhere (TF32 from H = 1000, and at H
-    = 768 with both directions or from B = 64; blocks of 32 units or more on 32-row tiles) it
-    streams, the smaller weight: ``P x H`` against ``4H x P`` (on an H100; docs/design.md,
-    ``python -m bench.kernels --all``)."""
+    the registers hold ``h_raw``'s pieces besides (``PROJECTION_GATE_TILE``). Elsewhere (on an
+    H100: TF32 at the larger H, and blocks of 32 units or more on 32-row tiles or of 64 on 16-row
+    ones; docs/design.md lists where) it streams, the smaller weight: ``P x H`` against ``4H x P``
+    (``python -m bench.kernels --all``)."""
     return (shape.gate_slots * options["BLOCK_U"] * options["BLOCK_B"] <= PROJECTION_GATE_TILE
             and resident_bytes(shape, options, False) <= budget)
 
