@@ -63,6 +63,14 @@ class _FusedRNNBase(nn.modules.rnn.RNNBase):
     def flatten_parameters(self) -> None:
         """Kept for compatibility with ``nn.LSTM``; the fused kernels need no flat weight buffer."""
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every module it is given or finds inside one, before it
+        # compiles anything: without it the error would be TorchScript's assertion about overloads.
+        raise RuntimeError(
+            f"fused_rnn.{type(self).__name__} does not support torch.jit.script: TorchScript cannot compile "
+            f"its Triton kernels. Use torch.compile or torch.export; to script a model, put torch.nn."
+            f"{type(self).__name__} in its place first (load_state_dict takes the fused module's state_dict)")
+
     def _prepare(self, input, hx, lengths, reset, check_batched_hx):
         """Shared input handling: returns ``(input, hx, lengths, reset, packed, is_batched)``, with
         ``reset`` in the layout of the returned input.
@@ -83,7 +91,7 @@ class _FusedRNNBase(nn.modules.rnn.RNNBase):
                 reset = functional.check_reset(reset, self.batch_first, padded.shape[0], padded.shape[1], padded)
             return padded, hx, lengths, reset, input, True
         if not isinstance(input, torch.Tensor):
-            raise TypeError(f"{self.mode}: input must be a Tensor or PackedSequence, got {type(input).__name__}")
+            raise TypeError(f"{type(self).__name__}: input must be a Tensor or PackedSequence, got {type(input).__name__}")
         if input.dim() not in (2, 3):
             # torch.nn's words: nn.RNN says "got 4D tensor instead", nn.LSTM and nn.GRU "got 4D instead".
             noun = " tensor" if self.mode.startswith("RNN_") else ""

@@ -619,3 +619,13 @@ def test_output_changed_in_place_is_refused_by_the_backward_that_needs_it(cell):
         output.sum().backward()
     with torch.no_grad():
         fused(x)[0].add_(1)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_torch_jit_script_is_refused_with_what_to_use_instead(cell):
+    # TorchScript's own failure was an AssertionError about overloads that named nothing useful.
+    torch_module, fused = make_pair(cell)
+    torch.jit.script(nn.Sequential(torch_module))
+    for scripted in (fused, nn.Sequential(nn.Identity(), fused)):
+        with pytest.raises(RuntimeError, match=rf"fused_rnn.{type(fused).__name__} does not support torch.jit.script.*torch.compile"):
+            torch.jit.script(scripted)
