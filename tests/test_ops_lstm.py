@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+from helpers import KERNEL_DEVICE, assert_close
 from ops_cases import (
     ALL_EVAL,
     ALL_TRAINING,
@@ -25,6 +26,8 @@ from ops_cases import (
     shape_and_dtype_cases,
     use_plan,
 )
+
+from fused_rnn import functional, reference
 
 # proj_size: P=7 against H=20 (one feature block), P=65 against H=70 (several), P=1.
 PROJ_SHAPES = [(3, 3, 20, 7), (3, 3, 70, 65), (3, 3, 7, 1)]
@@ -58,6 +61,37 @@ def test_lstm_matches_reference_with_options(monkeypatch, case):
 def test_lstm_matches_reference_on_every_plan(monkeypatch, plan, case):
     use_plan(monkeypatch, plan)
     check_against_reference(case)
+
+
+def test_lstm_gathering_backward_in_two_waves_of_one_group(monkeypatch):
+    # H=256 on the interpreter's resident plan: 1024 gate rows in 16 pieces of 64, two groups of 8,
+    # one a wave: the second wave is loaded after the first's product (a wave boundary that the 3
+    # groups of H=192 do not test alone).
+    use_plan(monkeypatch, "stepwise-resident")
+    check_against_reference(Case("LSTM", 2, 3, 256))
+
+
+def test_lstm_bf16_cell_state_gradient_keeps_every_steps_increment():
+    """dL/dc walks back through 128 steps whose forget gates round to 1 in bf16, so the carry is
+    dL/dc_n plus 128 small increments: a bf16 carry (8 bits of mantissa) next to 256 drops them,
+    the fp32 carry the kernels keep does not."""
+    torch.manual_seed(0)
+    T, B, H, I = 128, 2, 8, 5
+    w_ih, w_hh = torch.randn(4 * H, I) * 0.3, torch.randn(4 * H, H) * 0.3
+    b_ih, b_hh = torch.randn(4 * H) * 0.1, torch.randn(4 * H) * 0.1
+    b_ih[:H] -= 10.0     # input gate shut: c stays small
+    b_ih[H:2 * H] += 16.0  # forget gate open
+    x, h0, c0 = torch.randn(T, B, I), torch.randn(1, B, H) * 0.1, torch.randn(1, B, H) * 0.1
+    bf16 = [tensor.to(torch.bfloat16) for tensor in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)]
+
+    def grad_c0(layer, dtype):
+        x, h0, c0, *weights = (tensor.to(KERNEL_DEVICE, dtype, copy=True) for tensor in bf16)
+        c0.requires_grad_()
+        output, _, c_n = layer("LSTM", x, h0, c0, [(*weights, None)])
+        return torch.autograd.grad([output, c_n], c0, [torch.ones_like(output), torch.full_like(c_n, 256.0)])[0]
+
+    assert_close(grad_c0(functional.layer, torch.bfloat16), grad_c0(reference.layer, torch.float64), torch.bfloat16,
+                 name="dL/dc_0")
 
 
 @pytest.mark.parametrize("case", params([Case("LSTM", 3, 5, 20, D=2, options=(ZONEOUT,)),
