@@ -621,6 +621,7 @@ def test_output_changed_in_place_is_refused_by_the_backward_that_needs_it(cell):
         fused(x)[0].add_(1)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("cell", CELLS)
 def test_torch_jit_script_is_refused_with_what_to_use_instead(cell):
     # TorchScript's own failure was an AssertionError about overloads that named nothing useful.
