@@ -6,6 +6,7 @@ harness builds the documented configs, verifies agreement with torch, and writes
 
 import datetime
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -303,7 +304,8 @@ def test_skeleton_checks_its_kernels_and_writes_the_documented_json(tmp_path, ca
     for row in rows:
         assert list(row) == list(skeleton.ROW_KEYS)
         assert row["agrees"] is (None if row["kind"] == "barrier" else True)
-        assert (type(row["us_per_step"]) is float and row["us_per_step"] > 0) if device == "cuda" \
+        # A difference of two medians: its sign at 4 steps is noise, so only its presence is checked.
+        assert (type(row["us_per_step"]) is float and math.isfinite(row["us_per_step"])) if device == "cuda" \
             else row["us_per_step"] is None
         assert row["model_us_per_step"] > 0
 
