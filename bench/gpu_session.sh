@@ -28,8 +28,8 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1   # the GPU machine reaches no package in
 results="$out"
 [[ -n "${OUT:-}" ]] && results="$(mktemp -d)"
 pack() { [[ "$results" == "$out" ]] || tar czf "$out/results.tgz" -C "$results" .; }
-# The compile checks (tests/test_compiled_kernels.py) are CPU work that CI does; a test that hangs
-# fails alone after 180 s.
+# The tests leave out the compile checks (tests/test_compiled_kernels.py), CPU work that CI does; a
+# test that hangs fails alone after 180 s.
 per_test_timeout=$(python3 -c 'import pytest_timeout' 2>/dev/null && echo "--timeout 180 --timeout-method thread")
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$out/gpu.txt"
@@ -37,9 +37,11 @@ for stage in "${@:-tests headline grid drift}"; do
     for step in $stage; do
         case "$step" in
             tests)
-                # 8 workers, each computing its float64 references with 2 CPU threads, not 16.
-                OMP_NUM_THREADS=2 timeout 330 python3 -m pytest -n 8 -rs -q $per_test_timeout \
-                    --ignore tests/test_compiled_kernels.py tests 2>&1 | tee "$out/gpu-tests.log" | tail -n 40 ;;
+                # test_gpu.py first, so that a stage cut off by its timeout has run it; 8 workers, each
+                # computing its float64 references with 2 CPU threads, not 16.
+                OMP_NUM_THREADS=2 timeout 330 python3 -m pytest -n 8 -rs -q $per_test_timeout tests/test_gpu.py \
+                    $(ls tests/test_*.py | grep -v -e test_gpu.py -e test_compiled_kernels.py) 2>&1 \
+                    | tee "$out/gpu-tests.log" | tail -n 40 ;;
             headline)
                 timeout 100 python3 -m bench --headline --no-progress --out "$results" 2>&1 | tee "$out/bench-headline.log" | tail -n 12
                 pack
