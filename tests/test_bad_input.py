@@ -101,6 +101,9 @@ REJECTED_BY_US = [
           r"hx must be a tuple \(h_0, c_0\), got tuple", "hx_tuple_of_one", cells=["LSTM"]),
     *case(lambda m: m(good_input(), (rand(1, BATCH, HIDDEN_SIZE),)), TypeError,
           r"hx must be a tensor h_0, got tuple", "hx_given_as_tuple", cells=SINGLE_STATE_CELLS),
+    # torch fails on list.dim() (AttributeError); ours names the class, as torch.nn's messages do.
+    *case(lambda m: m([good_input()]), TypeError,
+          r"^(LSTM|GRU|RNN): input must be a Tensor or PackedSequence, got list", "input_a_list"),
     # torch permutes an unsorted PackedSequence's hx with index_select and ignores the extra row.
     *case(lambda m: m(packed(STEPS, BATCH, INPUT_SIZE, enforce_sorted=False), states(m, 1, 3, HIDDEN_SIZE)),
           RuntimeError, r"Expected hidden(\[0\])? size \(1, 2, 7\), got \[1, 3, 7\]",
