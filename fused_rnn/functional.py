@@ -64,7 +64,16 @@ def _nonlinearity(mode: str) -> str:
 
 
 def _stack(tensors):
-    return None if tensors[0] is None else torch.stack(tensors)
+    """The directions' tensors as one ``(D, ...)`` tensor, None where absent; one direction's is a
+    view of it: a copy of the weights each call would be traffic and memory for nothing."""
+    if tensors[0] is None:
+        return None
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def _cat(tensors):
+    """The directions' tensors end to end along the first axis; one direction's as it is."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def _states_before(h, h0, resets, h_masks, direction: int):
@@ -108,14 +117,14 @@ class _FusedLayer(torch.autograd.Function):
         if b_ih[0] is None:
             bias = None
         elif mode == "GRU":
-            bias = torch.cat(b_ih)
+            bias = _cat(b_ih)
         else:
-            bias = torch.cat([b_i + b_h for b_i, b_h in zip(b_ih, b_hh)])
-        gates_x = F.linear(x, torch.cat(w_ih), bias).view(num_steps, batch, directions, -1)
+            bias = _cat([b_i + b_h for b_i, b_h in zip(b_ih, b_hh)])
+        gates_x = F.linear(x, _cat(w_ih), bias).view(num_steps, batch, directions, -1)
         save = grad_enabled and any(ctx.needs_input_grad)
         options = (lengths, resets, h_masks, zoneout_h, zoneout_c, zoneout_p)
         h, c, h_raw, saved = _recurrence_forward(
-            mode, gates_x, torch.stack(w_hh), _stack(b_hh) if mode == "GRU" else None, _stack(w_hr), h0, c0,
+            mode, gates_x, _stack(w_hh), _stack(b_hh) if mode == "GRU" else None, _stack(w_hr), h0, c0,
             options, save)
         ctx.mode, ctx.zoneout_p = mode, zoneout_p
         if save:
@@ -153,12 +162,12 @@ class _FusedLayer(torch.autograd.Function):
             grad_c_n = c.new_zeros(directions, batch, c.shape[3], dtype=x.dtype)
         options = (lengths, resets, h_masks, zoneout_h, zoneout_c, ctx.zoneout_p)
         dgates_x, dgates_h, grad_h_proj, dh0, dc0 = _recurrence_backward(
-            mode, grad_output, grad_c_n, torch.stack(w_hh), _stack(w_hr), options, h, c, saved)
+            mode, grad_output, grad_c_n, _stack(w_hh), _stack(w_hr), options, h, c, saved)
 
         grads = [None] * len(weights)
         gates = dgates_x.shape[3]
         dgates_rows = dgates_x.view(rows, -1)
-        grad_x = (dgates_rows @ torch.cat(w_ih)).view_as(x) if needs[FIRST_TENSOR] else None
+        grad_x = (dgates_rows @ _cat(w_ih)).view_as(x) if needs[FIRST_TENSOR] else None
         if any(needs_weight[0::WEIGHTS_PER_DIRECTION]):
             x_rows = x.reshape(rows, -1)
             if lengths is not None:
@@ -458,7 +467,7 @@ def _layers(mode, x, hx, params, has_biases, num_layers, dropout, train, bidirec
             finals[1].append(c_n)
         if dropout > 0 and train and index < num_layers - 1:
             x = F.dropout(x, dropout, training=True)
-    return x, tuple(torch.cat(collected) for collected in finals)
+    return x, tuple(_cat(collected) for collected in finals)
 
 
 def lstm(

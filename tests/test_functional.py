@@ -334,3 +334,26 @@ def test_empty_batch_takes_an_empty_list_of_lengths():
     x = torch.randn(T, 0, INPUT, dtype=torch.float64, device=KERNEL_DEVICE)
     output, (h_n, c_n) = functional.lstm(x, None, params, lengths=[])
     assert output.shape == (T, 0, HIDDEN) and h_n.shape == c_n.shape == (1, 0, HIDDEN)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["one-direction", "bidirectional"])
+def test_the_kernels_get_one_directions_w_hh_as_a_view_of_the_parameter(monkeypatch, bidirectional):
+    # Stacking a single direction's weights would copy W_hh on every forward and backward.
+    received = []
+
+    def recording(op, w_hh_index):
+        def call(*args):
+            received.append(args[w_hh_index])
+            return op(*args)
+        return call
+
+    monkeypatch.setattr(functional, "lstm_forward", recording(functional.lstm_forward, 1))
+    monkeypatch.setattr(functional, "lstm_backward", recording(functional.lstm_backward, 2))
+    module = make_torch_module("lstm", (1, bidirectional, False, True, 0))
+    x = torch.randn(T, B, INPUT, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
+    output, _ = functional.lstm(x, None, list(module._flat_weights), bidirectional=bidirectional)
+    output.sum().backward()
+    assert len(received) == 2
+    for w_hh in received:
+        assert w_hh.shape == (2 if bidirectional else 1, 4 * HIDDEN, HIDDEN)
+        assert (w_hh.data_ptr() == module.weight_hh_l0.data_ptr()) != bidirectional

@@ -841,9 +841,11 @@ def backward_kernel(
                     if HAS_PROJ:
                         if GATHER:
                             dh = recurrent_matmul(
-                                w_hr, w_hr_ptr, block_start, H, P, None, grad_h_proj_ptr, x_rows, row_mask, 1, 1,
-                                BLOCK_U, BLOCK_B, BLOCK_KP, NUM_PIECES_P, GROUP_PIECES_P, RESIDENT_PROJ, True, 1,
-                                ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
+                                w_hr, w_hr_ptr, block_start, H, P, None, grad_h_proj_ptr, x_rows, row_mask,
+                                NUM_GATES=1, GATE_SLOTS=1, BLOCK_ROWS=BLOCK_U, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_KP,
+                                NUM_PIECES=NUM_PIECES_P, GROUP_PIECES=GROUP_PIECES_P, RESIDENT=RESIDENT_PROJ,
+                                TRANSPOSED=True, OPERAND_WAVES=1, ACC_DTYPE=ACC_DTYPE, DOT_PRECISION=DOT_PRECISION,
+                                DOT_UPCAST=DOT_UPCAST)
                         else:
                             dh = reduce_partials(partial_proj_ptr, 0, num_parts, batch_rows, B, D, direction,
                                                  partial_proj_columns, units, mask, BLOCK_U, BLOCK_B, REDUCE_CHUNK,
