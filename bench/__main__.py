@@ -66,14 +66,21 @@ def axis_overrides(args: argparse.Namespace) -> dict:
     )
 
 
-def results_tag(preset: str, subset: bool, scheme: Optional[str] = None, backward: Optional[str] = None):
-    """Suffix of the results file name: none for the full grid, else the preset, plus "-subset" when
-    flags narrowed it, so that no partial run overwrites the grid's ``<gpu>-<date>.json``; plus the
-    launch scheme when ``FUSED_RNN_SCHEME`` forced one, and the backward when ``FUSED_RNN_BACKWARD``
-    did."""
-    parts = [] if preset == "grid" and not subset else [preset]
-    if subset:
-        parts.append("subset")
+# The command-line flag of each ``Axes`` field, as results file names spell the flags given.
+FLAGS = dict(cells="cell", batches="batch", hiddens="hidden", seqs="seq", inputs="input", layers="layers",
+             bidirectional="bidirectional", dtypes="dtype", modes="mode")
+
+
+def results_tag(preset: str, overrides: dict, scheme: Optional[str] = None, backward: Optional[str] = None):
+    """Suffix of the results file name: none for the full grid, else the preset, then each flag
+    that narrowed it with its values (``axis_overrides``; ``headline-seq-256-mode-forward_backward``),
+    so that no partial run overwrites the grid's ``<gpu>-<date>.json`` nor another partial run of
+    the day; then the launch scheme when ``FUSED_RNN_SCHEME`` forced one, and the backward when
+    ``FUSED_RNN_BACKWARD`` did."""
+    narrowed = [(FLAGS[field], values) for field, values in overrides.items() if values is not None]
+    parts = [] if preset == "grid" and not narrowed else [preset]
+    for flag, values in narrowed:
+        parts.append(flag if flag == "bidirectional" else "-".join([flag, *map(str, values)]))
     if scheme is not None:
         parts.append(scheme)
     if backward is not None:
@@ -114,8 +121,7 @@ def main(argv=None) -> int:
     if args.out is None and device == "cpu":
         print("Nothing written: a CPU run writes its JSON and PNG only into an explicit --out DIR.")
     else:
-        subset = any(values is not None for values in overrides.values())
-        tag = results_tag(preset, subset, scheme=os.environ.get("FUSED_RNN_SCHEME"),
+        tag = results_tag(preset, overrides, scheme=os.environ.get("FUSED_RNN_SCHEME"),
                           backward=os.environ.get("FUSED_RNN_BACKWARD"))
         for path in suite.write_results(header, rows, args.out or suite.RESULTS_DIR, tag=tag):
             if path is not None:

@@ -13,6 +13,8 @@
 #              gathering (FUSED_RNN_BACKWARD=partial): what the gathering backward gains
 #   packed     the headline (fp16) with a PackedSequence of unequal lengths as both modules' input:
 #              the kernels' lengths path against cuDNN's packed RNN, forward and forward+backward
+#   short      LSTM and GRU at T=1 and 16 (B=16, H=256 and 768, fp16): where the host's work per
+#              call, not the steps, sets the time (a decoder stepping a token at a time)
 #   bash bench/gpu_session.sh                  the first four (may not fit one 10-minute call)
 #   bash bench/gpu_session.sh tests headline   one call (at most 580 s of stages); then `... grid`
 # Every stage runs under `timeout`, and each test under pytest-timeout where the machine has it, so
@@ -62,8 +64,11 @@ for stage in "${@:-tests headline grid drift}"; do
             packed)
                 timeout 120 python3 -m bench --headline --dtype float16 --mode packed_forward packed_forward_backward \
                     --no-progress --out "$results" 2>&1 | tee "$out/bench-headline-packed.log" | tail -n 8 ;;
+            short)
+                timeout 150 python3 -m bench --batch 16 --hidden 256 768 --seq 1 16 --dtype float16 \
+                    --no-progress --out "$results" 2>&1 | tee "$out/bench-short.log" | tail -n 24 ;;
             *)
-                echo "unknown stage: $step (tests, headline, grid, drift, second_order, partial, packed)"; exit 2 ;;
+                echo "unknown stage: $step (tests, headline, grid, drift, second_order, partial, packed, short)"; exit 2 ;;
         esac
         pack
     done

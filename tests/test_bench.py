@@ -122,12 +122,19 @@ def test_result_file_names():
     assert suite.result_stem("NVIDIA H100 80GB HBM3", date) == "nvidia-h100-80gb-hbm3-2025-03-07"
     assert suite.result_stem("NVIDIA H100 80GB HBM3", date, "headline") == "nvidia-h100-80gb-hbm3-2025-03-07-headline"
     assert suite.slug(suite.CPU_DEVICE) == "cpu-triton-interpreter"
-    assert results_tag("grid", subset=False) is None
-    assert results_tag("grid", subset=True) == "grid-subset"
-    assert results_tag("headline", subset=False) == "headline"
-    assert results_tag("grid", subset=False, scheme="stepwise") == "stepwise"
-    assert results_tag("headline", subset=True, scheme="persistent") == "headline-subset-persistent"
-    assert results_tag("headline", subset=True, backward="partial") == "headline-subset-backward-partial"
+    def tag(preset, flags=(), **environment):
+        return results_tag(preset, axis_overrides(parse_args(list(flags))), **environment)
+
+    assert tag("grid") is None
+    assert tag("grid", ["--batch", "1", "16", "--dtype", "float16"]) == "grid-batch-1-16-dtype-float16"
+    assert tag("headline") == "headline"
+    assert tag("grid", scheme="stepwise") == "stepwise"
+    assert tag("headline", ["--bidirectional"], scheme="persistent") == "headline-bidirectional-persistent"
+    assert tag("headline", ["--mode", "forward_backward"], backward="partial") == (
+        "headline-mode-forward_backward-backward-partial")
+    # Two partial runs of one preset that differ in their flags keep both files.
+    assert tag("headline", ["--seq", "256", "--mode", "forward_backward", "gradient_penalty"]) != tag(
+        "headline", ["--dtype", "float16", "--mode", "packed_forward", "packed_forward_backward"])
 
 
 def test_row_speedup_and_untimed_rows():
@@ -237,7 +244,7 @@ def test_cpu_run_times_the_native_path_and_writes_the_documented_json(tmp_path, 
     printed = capsys.readouterr().out
     assert "ours/torch" in printed and ", 1 thread" in printed
     (json_path,) = tmp_path.glob("*.json")
-    assert json_path.stem.endswith("-cpu-subset")
+    assert json_path.stem.endswith("-cpu-batch-2-hidden-4-seq-3")
     check_results(json_path, num_rows=4, on_gpu=False)
     assert json.loads(json_path.read_text())["scheme"] == suite.NATIVE_SCHEME
 
@@ -259,7 +266,7 @@ def test_gpu_run_times_both_modules(tmp_path):
              "--out", str(tmp_path), "--no-progress"]
     assert main(flags) == 0
     (json_path,), (png_path,) = list(tmp_path.glob("*.json")), list(tmp_path.glob("*.png"))
-    assert json_path.name.endswith("-grid-subset.json")
+    assert json_path.name.endswith("-grid-cell-lstm-gru-batch-16-hidden-256-seq-16-dtype-float16.json")
     check_results(json_path, num_rows=4, on_gpu=True)
     check_png(png_path)
 
