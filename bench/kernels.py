@@ -81,9 +81,9 @@ CELLS = ("lstm", "lstm_proj", "gru", "rnn_tanh")
 # Where rows of H and P are in vectors (``launch.rows_in_vectors``), what a kernel reads from L2 comes in
 # 16-byte vectors but for the streamed chunks (of h_{t-1}, and of h_raw where W_hr streams) and
 # the reduction of W_hr's partial sums (the projection's backward where it sums parts): a load
-# instruction each, of an element or two a thread. Until 2026-12-06, Triton 3.6 read the resident
-# plans' operands an element at a time (64 to 192 loads a thread; ``recurrence.group_columns``
-# says why).
+# instruction each, of an element or two a thread. Built by a reshape, the operands' offsets make
+# Triton 3.6 read the resident plans' operands an element at a time (64 to 192 loads a thread;
+# ``recurrence.group_columns`` says why): this bound keeps that from coming back.
 NARROW_FRESH_LOADS = 2
 # Pointers each cell leaves None, and the optional inputs (the kernels' flags) of each direction.
 CELL_POINTERS = {

@@ -53,8 +53,8 @@ from fused_rnn.ops.launch import sync_programs  # noqa: E402
 from fused_rnn.ops.recurrence import load_fresh_tile, store_tile  # noqa: E402
 
 # (name, batch groups, programs per group, batch rows, features, batch rows per tile) of the
-# exchanges: the headline's forward (48 programs of 16 units, P = 768; and in 96 programs of 8, the
-# plan until 2026-12-06, which the cost model ranks behind it for reading h_{t-1} twice as often)
+# exchanges: the headline's forward (48 programs of 16 units, P = 768; and in 96 programs of 8,
+# which the cost model ranks behind it for reading h_{t-1} twice as often)
 # and gathering backward (48 of 16, reading 4H = 3072 gate gradients), and the forward at B=256
 # H=768 (2 x 48 programs, 8 tiles each); docs/performance.md has their plans.
 EXCHANGES = (

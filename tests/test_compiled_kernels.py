@@ -56,8 +56,8 @@ def test_reports_compile_the_shape_as_a_launch_specialises_it():
                          [("forward", 384, 4, (32, 16, 512)), ("backward", 768, 4, (16, 16, 3072))])
 def test_small_blocks_split_their_reduction_over_the_warps(tmp_path, kernel, hidden, chain, product):
     # One tl.dot over all of K gave every warp the whole reduction, dependent matrix instructions
-    # into one accumulator: 64 in the forward's (32, 1024) @ (1024, 16) (the headline's 8-unit
-    # blocks until 2026-12-06; at H=384 32 in its (32, 512) @ (512, 16)), 192 in the gathering
+    # into one accumulator: 64 in the forward's (32, 1024) @ (1024, 16) (8-unit blocks at the
+    # headline's size; at H=384 32 in its (32, 512) @ (512, 16)), 192 in the gathering
     # backward's (16, 3072) @ (3072, 16), the same on each of the 8 warps. Batched over the
     # pieces (recurrence.recurrent_matmul), a warp's chain is one piece's k-steps, and the warps
     # together do the product's multiply-adds once.
@@ -146,7 +146,7 @@ def test_rows_of_a_multiple_of_8_are_read_in_vectors_and_batched(tmp_path, cell,
     # h_{t-1} 2 bytes at a time (64 loads a thread) in one tl.dot, a chain of 64 HMMA, and the
     # GRU's gathering backward spilled 140 bytes a thread, so it summed parts. Told H and P are
     # multiples of 8 (ALIGNMENT_H, ALIGNMENT_P), they read 16-byte vectors, and the products run
-    # as HGMMA (the forward's 64-row blocks since the cost model plans them, 2026-12-06) or in
+    # as HGMMA (the forward's 64-row blocks) or in
     # batched HMMA chains of a piece's k-steps.
     script = ("from bench.kernels import Variant, compile_variant; "
               f"r = compile_variant(Variant('{cell}', '{kernel}', 'float16', 'all', 16, 1000), 90); "

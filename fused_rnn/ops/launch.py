@@ -602,7 +602,7 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
     # Where rows of H or P are not in 16-byte vectors, the larger blocks the model would take spilled
     # (Triton 3.6: the forward's 64-row blocks at H = 999, 100 bytes a thread; the partial sums'
     # 256-row blocks at B=256 H=300, 236): there the plan walks the fewest batch tiles (times
-    # waves) with the smallest blocks, as before the model ranked plans (2026-12-06).
+    # waves) with the smallest blocks, whatever the model says.
     in_vectors = rows_in_vectors(shape.hidden) and rows_in_vectors(shape.features)
     # Where rows of P come in narrower vectors, the forward's 32-row tiles of h_{t-1} spilled
     # (Triton 3.6: 40 bytes a thread at B=256 H=300, 4 with a projection at H=1000, P=500).
