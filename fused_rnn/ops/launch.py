@@ -47,9 +47,11 @@ BACKWARDS = ("gather", "partial")
 # no software pipelining (num_stages=1), so a loop-invariant dot operand stays where it was
 # loaded, in shared memory, instead of being re-staged every step. ``maxnreg`` tells ptxas the
 # whole register file is ours (a persistent program has an SM to itself); without it ptxas 12.8
-# (Triton 3.6) keeps to 80-128 registers for occupancy and spills. ``python -m bench.kernels``
-# prints the compiler's report.
-COMPILE_OPTIONS = dict(num_warps=8, num_stages=1, maxnreg=255)
+# (Triton 3.6) keeps to 80-128 registers for occupancy and spills. Multiply-adds fuse into FMAs
+# (``enable_fp_fusion``), as cuDNN's do: Triton 3.9 fuses by default but warns at every first
+# compile that 3.10 will not; named, the numerics stay the same across Triton versions.
+# ``python -m bench.kernels`` prints the compiler's report.
+COMPILE_OPTIONS = dict(num_warps=8, num_stages=1, maxnreg=255, enable_fp_fusion=True)
 
 # Shared memory a program may use on an H100/H200 (its opt-in limit a block,
 # ``shared_memory_per_block_optin``): ``gpu_plan``'s default.
