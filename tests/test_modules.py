@@ -500,6 +500,42 @@ def test_convert_leaves_subclasses_alone():
     assert isinstance(model[1], fused_rnn.GRU)
 
 
+class Halved(nn.Module):
+    """A parametrization: the weight the module computes with is half the stored one."""
+
+    def forward(self, weight):
+        return weight / 2
+
+
+@pytest.mark.parametrize("parametrization", ["weight_norm", "halved"])
+def test_a_parametrization_registered_on_the_fused_module_acts_at_every_call(parametrization):
+    # A parametrized nn.LSTM is a generated subclass, which convert leaves alone (migration.md):
+    # registered on the fused module instead, the parametrization makes W_hh at each call, and its
+    # stored tensors get the gradients, as on nn.LSTM.
+    def register(module):
+        if parametrization == "weight_norm":
+            nn.utils.parametrizations.weight_norm(module, "weight_hh_l0")
+        else:
+            nn.utils.parametrize.register_parametrization(module, "weight_hh_l0", Halved())
+        return module
+
+    oracle = nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, dtype=torch.float64)
+    fused = fused_rnn.LSTM(INPUT_SIZE, HIDDEN_SIZE, dtype=torch.float64)
+    fused.load_state_dict(oracle.state_dict())
+    register(oracle).to(KERNEL_DEVICE)
+    register(fused).to(KERNEL_DEVICE)
+    assert fused_rnn.convert(oracle) is oracle
+    tensors = draw_inputs(fused, torch.float64)
+    for _ in range(2):
+        assert_matches(run_module(fused, tensors, torch.float64), run_module(oracle, tensors, torch.float64),
+                       torch.float64)
+        # A step of an optimizer on the stored tensors: the next call computes with the new W_hh.
+        with torch.no_grad():
+            for module in (oracle, fused):
+                for stored in module.parametrizations.weight_hh_l0.parameters():
+                    stored.mul_(1.5)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_convert_keeps_training_mode(training):
     model = Seq2Seq().train(training)
