@@ -57,18 +57,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def axis_overrides(args: argparse.Namespace) -> dict:
-    """The ``Axes`` fields that the flags set; ``None`` for a flag left out."""
-    return dict(
-        cells=args.cell, batches=args.batch, hiddens=args.hidden, seqs=args.seq, inputs=args.input,
-        layers=args.layers, bidirectional=(True,) if args.bidirectional else None,
-        dtypes=args.dtype, modes=args.mode,
-    )
-
-
-# The command-line flag of each ``Axes`` field, as results file names spell the flags given.
+# The command-line flag of each ``Axes`` field (``axis_overrides``), as results file names spell it.
 FLAGS = dict(cells="cell", batches="batch", hiddens="hidden", seqs="seq", inputs="input", layers="layers",
              bidirectional="bidirectional", dtypes="dtype", modes="mode")
+
+
+def axis_overrides(args: argparse.Namespace) -> dict:
+    """The ``Axes`` fields that the flags set; ``None`` for a flag left out."""
+    overrides = {field: getattr(args, flag) for field, flag in FLAGS.items()}
+    overrides["bidirectional"] = (True,) if args.bidirectional else None
+    return overrides
 
 
 def results_tag(preset: str, overrides: dict, scheme: Optional[str] = None, backward: Optional[str] = None):
