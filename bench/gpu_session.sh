@@ -3,8 +3,9 @@
 # folder) when set, else bench/results: commit what it writes. Stages, in the order given:
 #   tests      the test suite compiled for the GPU: correctness against cuDNN and fp64 references
 #   headline   LSTM B=16 T=1024 H=768 fp16/bf16, persistent scheme; the persistent step's skeleton
-#              (python -m bench.skeleton: L2 round trip, barrier, the exchanges of h, against the
-#              cost model's constants); the headline under the stepwise scheme for comparison
+#              (python -m bench.skeleton: L2 round trip, barrier, the exchanges of h with the barrier
+#              and tagged, against the cost model's constants); the headline under the stepwise
+#              scheme for comparison
 #   grid       the full grid (persistent scheme)
 #   drift      |h - h_fp64| over T=10,000 steps in fp16/bf16/fp32 (python -m bench.drift)
 #   second_order  the headline shape at T=256: forward+backward and a gradient penalty (second
@@ -47,7 +48,7 @@ for stage in "${@:-tests headline grid drift}"; do
             headline)
                 timeout 100 python3 -m bench --headline --no-progress --out "$results" 2>&1 | tee "$out/bench-headline.log" | tail -n 12
                 pack
-                timeout 60 python3 -m bench.skeleton --out "$results" 2>&1 | tee "$out/skeleton.log" | tail -n 14
+                timeout 60 python3 -m bench.skeleton --out "$results" 2>&1 | tee "$out/skeleton.log" | tail -n 18
                 pack
                 FUSED_RNN_SCHEME=stepwise timeout 90 python3 -m bench --headline --no-progress --out "$results" 2>&1 \
                     | tee "$out/bench-headline-stepwise.log" | tail -n 12 ;;

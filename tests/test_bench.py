@@ -9,6 +9,8 @@ import json
 import math
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -306,7 +308,7 @@ def test_skeleton_checks_its_kernels_and_writes_the_documented_json(tmp_path, ca
     assert list(results) == [*suite.environment(device), "config", "rows"]
     assert results["config"] == {"steps": 4, "hops": 40, "chased_lines": skeleton.CHASED_LINES}
     rows = results["rows"]
-    assert [row["kind"] for row in rows if row["kind"] != "barrier"] == ["chase"] + ["exchange"] * 4
+    assert [row["kind"] for row in rows if row["kind"] != "barrier"] == ["chase"] + ["exchange"] * 4 + ["tagged"] * 4
     assert any(row["kind"] == "barrier" for row in rows)
     for row in rows:
         assert list(row) == list(skeleton.ROW_KEYS)
@@ -321,22 +323,51 @@ def test_skeleton_models_each_exchange_as_the_cost_model_does_a_forward_step():
     # The cost model's terms for the headline forward: 3 sync trips and one tile's, and the larger
     # of all the programs' bytes over L2's bandwidth and one program's over its SM's share: 48
     # programs of 16 units (today's plan) or 96 of 8 read h_{t-1} as often, the L2 twice as much.
-    rows = {measurement.name: measurement for measurement in skeleton.measurements(132, on_gpu=True)
-            if measurement.kind == "exchange"}
+    # Tagged: the stores' trip and the tile's, reading 4-byte words of h_{t-1} and writing its
+    # own features as fp16 and as words.
+    rows = {(measurement.kind, measurement.name): measurement
+            for measurement in skeleton.measurements(132, on_gpu=True)}
     for name, programs, units in (("forward B16 H768", 48, 16), ("forward B16 H768 in 96 programs", 96, 8)):
-        per_program = 16 * (768 + units) * 2
-        bandwidth = max(programs * per_program / cost.L2_BANDWIDTH, per_program / cost.SM_L2_BANDWIDTH)
-        assert skeleton.model_us(rows[name]) == pytest.approx((4 * cost.L2_ROUND_TRIP + bandwidth) * 1e6)
-    assert skeleton.model_us(rows["forward B256 H768"]) == pytest.approx(6.253, abs=1e-3)
-    assert skeleton.model_us(rows["backward B16 H768"]) == pytest.approx(1.893, abs=1e-3)
+        for kind, trips, per_program in (("exchange", 4, 16 * (768 + units) * 2),
+                                         ("tagged", 2, 16 * (768 * 4 + units * 6))):
+            bandwidth = max(programs * per_program / cost.L2_BANDWIDTH, per_program / cost.SM_L2_BANDWIDTH)
+            assert skeleton.model_us(rows[kind, name]) == pytest.approx((trips * cost.L2_ROUND_TRIP + bandwidth) * 1e6)
+    assert skeleton.model_us(rows["exchange", "forward B256 H768"]) == pytest.approx(6.253, abs=1e-3)
+    assert skeleton.model_us(rows["exchange", "backward B16 H768"]) == pytest.approx(1.893, abs=1e-3)
 
 
 def test_skeleton_exchange_check_finds_features_no_program_wrote(monkeypatch):
+    # (A tagged exchange would wait for those features' words for ever.)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     exchange = skeleton.Measurement("exchange", "test", batch=20, features=48, block_b=16)
     assert skeleton.check_exchange(exchange, 3, device)
     monkeypatch.setattr(skeleton.Measurement, "own", property(lambda self: self.features // 2))
     assert not skeleton.check_exchange(exchange, 3, device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="publishes from a thread into an interpreted launch; "
+                    "on a GPU the tagged check runs 48 programs that wait for each other's words")
+def test_skeleton_tagged_exchange_reads_only_words_of_its_step():
+    # The ring's slot 0 holds other values tagged as step -1 until a thread writes h_0's words
+    # tagged as step 0, a second later: the step must wait for them and sum those.
+    tagged = skeleton.Measurement("tagged", "test", batch=20, features=48, block_b=16)
+    h = torch.full((2, 20, 48), float("nan"), dtype=torch.float16)
+    h[0] = torch.rand(20, 48).to(torch.float16)
+    ring = skeleton.initial_ring(torch.rand(20, 48).to(torch.float16))[[1, 1]]
+    ring_then = skeleton.initial_ring(h[0])
+
+    def publish():
+        time.sleep(1.0)
+        ring[0] = ring_then[0]
+
+    publisher = threading.Thread(target=publish)
+    publisher.start()
+    began = time.perf_counter()
+    skeleton.run_persistent(tagged, 1, h, ring)
+    waited = time.perf_counter() - began
+    publisher.join()
+    assert waited > 0.9
+    assert torch.allclose(h.float(), skeleton.expected_exchange(h[0], 1).float(), rtol=2e-3, atol=0)
 
 
 def test_skeleton_chase_follows_one_cycle_through_every_line():
