@@ -118,15 +118,15 @@ def sum_tagged_tile(ptr, rows, row_length, row_mask, tag, BLOCK_B: tl.constexpr,
         # Summed over the pieces element by element and reduced once: a reduction across warps
         # between two pieces would hold the next piece's load back until the first arrives.
         values = tl.zeros((BLOCK_K, BLOCK_B), dtype=tl.float32)
-        stale_words = tl.zeros((BLOCK_K, BLOCK_B), dtype=tl.int32)
+        stale_words = tl.zeros((BLOCK_K, BLOCK_B), dtype=tl.int1)
         for piece in tl.static_range(NUM_PIECES):
             features = piece * BLOCK_K + tl.arange(0, BLOCK_K)
             mask = (features[:, None] < row_length) & row_mask[None, :]
             words = tl.load(ptr + rows[None, :] * row_length + features[:, None], mask=mask, other=tag << 16,
                             volatile=True)
-            stale_words += ((words >> 16) != tag).to(tl.int32)
+            stale_words = stale_words | ((words >> 16) != tag)
             values += (words & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        stale = tl.sum(tl.sum(stale_words, axis=1), axis=0)
+        stale = tl.sum(tl.sum(stale_words.to(tl.int32), axis=1), axis=0)
         total = tl.sum(values, axis=0)
     return total
 
@@ -252,6 +252,8 @@ def run_persistent(measurement: Measurement, steps: int, h: torch.Tensor, ring=N
 def initial_ring(h0: torch.Tensor) -> torch.Tensor:
     """The tagged exchange's ring before step 0: ``h0``'s fp16 bits in slot 0 tagged as step 0, in
     slot 1 as step -1 (``store_tagged``'s words)."""
+    if h0.dtype != torch.float16:
+        raise TypeError(f"the tagged exchange packs float16 values, got h of {h0.dtype}")
     bits = h0.view(torch.int16).to(torch.int32) & 0xFFFF
     return torch.stack([bits, bits | (TAGS.value - 1) << 16])
 

@@ -345,29 +345,37 @@ def test_skeleton_exchange_check_finds_features_no_program_wrote(monkeypatch):
     assert not skeleton.check_exchange(exchange, 3, device)
 
 
+@pytest.mark.timeout(300)  # a step waiting for words that never come fails here instead of hanging
 @pytest.mark.skipif(torch.cuda.is_available(), reason="publishes from a thread into an interpreted launch; "
                     "on a GPU the tagged check runs 48 programs that wait for each other's words")
 def test_skeleton_tagged_exchange_reads_only_words_of_its_step():
-    # The ring's slot 0 holds other values tagged as step -1 until a thread writes h_0's words
-    # tagged as step 0, a second later: the step must wait for them and sum those.
-    tagged = skeleton.Measurement("tagged", "test", batch=20, features=48, block_b=16)
-    h = torch.full((2, 20, 48), float("nan"), dtype=torch.float16)
-    h[0] = torch.rand(20, 48).to(torch.float16)
-    ring = skeleton.initial_ring(torch.rand(20, 48).to(torch.float16))[[1, 1]]
-    ring_then = skeleton.initial_ring(h[0])
+    # Two steps of two batch tiles, five pieces of 64 features, values of both signs. Both ring
+    # slots hold other values tagged as step -1; a thread publishes h_0's words into slot 0, all
+    # but the last word (last tile, last piece) after half a second, that word after a second.
+    # The first step must wait for it, the second for the words the first wrote into slot 1.
+    tagged = skeleton.Measurement("tagged", "test", batch=20, features=300, block_b=16)
+    assert launch.pieces(300) == (64, 5) and tagged.tiles == 2
+    h = torch.full((3, 20, 300), float("nan"), dtype=torch.float16)
+    h[0] = torch.randn(20, 300).to(torch.float16)
+    ring = skeleton.initial_ring(torch.randn(20, 300).to(torch.float16))[[1, 1]]
+    words = skeleton.initial_ring(h[0])[0]
 
     def publish():
-        time.sleep(1.0)
-        ring[0] = ring_then[0]
+        time.sleep(0.5)
+        early = torch.ones_like(words, dtype=torch.bool)
+        early[-1, -1] = False
+        ring[0][early] = words[early]
+        time.sleep(0.5)
+        ring[0, -1, -1] = words[-1, -1]
 
     publisher = threading.Thread(target=publish)
     publisher.start()
     began = time.perf_counter()
-    skeleton.run_persistent(tagged, 1, h, ring)
+    skeleton.run_persistent(tagged, 2, h, ring)
     waited = time.perf_counter() - began
     publisher.join()
     assert waited > 0.9
-    assert torch.allclose(h.float(), skeleton.expected_exchange(h[0], 1).float(), rtol=2e-3, atol=0)
+    assert torch.allclose(h.float(), skeleton.expected_exchange(h[0], 2).float(), rtol=2e-3, atol=0)
 
 
 def test_skeleton_chase_follows_one_cycle_through_every_line():
