@@ -494,16 +494,23 @@ def step_rows(t, T, first_row, lengths_ptr, resets_ptr, B, D, direction,
     )
 
 
-@triton.heuristics({
-    "HAS_HH_BIAS": lambda args: args["b_hh_ptr"] is not None,
-    "HAS_CELL_STATE": lambda args: args["c_ptr"] is not None,
+# The options both kernels take, each a constexpr flag derived from what the launch passes (None:
+# the option is off; zoneout: 1 with keep masks, in training, 2 with its probability alone, in eval).
+OPTION_FLAGS = {
     "HAS_PROJ": lambda args: args["w_hr_ptr"] is not None,
     "HAS_LENGTHS": lambda args: args["lengths_ptr"] is not None,
     "HAS_RESETS": lambda args: args["resets_ptr"] is not None,
     "HAS_H_MASK": lambda args: args["h_mask_ptr"] is not None,
     "ZONEOUT": lambda args: 1 if args["zoneout_h_ptr"] is not None else 2 if args["zoneout_p"] > 0 else 0,
-    "SAVE": lambda args: args["saved_ptr"] is not None,
     "GRID_SYNC": lambda args: args["barrier_ptr"] is not None,
+}
+
+
+@triton.heuristics({
+    **OPTION_FLAGS,
+    "HAS_HH_BIAS": lambda args: args["b_hh_ptr"] is not None,
+    "HAS_CELL_STATE": lambda args: args["c_ptr"] is not None,
+    "SAVE": lambda args: args["saved_ptr"] is not None,
 })
 @triton.jit(do_not_specialize=["T", "step_begin", "step_end"])
 def forward_kernel(
@@ -673,13 +680,8 @@ def hidden_grad(
 
 
 @triton.heuristics({
-    "HAS_PROJ": lambda args: args["w_hr_ptr"] is not None,
+    **OPTION_FLAGS,
     "SEPARATE_HIDDEN_GRAD": lambda args: args["dgates_h_ptr"] is not None,
-    "HAS_LENGTHS": lambda args: args["lengths_ptr"] is not None,
-    "HAS_RESETS": lambda args: args["resets_ptr"] is not None,
-    "HAS_H_MASK": lambda args: args["h_mask_ptr"] is not None,
-    "ZONEOUT": lambda args: 1 if args["zoneout_h_ptr"] is not None else 2 if args["zoneout_p"] > 0 else 0,
-    "GRID_SYNC": lambda args: args["barrier_ptr"] is not None,
 })
 @triton.jit(do_not_specialize=["T", "step_begin", "step_end"])
 def backward_kernel(
