@@ -469,7 +469,7 @@ def active_and_reset(t, T, batch_rows, row_mask, lengths_ptr, resets_ptr, B, dir
 
 
 @triton.jit
-def step_rows(t, T, first_row, lengths_ptr, resets_ptr, B, D, direction,
+def step_rows(t, t_adjacent, T, first_row, lengths_ptr, resets_ptr, B, D, direction,
               HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, BLOCK_B: tl.constexpr):
     """What a batch tile touches at timestep ``t``.
 
@@ -477,12 +477,16 @@ def step_rows(t, T, first_row, lengths_ptr, resets_ptr, B, D, direction,
     (``x_rows``), in the state buffers the slot read (``prev_rows``: ``t``, or ``t + 2`` in
     reverse), the slot written (``out_rows``: ``t + 1``) and the initial state (``init_rows``);
     in the ``(B, D, .)`` buffers (``state_rows``); ``active``, the rows still inside their
-    sequence; and ``reset``, the rows whose state goes back to the initial state before this step.
+    sequence; ``reset``, the rows whose state goes back to the initial state before this step;
+    and those that reset at ``t_adjacent``, the step this one hands its state to (the forward's
+    next, the backward's previous).
     """
     batch_rows = (first_row + tl.arange(0, BLOCK_B)).to(tl.int64)
     row_mask = batch_rows < B
     active, reset = active_and_reset(t, T, batch_rows, row_mask, lengths_ptr, resets_ptr, B, direction,
                                      HAS_LENGTHS, HAS_RESETS)
+    reset_adjacent = active_and_reset(t_adjacent, T, batch_rows, row_mask, lengths_ptr, resets_ptr, B, direction,
+                                      HAS_LENGTHS, HAS_RESETS)[1]
     return (
         batch_rows, row_mask,
         buffer_rows(t, batch_rows, B, D, direction),
@@ -490,7 +494,7 @@ def step_rows(t, T, first_row, lengths_ptr, resets_ptr, B, D, direction,
         buffer_rows(t + 1, batch_rows, B, D, direction),
         buffer_rows(direction * (T + 1), batch_rows, B, D, direction),
         buffer_rows(0, batch_rows, B, D, direction),
-        active, reset,
+        active, reset, reset_adjacent,
     )
 
 
@@ -572,10 +576,9 @@ def forward_kernel(
         t_next = t + 1 - 2 * direction
         if STEP_PHASE != 2:
             for first_row in range(tl.program_id(0) * BLOCK_B, B, tl.num_programs(0) * BLOCK_B):
-                batch_rows, row_mask, x_rows, prev_rows, out_rows, init_rows, state_rows, active, reset = step_rows(
-                    t, T, first_row, lengths_ptr, resets_ptr, B, D, direction, HAS_LENGTHS, HAS_RESETS, BLOCK_B)
-                reset_next = active_and_reset(
-                    t_next, T, batch_rows, row_mask, lengths_ptr, resets_ptr, B, direction, HAS_LENGTHS, HAS_RESETS)[1]
+                (batch_rows, row_mask, x_rows, prev_rows, out_rows, init_rows, state_rows, active, reset,
+                 reset_next) = step_rows(t, t_next, T, first_row, lengths_ptr, resets_ptr, B, D, direction,
+                                         HAS_LENGTHS, HAS_RESETS, BLOCK_B)
                 if RECURRENT_COPY:
                     operand_ptr = recurrent_ptr
                     operand_rows = buffer_rows(step % 2, batch_rows, B, D, direction)
@@ -618,10 +621,9 @@ def forward_kernel(
                 arrivals = sync_programs(barrier_ptr, arrivals, GRID_SYNC)
             if STEP_PHASE != 1:
                 for first_row in range(tl.program_id(0) * BLOCK_B, B, tl.num_programs(0) * BLOCK_B):
-                    batch_rows, row_mask, x_rows, prev_rows, out_rows, init_rows, state_rows, active, reset = step_rows(
-                        t, T, first_row, lengths_ptr, resets_ptr, B, D, direction, HAS_LENGTHS, HAS_RESETS, BLOCK_B)
-                    reset_next = active_and_reset(
-                        t_next, T, batch_rows, row_mask, lengths_ptr, resets_ptr, B, direction, HAS_LENGTHS, HAS_RESETS)[1]
+                    (batch_rows, row_mask, x_rows, prev_rows, out_rows, init_rows, state_rows, active, reset,
+                     reset_next) = step_rows(t, t_next, T, first_row, lengths_ptr, resets_ptr, B, D, direction,
+                                             HAS_LENGTHS, HAS_RESETS, BLOCK_B)
                     for block_start in range(first_feature, P, tl.num_programs(1) * BLOCK_P):
                         features = block_start + tl.arange(0, BLOCK_P)
                         mask = (features < P)[:, None] & row_mask[None, :]
@@ -781,10 +783,9 @@ def backward_kernel(
         if HAS_PROJ:
             if STEP_PHASE != 2:
                 for first_row in range(tl.program_id(0) * BLOCK_B, B, tl.num_programs(0) * BLOCK_B):
-                    batch_rows, row_mask, x_rows, prev_rows, out_rows, init_rows, state_rows, active, reset = step_rows(
-                        t, T, first_row, lengths_ptr, resets_ptr, B, D, direction, HAS_LENGTHS, HAS_RESETS, BLOCK_B)
-                    reset_before = active_and_reset(
-                        t_before, T, batch_rows, row_mask, lengths_ptr, resets_ptr, B, direction, HAS_LENGTHS, HAS_RESETS)[1]
+                    (batch_rows, row_mask, x_rows, prev_rows, out_rows, init_rows, state_rows, active, reset,
+                     reset_before) = step_rows(t, t_before, T, first_row, lengths_ptr, resets_ptr, B, D, direction,
+                                               HAS_LENGTHS, HAS_RESETS, BLOCK_B)
                     for block_start in range(first_feature, P, num_parts * BLOCK_P):
                         features = block_start + tl.arange(0, BLOCK_P)
                         mask = (features < P)[:, None] & row_mask[None, :]
@@ -818,10 +819,9 @@ def backward_kernel(
                 arrivals = sync_programs(barrier_ptr, arrivals, GRID_SYNC)
         if STEP_PHASE != 1:
             for first_row in range(tl.program_id(0) * BLOCK_B, B, tl.num_programs(0) * BLOCK_B):
-                batch_rows, row_mask, x_rows, prev_rows, out_rows, init_rows, state_rows, active, reset = step_rows(
-                    t, T, first_row, lengths_ptr, resets_ptr, B, D, direction, HAS_LENGTHS, HAS_RESETS, BLOCK_B)
-                reset_before = active_and_reset(
-                    t_before, T, batch_rows, row_mask, lengths_ptr, resets_ptr, B, direction, HAS_LENGTHS, HAS_RESETS)[1]
+                (batch_rows, row_mask, x_rows, prev_rows, out_rows, init_rows, state_rows, active, reset,
+                 reset_before) = step_rows(t, t_before, T, first_row, lengths_ptr, resets_ptr, B, D, direction,
+                                           HAS_LENGTHS, HAS_RESETS, BLOCK_B)
                 for block_start in range(first_unit, H, num_parts * BLOCK_U):
                     units = block_start + tl.arange(0, BLOCK_U)
                     mask = (units < H)[:, None] & row_mask[None, :]
