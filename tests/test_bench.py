@@ -354,7 +354,8 @@ def test_skeleton_tagged_exchange_reads_only_words_of_its_step():
     # but the last word (last tile, last piece) after half a second, that word after a second.
     # The first step must wait for it, the second for the words the first wrote into slot 1.
     tagged = skeleton.Measurement("tagged", "test", batch=20, features=300, block_b=16)
-    assert launch.pieces(300) == (64, 5) and tagged.tiles == 2
+    options = tagged.plan().options
+    assert (options["BLOCK_K"], options["NUM_PIECES"]) == (64, 5) and tagged.tiles == 2
     h = torch.full((3, 20, 300), float("nan"), dtype=torch.float16)
     h[0] = torch.randn(20, 300).to(torch.float16)
     ring = skeleton.initial_ring(torch.randn(20, 300).to(torch.float16))[[1, 1]]
