@@ -309,14 +309,23 @@ def convert(model: nn.Module) -> nn.Module:
     """Replace every ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` in ``model`` by the fused module, in place.
 
     Subclasses are left alone: they may change ``forward``. The fused modules share the original
-    parameters, so weights, devices, dtypes and any optimizer holding them stay valid. Returns
-    ``model`` (or its replacement, when ``model`` itself is one of them).
+    parameters, so weights, devices, dtypes and any optimizer holding them stay valid; a module
+    found under several names (weights tied by sharing the module) becomes one fused module under
+    all of them. Returns ``model`` (or its replacement, when ``model`` itself is one of them).
     """
+    return _convert(model, {})
+
+
+def _convert(module: nn.Module, twins: dict) -> nn.Module:
+    """``convert``, with ``twins`` the fused modules made so far, by the module they replace."""
     # Exact types: a subclass may override forward, which a fused twin would silently drop.
-    if type(model) in (nn.LSTM, nn.GRU, nn.RNN):
-        return _fused_twin(model)
-    for name, child in model.named_children():
-        replaced = convert(child)
+    if type(module) in (nn.LSTM, nn.GRU, nn.RNN):
+        if module not in twins:
+            twins[module] = _fused_twin(module)
+        return twins[module]
+    # Every name, not named_children(), which yields a module held under two names only once.
+    for name, child in list(module._modules.items()):
+        replaced = child if child is None else _convert(child, twins)
         if replaced is not child:
-            setattr(model, name, replaced)
-    return model
+            setattr(module, name, replaced)
+    return module

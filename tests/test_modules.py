@@ -474,6 +474,17 @@ def test_convert_replaces_nested_rnns_sharing_parameters():
     assert_matches(run_module(model, {"input": x}, torch.float64, seq2seq_forward), expected, torch.float64)
 
 
+def test_convert_keeps_a_module_held_under_several_names_one_module():
+    shared_lstm, shared_gru = nn.LSTM(INPUT_SIZE, HIDDEN_SIZE), nn.GRU(INPUT_SIZE, HIDDEN_SIZE)
+    model = nn.Module()
+    model.encoder = model.decoder = shared_lstm  # one parent, two names
+    model.first, model.second = nn.Sequential(shared_gru), nn.ModuleList([shared_gru, shared_gru])
+    fused_rnn.convert(model)
+    assert type(model.encoder) is fused_rnn.LSTM and model.decoder is model.encoder
+    assert type(model.first[0]) is fused_rnn.GRU
+    assert model.second[0] is model.first[0] and model.second[1] is model.first[0]
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_convert_of_a_bare_rnn_returns_its_fused_twin(cell):
     options = dict(num_layers=2, bias=False, batch_first=True, dropout=0.25, bidirectional=True)
