@@ -15,7 +15,8 @@ from functools import partial
 
 import pytest
 import torch
-from helpers import HALF_DTYPES, KERNEL_DEVICE, assert_close
+import torch.autograd.forward_ad as forward_ad
+from helpers import HALF_DTYPES, KERNEL_DEVICE, KERNELS_RUN, assert_close
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
@@ -419,6 +420,18 @@ def test_init_is_uniform_within_one_over_sqrt_hidden(cell):
     fused.reset_parameters()
     redrawn = torch.cat([param.detach().flatten() for param in fused.parameters()])
     assert redrawn.abs().max() <= bound and not torch.equal(redrawn, values)
+
+
+@pytest.mark.skipif(not KERNELS_RUN, reason="plain CPU calls are torch.nn's, which take both")
+@pytest.mark.parametrize("cell", CELLS)
+def test_function_transforms_and_forward_mode_refuse_the_kernel_path(cell):
+    """What docs/migration.md says: an error, never a wrong derivative."""
+    _, fused = make_pair(cell)
+    x, tangent = (draw(STEPS, BATCH, INPUT_SIZE, dtype=torch.float64).to(KERNEL_DEVICE) for _ in range(2))
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda input: fused(input)[0].sum())(x)
+    with pytest.raises(NotImplementedError, match="jvp"), forward_ad.dual_level():
+        fused(forward_ad.make_dual(x, tangent))
 
 
 @pytest.mark.parametrize("cell", CELLS)
