@@ -345,17 +345,17 @@ def check_probability(name: str, p, one_allowed: bool = False) -> float:
     return float(p)
 
 
-def _check_arguments(mode, params, hx, num_layers, dropout, bidirectional) -> None:
-    """What nn.LSTM's constructor checks of its arguments, and that the tensors are tensors."""
+def _check_arguments(mode, params, num_layers, dropout, bidirectional) -> None:
+    """What nn.LSTM's constructor checks of its arguments, and that the weights are tensors (the
+    states: ``check_states``)."""
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"{mode}: num_layers must be a positive int, got {num_layers!r}")
     if not isinstance(bidirectional, bool):
         raise TypeError(f"{mode}: bidirectional must be a bool, got {type(bidirectional).__name__}")
     check_probability("dropout", dropout, one_allowed=True)
-    for name, tensors in (("params", params), ("hx", hx or ())):
-        for index, tensor in enumerate(tensors):
-            if not isinstance(tensor, torch.Tensor):
-                raise TypeError(f"{mode}: {name}[{index}] must be a tensor, got {type(tensor).__name__}")
+    for index, tensor in enumerate(params):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{mode}: params[{index}] must be a tensor, got {type(tensor).__name__}")
 
 
 def _run(mode, input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, lengths,
@@ -370,7 +370,7 @@ def _run(mode, input, hx, params, has_biases, num_layers, dropout, train, bidire
     num_steps, batch = x.shape[0], x.shape[1]
     if num_steps == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-    _check_arguments(mode, params, hx, num_layers, dropout, bidirectional)
+    _check_arguments(mode, params, num_layers, dropout, bidirectional)
     _check_devices("parameter", params, x)
     _check_devices("hidden", hx or (), x)
     # _is_any_autocast_enabled first: the public per-device queries cost microseconds per call.
@@ -440,16 +440,11 @@ def _layers(mode, x, hx, params, has_biases, num_layers, dropout, train, bidirec
     """The layers over time-major ``x (T, B, I)``: ``output (T, B, D * P)`` and the tuple of final
     states ``(L * D, B, .)``. Each layer runs the Triton kernels (``layer``) where they take the
     tensors, else ``reference.layer``."""
-    num_directions = 2 if bidirectional else 1
-    per_group = len(params) // (num_layers * num_directions)
-    run_layer = layer if runs_triton(x) and x.shape[1] > 0 else reference.layer
-    finals = [[] for _ in hx]
-    for index in range(num_layers):
-        groups = range(index * num_directions, (index + 1) * num_directions)
-        weights = [_direction_weights(params[group * per_group:(group + 1) * per_group], has_biases)
-                   for group in groups]
-        h0 = hx[0][groups.start:groups.stop]
-        c0 = hx[1][groups.start:groups.stop] if mode == "LSTM" else None
+    run = layer if runs_triton(x) and x.shape[1] > 0 else reference.layer
+
+    def run_layer(x, weights, states):
+        h0, c0 = states if mode == "LSTM" else (states[0], None)
+        num_directions = len(weights)
         h_masks = zoneout_h = zoneout_c = None
         if recurrent_dropout > 0:
             # Variational dropout (Gal & Ghahramani): one mask per sequence, the same at every step.
@@ -461,13 +456,28 @@ def _layers(mode, x, hx, params, has_biases, num_layers, dropout, train, bidirec
             zoneout_h = torch.rand(x.shape[0], x.shape[1], num_directions, h0.shape[2], device=x.device) < zoneout
             if c0 is not None:
                 zoneout_c = torch.rand(x.shape[0], x.shape[1], num_directions, c0.shape[2], device=x.device) < zoneout
-        x, h_n, c_n = run_layer(mode, x, h0, c0, weights, lengths, resets, h_masks, zoneout_h, zoneout_c, zoneout)
-        finals[0].append(h_n)
-        if c_n is not None:
-            finals[1].append(c_n)
-        if dropout > 0 and train and index < num_layers - 1:
-            x = F.dropout(x, dropout, training=True)
-    return x, tuple(_cat(collected) for collected in finals)
+        output, h_n, c_n = run(mode, x, h0, c0, [_direction_weights(group, has_biases) for group in weights],
+                               lengths, resets, h_masks, zoneout_h, zoneout_c, zoneout)
+        return output, (h_n,) if c_n is None else (h_n, c_n)
+
+    return reference.stack_layers(run_layer, x, hx, params, num_layers, bidirectional, dropout, train)
+
+
+def check_states(name: str, hx, pair: bool) -> tuple:
+    """``hx`` as a tuple of tensors: ``(h_0, c_0)`` for the LSTM (``pair``), else ``(h_0,)``. On
+    another kind of ``hx`` torch.nn fails by accident (an IndexError, an AttributeError on
+    ``None.dim()``) or, with several layers, not at all: this names what came instead."""
+    if not pair:
+        if not isinstance(hx, torch.Tensor):
+            raise TypeError(f"{name}: hx must be a tensor h_0, got {type(hx).__name__}")
+        return (hx,)
+    if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+        got = f"a {type(hx).__name__} of {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__
+        raise TypeError(f"{name}: hx must be a tuple (h_0, c_0), got {got}")
+    for index, state in enumerate(hx):
+        if not isinstance(state, torch.Tensor):
+            raise TypeError(f"{name}: hx[{index}] must be a tensor, got {type(state).__name__}")
+    return tuple(hx)
 
 
 def lstm(
@@ -489,10 +499,8 @@ def lstm(
     mixes in the expectation).
     Returns ``output, (h_n, c_n)``.
     """
-    if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
-        raise TypeError(f"LSTM: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
     output, (h_n, c_n) = _run(
-        "LSTM", input, None if hx is None else tuple(hx), params, has_biases, num_layers, dropout,
+        "LSTM", input, None if hx is None else check_states("LSTM", hx, pair=True), params, has_biases, num_layers, dropout,
         train, bidirectional, batch_first, lengths, reset, recurrent_dropout, zoneout, weight_drop,
     )
     return output, (h_n, c_n)
@@ -509,10 +517,8 @@ def gru(
     ``nn.GRU._flat_weights``; ``hx`` is ``h_0`` or ``None``; the options as in ``lstm``.
     Returns ``output, h_n``.
     """
-    if hx is not None and not isinstance(hx, torch.Tensor):
-        raise TypeError(f"GRU: hx must be a tensor h_0, got {type(hx).__name__}")
     output, (h_n,) = _run(
-        "GRU", input, None if hx is None else (hx,), params, has_biases, num_layers, dropout,
+        "GRU", input, None if hx is None else check_states("GRU", hx, pair=False), params, has_biases, num_layers, dropout,
         train, bidirectional, batch_first, lengths, reset, recurrent_dropout, zoneout, weight_drop,
     )
     return output, h_n
@@ -527,10 +533,8 @@ def rnn(
     (``nonlinearity`` ``"tanh"`` or ``"relu"``); arguments as in ``gru``. Returns ``output, h_n``."""
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
-    if hx is not None and not isinstance(hx, torch.Tensor):
-        raise TypeError(f"RNN: hx must be a tensor h_0, got {type(hx).__name__}")
     output, (h_n,) = _run(
-        f"RNN_{nonlinearity.upper()}", input, None if hx is None else (hx,), params, has_biases, num_layers,
+        f"RNN_{nonlinearity.upper()}", input, None if hx is None else check_states("RNN", hx, pair=False), params, has_biases, num_layers,
         dropout, train, bidirectional, batch_first, lengths, reset, recurrent_dropout, zoneout, weight_drop,
     )
     return output, h_n

@@ -37,19 +37,6 @@ def _pack_like(output: torch.Tensor, lengths: torch.Tensor, like: PackedSequence
     return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 
-def _check_single_hx(hx, is_batched, mode: str):
-    """``h_0`` of a GRU / RNN: a tensor, 3-D for batched input (2-D unbatched, then unsqueezed)."""
-    if not isinstance(hx, torch.Tensor):
-        raise TypeError(f"{mode}: hx must be a tensor h_0, got {type(hx).__name__}")
-    dims = 3 if is_batched else 2
-    if hx.dim() != dims:
-        raise RuntimeError(
-            f"For {'batched 3-D' if is_batched else 'unbatched 2-D'} input, hx should also be "
-            f"{dims}-D but got {hx.dim()}-D tensor"
-        )
-    return hx if is_batched else hx.unsqueeze(1)
-
-
 class _FusedRNNBase(nn.modules.rnn.RNNBase):
     def __init__(self, mode, *args, recurrent_dropout=0.0, zoneout=0.0, weight_drop=0.0, **kwargs):
         super().__init__(mode, *args, **kwargs)
@@ -71,19 +58,33 @@ class _FusedRNNBase(nn.modules.rnn.RNNBase):
             f"its Triton kernels. Use torch.compile or torch.export; to script a model, put torch.nn."
             f"{type(self).__name__} in its place first (load_state_dict takes the fused module's state_dict)")
 
-    def _prepare(self, input, hx, lengths, reset, check_batched_hx):
-        """Shared input handling: returns ``(input, hx, lengths, reset, packed, is_batched)``, with
-        ``reset`` in the layout of the returned input.
+    def _check_hx(self, hx, is_batched):
+        """``hx`` with torch.nn's checks of its kind and dimensions (``functional.check_states``
+        names a wrong kind, where torch.nn fails by accident), unsqueezed for unbatched input."""
+        pair = self.mode == "LSTM"
+        states = functional.check_states(type(self).__name__, hx, pair)
+        dims = 3 if is_batched else 2
+        if any(state.dim() != dims for state in states):
+            given = ", ".join(f"{state.dim()}-D" for state in states)
+            if pair:  # torch.nn's words
+                wrong = f"hx and cx should also be {dims}-D but got ({given}) tensors"
+            else:
+                wrong = f"hx should also be {dims}-D but got {given} tensor"
+            raise RuntimeError(f"For {'batched 3-D' if is_batched else 'unbatched 2-D'} input, {wrong}")
+        if not is_batched:
+            states = tuple(state.unsqueeze(1) for state in states)
+        return states if pair else states[0]
 
-        ``check_batched_hx(hx, is_batched)`` validates and (for unbatched input) unsqueezes hx.
-        """
+    def _prepare(self, input, hx, lengths, reset):
+        """Shared input handling: returns ``(input, hx, lengths, reset, packed, is_batched)``, with
+        ``reset`` in the layout of the returned input and ``hx`` checked (``_check_hx``)."""
         if isinstance(input, PackedSequence):
             if lengths is not None:
                 raise ValueError("lengths cannot be given with a PackedSequence, which has its own")
             if hx is None:
                 self.check_input(input.data, input.batch_sizes)
             else:
-                hx = check_batched_hx(hx, True)
+                hx = self._check_hx(hx, True)
                 self.check_forward_args(input.data, hx, input.batch_sizes)
             # Padded data in the caller's batch order, which is also the order of hx; time-major.
             padded, lengths = pad_packed_sequence(input)
@@ -108,7 +109,7 @@ class _FusedRNNBase(nn.modules.rnn.RNNBase):
                                      f"got {list(reset.shape)}")
                 reset = reset.unsqueeze(0 if self.batch_first else 1)
         if hx is not None:
-            hx = check_batched_hx(hx, is_batched)
+            hx = self._check_hx(hx, is_batched)
             self.check_forward_args(input, hx, None)
         else:
             self.check_input(input, None)
@@ -161,7 +162,7 @@ class _FusedRNNBase(nn.modules.rnn.RNNBase):
     def _run(self, input, hx, lengths, reset):
         """Prepare the input, call the cell's function of ``functional`` (``_functional``), and give
         the output the input's form."""
-        input, hx, lengths, reset, packed, is_batched = self._prepare(input, hx, lengths, reset, self._check_hx)
+        input, hx, lengths, reset, packed, is_batched = self._prepare(input, hx, lengths, reset)
         weights = self._weights()
         self._check_hidden_weights(weights)
         output, state = self._functional(
@@ -219,19 +220,6 @@ class LSTM(_FusedRNNBase):
     def __init__(self, *args, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
 
-    @staticmethod
-    def _check_hx(hx, is_batched):
-        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-            raise TypeError(f"LSTM: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
-        h0, c0 = hx
-        dims = 3 if is_batched else 2
-        if h0.dim() != dims or c0.dim() != dims:
-            raise RuntimeError(
-                f"For {'batched 3-D' if is_batched else 'unbatched 2-D'} input, hx and cx should also be "
-                f"{dims}-D but got ({h0.dim()}-D, {c0.dim()}-D) tensors"
-            )
-        return (h0, c0) if is_batched else (h0.unsqueeze(1), c0.unsqueeze(1))
-
     _functional = staticmethod(functional.lstm)
 
 
@@ -250,10 +238,6 @@ class GRU(_FusedRNNBase):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
-
-    @staticmethod
-    def _check_hx(hx, is_batched):
-        return _check_single_hx(hx, is_batched, "GRU")
 
     _functional = staticmethod(functional.gru)
 
@@ -281,10 +265,6 @@ class RNN(_FusedRNNBase):
             raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
         super().__init__(f"RNN_{nonlinearity.upper()}", *args, **kwargs)
         self.nonlinearity = nonlinearity
-
-    @staticmethod
-    def _check_hx(hx, is_batched):
-        return _check_single_hx(hx, is_batched, "RNN")
 
     def _functional(self, *args, **kwargs):
         return functional.rnn(*args, nonlinearity=self.nonlinearity, **kwargs)

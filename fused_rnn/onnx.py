@@ -136,20 +136,10 @@ def layers(cell, x, hx, params, has_biases, num_layers, dropout, train, bidirect
         raise RuntimeError(
             f"fused_rnn: ONNX export of {cell} needs torch.onnx.ops (torch >= 2.8), got torch {torch.__version__}"
         )
-    num_directions = 2 if bidirectional else 1
-    per_group = len(params) // (num_layers * num_directions)
-    projected = per_group == (5 if has_biases else 3)
-    finals = [[] for _ in hx]
-    for layer in range(num_layers):
-        groups = range(layer * num_directions, (layer + 1) * num_directions)
-        weights = [params[group * per_group:(group + 1) * per_group] for group in groups]
-        state = tuple(s[groups.start:groups.stop] for s in hx)
-        if projected:
-            x, last = _projected_lstm_layer(x, weights, has_biases, state, lengths)
-        else:
-            x, last = _onnx_layer(cell, x, weights, has_biases, state, lengths)
-        for collected, value in zip(finals, last):
-            collected.append(value)
-        if dropout > 0 and train and layer < num_layers - 1:
-            x = F.dropout(x, dropout, training=True)
-    return x, tuple(torch.cat(collected) for collected in finals)
+
+    def run_layer(x, weights, state):
+        if len(weights[0]) == (5 if has_biases else 3):  # with W_hr: the LSTM's projection
+            return _projected_lstm_layer(x, weights, has_biases, state, lengths)
+        return _onnx_layer(cell, x, weights, has_biases, state, lengths)
+
+    return reference.stack_layers(run_layer, x, hx, params, num_layers, bidirectional, dropout, train)

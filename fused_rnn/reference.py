@@ -116,6 +116,30 @@ def rnn_recurrence(gates_x, w_hh, h0, nonlinearity="tanh", lengths=None, reverse
     return torch.stack(outputs)
 
 
+def stack_layers(run_layer, x, hx, params, num_layers: int, bidirectional: bool, dropout: float, train: bool):
+    """The stack of layers every path runs (the kernels', this module's, ONNX's): each layer
+    takes its directions' slices of ``params`` (``nn.LSTM._flat_weights`` order) and of the states
+    ``hx`` (a tuple of ``(L * D, B, .)``), and dropout comes between layers in training.
+
+    ``run_layer(x, weights, states)`` runs one layer over time-major ``x``, with ``weights``
+    a list of each direction's flat weights and ``states`` the tuple of ``(D, B, .)`` slices; it
+    returns the layer's output and the tuple of its final states. Returns the last layer's
+    output and the tuple of final states ``(L * D, B, .)``.
+    """
+    num_directions = 2 if bidirectional else 1
+    per_group = len(params) // (num_layers * num_directions)
+    finals = [[] for _ in hx]
+    for index in range(num_layers):
+        groups = range(index * num_directions, (index + 1) * num_directions)
+        weights = [params[group * per_group:(group + 1) * per_group] for group in groups]
+        x, last = run_layer(x, weights, tuple(state[groups.start:groups.stop] for state in hx))
+        for collected, state in zip(finals, last):
+            collected.append(state)
+        if dropout > 0 and train and index < num_layers - 1:
+            x = F.dropout(x, dropout, training=True)
+    return x, tuple(collected[0] if len(collected) == 1 else torch.cat(collected) for collected in finals)
+
+
 def layer(mode, x, h0, c0, weights, lengths=None, resets=None, h_masks=None, zoneout_h=None, zoneout_c=None,
           zoneout_p=0.0):
     """One layer, every direction, over time-major ``x (T, B, I)``: the contract of the fused layer.

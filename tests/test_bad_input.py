@@ -98,7 +98,9 @@ REJECTED_BY_US = [
     *case(lambda m: m(good_input(), rand(1, BATCH, HIDDEN_SIZE)), TypeError,
           r"hx must be a tuple \(h_0, c_0\), got Tensor", "hx_not_a_tuple", cells=["LSTM"]),
     *case(lambda m: m(good_input(), (rand(1, BATCH, HIDDEN_SIZE),)), TypeError,
-          r"hx must be a tuple \(h_0, c_0\), got tuple", "hx_tuple_of_one", cells=["LSTM"]),
+          r"hx must be a tuple \(h_0, c_0\), got a tuple of 1", "hx_tuple_of_one", cells=["LSTM"]),
+    *case(lambda m: m(good_input(), (rand(1, BATCH, HIDDEN_SIZE), None)), TypeError,
+          r"^LSTM: hx\[1\] must be a tensor, got NoneType", "cx_none", cells=["LSTM"]),
     *case(lambda m: m(good_input(), (rand(1, BATCH, HIDDEN_SIZE),)), TypeError,
           r"hx must be a tensor h_0, got tuple", "hx_given_as_tuple", cells=SINGLE_STATE_CELLS),
     # torch fails on list.dim() (AttributeError); ours names the class, as torch.nn's messages do.
