@@ -8,8 +8,8 @@ then dx, dW_ih, the biases, dW_hh and dW_hr are single GEMMs / reductions over a
 
 Where the layers run: ONNX operators during ``torch.onnx.export`` (``fused_rnn.onnx``); PyTorch's
 own RNN operator on plain CPU tensors (``fused_rnn.native``); the Triton kernels on CUDA tensors,
-and on CPU tensors under ``TRITON_INTERPRET=1``; ``fused_rnn.reference`` for empty batches and
-for the options PyTorch's operator lacks on plain CPU tensors.
+and on CPU tensors under ``TRITON_INTERPRET=1``; ``fused_rnn.reference`` for empty batches, for
+the options PyTorch's operator lacks on plain CPU tensors, and on other devices (MPS, XPU).
 """
 
 import functools
@@ -28,6 +28,13 @@ __all__ = ["lstm", "gru", "rnn", "layer"]
 NUM_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 # Per direction, the fused layer takes (W_ih, W_hh, b_ih, b_hh, W_hr), None where absent.
 WEIGHTS_PER_DIRECTION = 5
+W_IH, W_HH, B_IH, B_HH, W_HR = range(WEIGHTS_PER_DIRECTION)
+
+
+def _by_kind(weights):
+    """The fused layer's flat ``weights`` as five lists over the directions: ``W_ih``, ``W_hh``,
+    ``b_ih``, ``b_hh``, ``W_hr``."""
+    return [weights[kind::WEIGHTS_PER_DIRECTION] for kind in range(WEIGHTS_PER_DIRECTION)]
 
 
 def _recurrence_forward(mode, gates_x, w_hh, b_hh, w_hr, h0, c0, options, save):
@@ -101,17 +108,17 @@ class _FusedLayer(torch.autograd.Function):
 
     ``weights`` lists ``(W_ih, W_hh, b_ih, b_hh, W_hr)`` per direction, None where absent; the
     options are those of ``reference.layer``. ``grad_enabled`` is ``torch.is_grad_enabled()`` at
-    the call: nothing is saved without it. ``layer`` takes the output (slots ``1..T``) and ``h_n``
-    as views of ``h``, outside the Function, so autograd treats them as any view: changing the
-    output in place is allowed, and refused only by a backward that needs ``h``, as cuDNN's is
-    (a view made inside a Function could not be changed at all).
+    the call: nothing is saved without it. ``layer`` takes the output (slots ``1..T``) as a view
+    of ``h``, and ``h_n`` from it, outside the Function, so autograd treats the output as any
+    view: changing it in place is allowed, and refused only by a backward that needs ``h``, as
+    cuDNN's is (a view made inside a Function could not be changed at all).
     """
 
     @staticmethod
     def forward(ctx, mode, grad_enabled, zoneout_p, x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c,
                 *weights):
         num_steps, batch = x.shape[0], x.shape[1]
-        w_ih, w_hh, b_ih, b_hh, w_hr = (weights[k::WEIGHTS_PER_DIRECTION] for k in range(WEIGHTS_PER_DIRECTION))
+        w_ih, w_hh, b_ih, b_hh, w_hr = _by_kind(weights)
         directions = len(w_ih)
         # The GRU keeps b_hh apart (b_hn sits inside r * (.)); the other cells fold it into gates_x.
         if b_ih[0] is None:
@@ -154,8 +161,8 @@ class _FusedLayer(torch.autograd.Function):
             return _second_order_backward(ctx, saved_tensors, grad_output, grad_c_n)
         x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, h, c, h_raw, saved, *weights = saved_tensors
         mode, needs = ctx.mode, ctx.needs_input_grad
-        needs_weight = needs[FIRST_WEIGHT:]
-        w_ih, w_hh, b_ih, b_hh, w_hr = (weights[k::WEIGHTS_PER_DIRECTION] for k in range(WEIGHTS_PER_DIRECTION))
+        w_ih, w_hh, b_ih, b_hh, w_hr = _by_kind(weights)
+        needs_by_kind = _by_kind(needs[FIRST_WEIGHT:])
         num_steps, batch, directions, features = h.shape[0] - 2, h.shape[1], h.shape[2], h.shape[3]
         rows = num_steps * batch
         if mode == "LSTM" and grad_c_n is None:
@@ -168,25 +175,25 @@ class _FusedLayer(torch.autograd.Function):
         gates = dgates_x.shape[3]
         dgates_rows = dgates_x.view(rows, -1)
         grad_x = (dgates_rows @ _cat(w_ih)).view_as(x) if needs[FIRST_TENSOR] else None
-        if any(needs_weight[0::WEIGHTS_PER_DIRECTION]):
+        if any(needs_by_kind[W_IH]):
             x_rows = x.reshape(rows, -1)
             if lengths is not None:
                 # The padding past a sequence's end may hold anything: its gate gradients are zero,
                 # but 0 * NaN is not.
                 x_rows = torch.where(reference.valid_steps(lengths, num_steps).view(rows, 1), x_rows, 0)
-            grads[0::WEIGHTS_PER_DIRECTION] = (dgates_rows.t() @ x_rows).split(gates)
-        if b_ih[0] is not None and (any(needs_weight[2::WEIGHTS_PER_DIRECTION]) or any(needs_weight[3::WEIGHTS_PER_DIRECTION])):
-            grads[2::WEIGHTS_PER_DIRECTION] = _column_sums(dgates_rows).split(gates)
+            grads[W_IH::WEIGHTS_PER_DIRECTION] = (dgates_rows.t() @ x_rows).split(gates)
+        if b_ih[0] is not None and (any(needs_by_kind[B_IH]) or any(needs_by_kind[B_HH])):
+            grads[B_IH::WEIGHTS_PER_DIRECTION] = _column_sums(dgates_rows).split(gates)
             hidden_grad = dgates_h if mode == "GRU" else dgates_x
-            grads[3::WEIGHTS_PER_DIRECTION] = _column_sums(hidden_grad.view(rows, -1)).split(gates)
+            grads[B_HH::WEIGHTS_PER_DIRECTION] = _column_sums(hidden_grad.view(rows, -1)).split(gates)
         for direction in range(directions):
             first = direction * WEIGHTS_PER_DIRECTION
-            if needs_weight[first + 1]:
+            if needs_by_kind[W_HH][direction]:
                 states = _states_before(h, h0, resets, h_masks, direction).reshape(rows, features)
-                grads[first + 1] = dgates_h[:, :, direction].reshape(rows, gates).t() @ states
-            if w_hr[direction] is not None and needs_weight[first + 4]:
-                grads[first + 4] = (grad_h_proj[:, :, direction].reshape(rows, features).t()
-                                    @ h_raw[:, :, direction].reshape(rows, -1))
+                grads[first + W_HH] = dgates_h[:, :, direction].reshape(rows, gates).t() @ states
+            if w_hr[direction] is not None and needs_by_kind[W_HR][direction]:
+                grads[first + W_HR] = (grad_h_proj[:, :, direction].reshape(rows, features).t()
+                                       @ h_raw[:, :, direction].reshape(rows, -1))
         return (None, None, None, grad_x, dh0 if needs[FIRST_TENSOR + 1] else None,
                 dc0 if mode == "LSTM" and needs[FIRST_TENSOR + 2] else None, None, None, None, None, None, *grads)
 
@@ -411,24 +418,25 @@ def _run(mode, input, hx, params, has_biases, num_layers, dropout, train, bidire
         params = [F.dropout(param, weight_drop) if index % per_group == 1 else param
                   for index, param in enumerate(params)]
 
-    options = resets is not None or recurrent_dropout > 0 or zoneout > 0
+    # What PyTorch's RNN operator lacks (ONNX's too): the layers that run without it cannot serve.
+    beyond_torch = resets is not None or recurrent_dropout > 0 or zoneout > 0
     if onnx.exporting():
-        if options:
+        if beyond_torch:
             raise RuntimeError(f"{mode}: reset=, recurrent_dropout and zoneout have no ONNX operator: export "
                                "without them")
         layers = onnx.layers
-    elif native.handles(x) and not options:
+    elif native.handles(x) and not beyond_torch:
         # PyTorch's own RNN operator on plain CPU tensors: nn.LSTM's speed.
         layers = native.layers
     else:
-        if options and native.handles(x) and torch.compiler.is_exporting():
+        if beyond_torch and native.handles(x) and torch.compiler.is_exporting():
             raise RuntimeError(
                 f"{mode}: reset=, recurrent_dropout and zoneout run the reference recurrence on plain CPU "
                 "tensors, whose time loop an export would unroll at the example's length; export the "
                 "model on CUDA, or without them")
         layers = _layers
     output, finals = layers(mode, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, lengths,
-                            **(dict(resets=resets, recurrent_dropout=recurrent_dropout, zoneout=zoneout) if options else {}))
+                            **(dict(resets=resets, recurrent_dropout=recurrent_dropout, zoneout=zoneout) if beyond_torch else {}))
     if lengths is not None:
         valid = reference.valid_steps(lengths, num_steps)
         output = torch.where(valid[:, :, None], output, torch.zeros((), dtype=output.dtype, device=output.device))

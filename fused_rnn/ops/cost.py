@@ -4,8 +4,10 @@ tabulates, there with the compiled code's matrix instructions in place of this e
 
 A model, not a measurement: a lower bound in seconds per step from the bytes each program moves
 per step (the buffers ``python -m bench.traffic`` attributes: the operand, ``gates_x``, the
-states, the saved activations, the backward's gate gradients of every unit (gathering) or partial
-sums, the weights when they stream), the dependent trips to L2 and the matrix work:
+states, the saved activations the backward reads (the forward as in inference, saving nothing),
+the backward's gate gradients of every unit (gathering) or partial sums, the weights when they
+stream: ``W_hh``, and ``W_hr`` where it streams beside a resident ``W_hh``), the dependent trips to
+L2 and the matrix work:
 
     step = round_trips * L2_ROUND_TRIP + max(L2 bytes of all programs / L2 bandwidth,
                                              L2 bytes of one program / one SM's L2 bandwidth)

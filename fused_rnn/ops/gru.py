@@ -6,9 +6,11 @@ all timesteps by one GEMM):
     r = sigmoid(gates_x_r + h W_hr^T + b_hr)     z = sigmoid(gates_x_z + h W_hz^T + b_hz)
     n = tanh(gates_x_n + r * (h W_hn^T + b_hn))  h_t = (1 - z) * n + z * h_{t-1}
 
-``b_hn`` sits inside the product with r, so ``b_hh`` cannot be folded into ``gates_x``. The three
-gates fill four slots of the gate-major weight block (``tl.dot`` needs power-of-two shapes); the
-fourth is zero. Saved for the backward: r, z, n and ``h W_hn^T + b_hn``.
+with ``W_hr``, ``W_hz``, ``W_hn`` the gates' blocks of ``W_hh`` (``nn.GRU``'s names; elsewhere in
+this package ``W_hr`` is the LSTM's projection). ``b_hn`` sits inside the product with r, so
+``b_hh`` cannot be folded into ``gates_x``. The three gates fill four slots of the gate-major
+weight block (``tl.dot`` needs power-of-two shapes); the fourth is zero. Saved for the backward:
+r, z, n and ``h W_hn^T + b_hn``.
 """
 
 from typing import Optional

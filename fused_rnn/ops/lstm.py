@@ -67,7 +67,6 @@ def lstm_backward_inputs(
     saved = load_gates(saved_ptr, x_rows, H, first_unit, row_mask, 4, 4, BLOCK_U)
     c_prev = previous_state(c_ptr, prev_rows, init_rows, H, units, mask, reset, HAS_RESETS)
     if ZONEOUT != 0:
-        # c_t holds units of c_{t-1}: the cell computes the new value that went through tanh again.
         c = c_prev
     else:
         c = load_tile(c_ptr, out_rows, H, units, mask)
