@@ -58,17 +58,18 @@ COMPILE_OPTIONS = dict(num_warps=8, num_stages=1, maxnreg=255, enable_fp_fusion=
 H100_SHARED_MEMORY = 227 * 1024
 # What the plan counts (the weight blocks and the dot operand tiles, ``resident_bytes``) leaves
 # this much of a GPU's limit to the compiler's layout-conversion scratch (``shared_memory_budget``).
-# Compiled, plans near the budget took up to 32 KB more than counted on an H100 (the TF32 LSTM
-# backward at B=64 H=512, both directions: 168 KB of 227), 24 KB on an A100 and 28 on an L40S,
-# within each GPU's limit (python -m bench.kernels --arch 90 / 80 / 89, Triton 3.9).
+# Compiled (bench.kernels, sweeps in docs/performance.md), plans within 8 KB of the budget took at
+# most 16 KB more than counted on an H100 (212 KB of 227; Triton 3.6 and 3.9), 24 KB on an A100 and
+# 28 on an L40S. Far below the budget one took more (the TF32 LSTM backward at B=64 H=512, both
+# directions: 136 KB counted, 168 compiled).
 SHARED_MEMORY_MARGIN = 27 * 1024
 # Elements of a (features, batch) tile a program holds in registers: the forward's h_{t-1} operand
 # on its way to shared memory, and the partial sums' part of dL/dh: 64 a thread at 8 warps.
 TILE_ELEMENTS = 64 * 256
 # Bytes of the gathering backward's operand (the gate gradients of a batch tile) loaded at once, in
-# registers: 96 a thread. Every piece of a wave is loaded at once so that their L2 round trips
-# overlap (``recurrence.load_operand``); a larger operand comes in several waves, one after the
-# other's products (``operand_waves``).
+# registers: 96 registers (384 bytes) a thread at 8 warps. Every piece of a wave is loaded at once,
+# so that their L2 round trips overlap (``recurrence.load_operand``); a larger operand comes in
+# several waves, one after the other's products (``operand_waves``).
 OPERAND_BYTES = 96 * 1024
 # Most waves an operand comes in: each adds an L2 round trip to every step.
 MAX_OPERAND_WAVES = 4
@@ -522,8 +523,8 @@ def _any_length_plan(shape: Shape, multiprocessors: int, shared_memory: int, bac
 
 def _for_length(found: Plan, shape: Shape, backward: bool) -> Plan:
     """``found`` for a sequence of ``shape.steps``; stepwise where its barrier counters would not
-    hold them. The int32 arrival counters are never reset: they reach ``n_u * 2 * steps`` (two
-    barriers a step with a projection)."""
+    hold them. The int32 arrival counters are never reset: they reach at most ``n_u * 2 * steps``
+    (two barriers a step with a projection, one without)."""
     if found.scheme == "persistent" and found.grid[1] * 2 * shape.steps >= 2**31:
         return _stepwise(found, shape, backward)
     return found
@@ -615,9 +616,7 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
         block_p = _pow2(triton.cdiv(shape.features, programs))
         if shape.directions * programs > multiprocessors:
             continue
-        for block_b in (32, 16):
-            if block_b > largest_block_b:
-                continue
+        for block_b in [size for size in (32, 16) if size <= largest_block_b]:
             # The backward keeps W_hr wherever it keeps W_hh; the forward where both fit
             # (``_keeping_projection``).
             options = _options(shape, block_b, block_u, block_p, programs, chunk, resident=True, backward=backward,
@@ -643,7 +642,7 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
                 rank = (step, waves, preference, -block_b)
                 if best_rank is None or rank < best_rank:
                     best_plan, best_rank = found, rank
-                break
+                break  # the fewest waves that fit: each more is one more round trip a tile
     return best_plan
 
 
