@@ -42,13 +42,13 @@ def _recurrence_forward(mode, gates_x, w_hh, b_hh, w_hr, h0, c0, options, save):
     lengths, resets, h_masks, zoneout_h, zoneout_c, zoneout_p = options
     if mode == "LSTM":
         return lstm_forward(gates_x, w_hh, w_hr, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, zoneout_p, save)
-    empty = gates_x.new_empty(0)
     if mode == "GRU":
         h, saved = gru_forward(gates_x, w_hh, b_hh, h0, lengths, resets, h_masks, zoneout_h, zoneout_p, save)
     else:
         h, saved = rnn_forward(gates_x, w_hh, h0, lengths, resets, h_masks, zoneout_h, zoneout_p, _nonlinearity(mode),
                                save)
-    return h, empty, empty, saved
+    # Two tensors: the layer's Function returns each, and one tensor returned twice is a view.
+    return h, gates_x.new_empty(0), gates_x.new_empty(0), saved
 
 
 def _recurrence_backward(mode, grad_h, grad_c_n, w_hh, w_hr, options, h, c, saved):
@@ -97,26 +97,27 @@ def _states_before(h, h0, resets, h_masks, direction: int):
     return states
 
 
-# _FusedLayer.apply's arguments: (mode, grad_enabled, zoneout_p, x, h0, c0, lengths, resets,
+# _FusedLayer.apply's arguments: (mode, save, zoneout_p, x, h0, c0, lengths, resets,
 # h_masks, zoneout_h, zoneout_c, *weights).
 FIRST_TENSOR, FIRST_WEIGHT = 3, 11
 
 
 class _FusedLayer(torch.autograd.Function):
     """One layer, every direction: the state buffer ``h (T+2, B, D, P)`` the kernel wrote, and
-    ``c_n (D, B, H)`` for the LSTM.
+    ``c_n (D, B, H)`` for the LSTM (None for the other cells); then, not differentiable, what the
+    backward reads: the LSTM's ``c``, ``h_raw`` and the saved activations.
 
     ``weights`` lists ``(W_ih, W_hh, b_ih, b_hh, W_hr)`` per direction, None where absent; the
-    options are those of ``reference.layer``. ``grad_enabled`` is ``torch.is_grad_enabled()`` at
-    the call: nothing is saved without it. ``layer`` takes the output (slots ``1..T``) as a view
-    of ``h``, and ``h_n`` from it, outside the Function, so autograd treats the output as any
-    view: changing it in place is allowed, and refused only by a backward that needs ``h``, as
-    cuDNN's is (a view made inside a Function could not be changed at all).
+    options are those of ``reference.layer``. ``save`` asks for the saved activations (autograd
+    is on and an input requires grad). The context is set apart from ``forward``
+    (``setup_context``), as torch.func's transforms want. ``layer`` takes the output (slots
+    ``1..T``) as a view of ``h``, and ``h_n`` from it, outside the Function, so autograd treats the
+    output as any view: changing it in place is allowed, and refused only by a backward that needs
+    ``h``, as cuDNN's is (a view made inside a Function could not be changed at all).
     """
 
     @staticmethod
-    def forward(ctx, mode, grad_enabled, zoneout_p, x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c,
-                *weights):
+    def forward(mode, save, zoneout_p, x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, *weights):
         num_steps, batch = x.shape[0], x.shape[1]
         w_ih, w_hh, b_ih, b_hh, w_hr = _by_kind(weights)
         directions = len(w_ih)
@@ -128,28 +129,33 @@ class _FusedLayer(torch.autograd.Function):
         else:
             bias = _cat([b_i + b_h for b_i, b_h in zip(b_ih, b_hh)])
         gates_x = F.linear(x, _cat(w_ih), bias).view(num_steps, batch, directions, -1)
-        save = grad_enabled and any(ctx.needs_input_grad)
         options = (lengths, resets, h_masks, zoneout_h, zoneout_c, zoneout_p)
         h, c, h_raw, saved = _recurrence_forward(
             mode, gates_x, _stack(w_hh), _stack(b_hh) if mode == "GRU" else None, _stack(w_hr), h0, c0,
             options, save)
-        ctx.mode, ctx.zoneout_p = mode, zoneout_p
-        if save:
-            ctx.save_for_backward(x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, h, c, h_raw, saved,
-                                  *weights)
         if mode != "LSTM":
-            return h
+            return h, None, c, h_raw, saved
         # The forward direction ends in slot T, the reverse one in slot 1. Cast before stacking:
         # under torch.compile, torch 2.11 drops the gradient of an output made by a ``.to`` that
         # changes nothing (fp32 and fp64 keep c in their own dtype), which stack(...).to(x.dtype)
         # was for them (tests/test_ecosystem.py's compiled gradients).
         ends = [c[num_steps, :, 0]] + ([c[1, :, 1]] if directions == 2 else [])
-        return h, torch.stack([end.to(x.dtype) for end in ends])
+        return h, torch.stack([end.to(x.dtype) for end in ends]), c, h_raw, saved
 
     @staticmethod
-    def backward(ctx, grad_states, grad_c_n=None):
-        # Slots 0 and T+1 hold the initial states, which no output shows.
-        grad_output = grad_states[1:-1]
+    def setup_context(ctx, inputs, output):
+        mode, save, zoneout_p, x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, *weights = inputs
+        h, _, c, h_raw, saved = output
+        ctx.mode, ctx.zoneout_p = mode, zoneout_p
+        ctx.mark_non_differentiable(c, h_raw, saved)
+        # Else autograd hands the backward zeros the size of the saved activations.
+        ctx.set_materialize_grads(False)
+        if save:
+            ctx.save_for_backward(x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, h, c, h_raw, saved,
+                                  *weights)
+
+    @staticmethod
+    def backward(ctx, grad_states, grad_c_n, *_):
         # Read once: each read unpacks them again (with save_on_cpu, a copy back to the device).
         saved_tensors = ctx.saved_tensors
         if not saved_tensors:
@@ -157,9 +163,11 @@ class _FusedLayer(torch.autograd.Function):
                                "where it ran (a torch.jit.trace made under torch.no_grad, or by check_trace, "
                                "bakes that in); use torch.export or torch.compile, or trace with grad enabled "
                                "and check_trace=False")
+        x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, h, c, h_raw, saved, *weights = saved_tensors
+        # Slots 0 and T+1 hold the initial states, which no output shows. No gradient: only c_n is used.
+        grad_output = torch.zeros_like(h[1:-1]) if grad_states is None else grad_states[1:-1]
         if torch.is_grad_enabled():
             return _second_order_backward(ctx, saved_tensors, grad_output, grad_c_n)
-        x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, h, c, h_raw, saved, *weights = saved_tensors
         mode, needs = ctx.mode, ctx.needs_input_grad
         w_ih, w_hh, b_ih, b_hh, w_hr = _by_kind(weights)
         needs_by_kind = _by_kind(needs[FIRST_WEIGHT:])
@@ -203,22 +211,32 @@ def _column_sums(rows):
 
 
 def _second_order_backward(ctx, saved_tensors, grad_output, grad_c_n):
-    """The backward when a graph of it is asked for (``create_graph=True``): the layer recomputed
-    by ``reference.layer`` in plain PyTorch, differentiated by autograd, so every derivative of
-    any order is exact. The first-order backward never comes here."""
+    """The backward when a graph of it is asked for (``create_graph=True``, and always under
+    torch.func's transforms): the layer recomputed by ``reference.layer`` in plain PyTorch and
+    differentiated by ``torch.func.vjp``, so every derivative of any order is exact. The
+    first-order backward never comes here."""
     x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, h, c, h_raw, saved, *weights = saved_tensors
     inputs = [x, h0, c0, None, None, None, None, None, *weights]
     wanted = [index for index, tensor in enumerate(inputs)
               if tensor is not None and ctx.needs_input_grad[FIRST_TENSOR + index]]
-    directions = [weights[first:first + WEIGHTS_PER_DIRECTION] for first in range(0, len(weights), WEIGHTS_PER_DIRECTION)]
-    output, _, c_n = reference.layer(ctx.mode, x, h0, c0, directions, lengths, resets, h_masks, zoneout_h, zoneout_c,
-                                     ctx.zoneout_p)
-    outputs, grad_outputs = [output], [grad_output.reshape(output.shape)]
-    if c_n is not None and grad_c_n is not None:
-        outputs.append(c_n)
-        grad_outputs.append(grad_c_n)
-    found = torch.autograd.grad(outputs, [inputs[index] for index in wanted], grad_outputs,
-                                create_graph=True, allow_unused=True)
+
+    def outputs(*differentiated):
+        given = list(inputs)
+        for index, tensor in zip(wanted, differentiated):
+            given[index] = tensor
+        x, h0, c0, *weights = given[:3] + given[8:]
+        directions = [weights[first:first + WEIGHTS_PER_DIRECTION]
+                      for first in range(0, len(weights), WEIGHTS_PER_DIRECTION)]
+        output, _, c_n = reference.layer(ctx.mode, x, h0, c0, directions, lengths, resets, h_masks, zoneout_h,
+                                         zoneout_c, ctx.zoneout_p)
+        return (output,) if c_n is None else (output, c_n)
+
+    # torch.func.vjp, not torch.autograd.grad: it differentiates at its own level, where the saved
+    # tensors need not require grad (under an enclosing torch.func transform they do not).
+    (output, *c_n), pullback = torch.func.vjp(outputs, *[inputs[index] for index in wanted])
+    if c_n and grad_c_n is None:
+        grad_c_n = torch.zeros_like(c_n[0])
+    found = pullback((grad_output.reshape(output.shape), *([grad_c_n] if c_n else [])))
     grads = [None] * len(inputs)
     for index, grad in zip(wanted, found):
         grads[index] = grad
@@ -230,9 +248,12 @@ def layer(mode, x, h0, c0, weights, lengths=None, resets=None, h_masks=None, zon
     """One layer, every direction, on the Triton kernels; the contract of ``reference.layer``:
     returns ``(output (T, B, D*P), h_n (D, B, P), c_n (D, B, H) or None)``."""
     flat = [tensor for direction in weights for tensor in direction]
-    result = _FusedLayer.apply(mode, torch.is_grad_enabled(), float(zoneout_p), x, h0, c0, lengths, resets, h_masks,
-                               zoneout_h, zoneout_c, *flat)
-    states, c_n = result if mode == "LSTM" else (result, None)
+    save = torch.is_grad_enabled() and any(tensor is not None and tensor.requires_grad for tensor in (x, h0, c0, *flat))
+    # With nothing to save Dynamo inlines the forward, and would pass it a context: it counts the
+    # parameters of a forward with *weights wrong (torch 2.13). Inlined here, it takes none.
+    run = _FusedLayer.apply if save or not torch.compiler.is_compiling() else _FusedLayer.forward
+    states, c_n, *_ = run(mode, save, float(zoneout_p), x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c,
+                          *flat)
     output = states[1:-1].view(x.shape[0], x.shape[1], -1)
     features = output.shape[2] // len(weights)
     # The forward direction ends at the last timestep, the reverse one at the first.
@@ -435,8 +456,9 @@ def _run(mode, input, hx, params, has_biases, num_layers, dropout, train, bidire
                 "tensors, whose time loop an export would unroll at the example's length; export the "
                 "model on CUDA, or without them")
         layers = _layers
+    options = dict(resets=resets, recurrent_dropout=recurrent_dropout, zoneout=zoneout) if beyond_torch else {}
     output, finals = layers(mode, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, lengths,
-                            **(dict(resets=resets, recurrent_dropout=recurrent_dropout, zoneout=zoneout) if beyond_torch else {}))
+                            **options)
     if lengths is not None:
         valid = reference.valid_steps(lengths, num_steps)
         output = torch.where(valid[:, :, None], output, torch.zeros((), dtype=output.dtype, device=output.device))
@@ -507,8 +529,9 @@ def lstm(
     mixes in the expectation).
     Returns ``output, (h_n, c_n)``.
     """
+    hx = None if hx is None else check_states("LSTM", hx, pair=True)
     output, (h_n, c_n) = _run(
-        "LSTM", input, None if hx is None else check_states("LSTM", hx, pair=True), params, has_biases, num_layers, dropout,
+        "LSTM", input, hx, params, has_biases, num_layers, dropout,
         train, bidirectional, batch_first, lengths, reset, recurrent_dropout, zoneout, weight_drop,
     )
     return output, (h_n, c_n)
@@ -525,8 +548,9 @@ def gru(
     ``nn.GRU._flat_weights``; ``hx`` is ``h_0`` or ``None``; the options as in ``lstm``.
     Returns ``output, h_n``.
     """
+    hx = None if hx is None else check_states("GRU", hx, pair=False)
     output, (h_n,) = _run(
-        "GRU", input, None if hx is None else check_states("GRU", hx, pair=False), params, has_biases, num_layers, dropout,
+        "GRU", input, hx, params, has_biases, num_layers, dropout,
         train, bidirectional, batch_first, lengths, reset, recurrent_dropout, zoneout, weight_drop,
     )
     return output, h_n
@@ -541,8 +565,9 @@ def rnn(
     (``nonlinearity`` ``"tanh"`` or ``"relu"``); arguments as in ``gru``. Returns ``output, h_n``."""
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+    hx = None if hx is None else check_states("RNN", hx, pair=False)
     output, (h_n,) = _run(
-        f"RNN_{nonlinearity.upper()}", input, None if hx is None else check_states("RNN", hx, pair=False), params, has_biases, num_layers,
+        f"RNN_{nonlinearity.upper()}", input, hx, params, has_biases, num_layers,
         dropout, train, bidirectional, batch_first, lengths, reset, recurrent_dropout, zoneout, weight_drop,
     )
     return output, h_n

@@ -164,6 +164,27 @@ def test_gru_output_state_and_grads_match_torch_per_dtype(dtype):
     check_against_torch("gru", GRU_CONFIGS["L2-bidirectional"], dtype)
 
 
+@pytest.mark.parametrize("used", ["output", "h_n", "c_n"])
+def test_lstm_grads_of_one_result_alone_match_torch(used):
+    """A loss of one result leaves the layer's other outputs without a gradient (None in its
+    backward): every gradient is still torch's."""
+    module = make_torch_module("lstm", LSTM_CONFIGS["L2-bidirectional-proj"])
+    x, state = make_inputs("lstm", module, torch.float64)
+
+    def grads_of(run, weights, *params):
+        inputs = [tensor.detach().clone().requires_grad_() for tensor in (x, *state)]
+        output, (h_n, c_n) = run("lstm", module, inputs[0], tuple(inputs[1:]), *params)
+        result = {"output": output, "h_n": h_n, "c_n": c_n}[used]
+        torch.manual_seed(0)
+        return torch.autograd.grad((result * torch.randn_like(result)).sum(), inputs + weights)
+
+    params = [weight.detach().clone().requires_grad_() for weight in module._flat_weights]
+    expected = grads_of(run_torch, list(module._flat_weights))
+    names = ["input", "h0", "c0", *module._flat_weights_names]
+    for name, value, wanted in zip(names, grads_of(run_ours, params, params), expected, strict=True):
+        assert_close(value, wanted, torch.float64, name=f"grad {name}")
+
+
 @pytest.mark.parametrize(
     "config", [LSTM_CONFIGS[k] for k in ("L1", "L2-bidirectional-proj", "L1-batch_first-no-bias")],
     ids=["L1", "L2-bidirectional-proj", "L1-batch_first-no-bias"],

@@ -422,14 +422,36 @@ def test_init_is_uniform_within_one_over_sqrt_hidden(cell):
     assert redrawn.abs().max() <= bound and not torch.equal(redrawn, values)
 
 
-@pytest.mark.skipif(not KERNELS_RUN, reason="plain CPU calls are torch.nn's, which take both")
+@pytest.mark.skipif(not KERNELS_RUN, reason="plain CPU calls are torch.nn's")
 @pytest.mark.parametrize("cell", CELLS)
-def test_function_transforms_and_forward_mode_refuse_the_kernel_path(cell):
-    """What docs/migration.md says: an error, never a wrong derivative."""
-    _, fused = make_pair(cell)
+def test_torch_func_grad_and_vjp_match_torch_and_vmap_and_forward_mode_refuse(cell):
+    """What docs/migration.md says of torch.func on the kernel path: ``grad`` of a
+    ``functional_call`` and ``vjp`` give torch.nn's derivatives; vmap and forward-mode AD are
+    errors, never a wrong answer."""
+    oracle, fused = make_pair(cell, num_layers=2, bidirectional=True)
+    oracle, fused = oracle.to(KERNEL_DEVICE), fused.to(KERNEL_DEVICE)
     x, tangent = (draw(STEPS, BATCH, INPUT_SIZE, dtype=torch.float64).to(KERNEL_DEVICE) for _ in range(2))
-    with pytest.raises(RuntimeError, match="setup_context"):
-        torch.func.grad(lambda input: fused(input)[0].sum())(x)
+    weights = draw(STEPS, BATCH, 2 * HIDDEN_SIZE, dtype=torch.float64).to(KERNEL_DEVICE)
+
+    def loss(module, params, input):
+        return (torch.func.functional_call(module, params, (input,))[0] * weights).sum()
+
+    params = {name: param.detach() for name, param in fused.named_parameters()}
+    grads = torch.func.grad(partial(loss, fused), argnums=(0, 1))(params, x)
+    expected = torch.func.grad(partial(loss, oracle), argnums=(0, 1))(params, x)
+    for name, value in {**expected[0], "input": expected[1]}.items():
+        assert_close({**grads[0], "input": grads[1]}[name], value, dtype=torch.float64, name=name)
+
+    def pullback(module):
+        outputs, vjp = torch.func.vjp(lambda input: tuple(torch.utils._pytree.tree_leaves(module(input))), x)
+        return vjp(tuple(draw(*output.shape, dtype=torch.float64).to(KERNEL_DEVICE) for output in outputs))[0]
+
+    torch.manual_seed(0)
+    grad_x = pullback(fused)
+    torch.manual_seed(0)
+    assert_close(grad_x, pullback(oracle), dtype=torch.float64, name="vjp")
+    with pytest.raises(RuntimeError, match="vmap"):
+        torch.func.vmap(fused)(x.unsqueeze(0))
     with pytest.raises(NotImplementedError, match="jvp"), forward_ad.dual_level():
         fused(forward_ad.make_dual(x, tangent))
 
