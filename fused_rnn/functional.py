@@ -47,7 +47,8 @@ def _recurrence_forward(mode, gates_x, w_hh, b_hh, w_hr, h0, c0, options, save):
     else:
         h, saved = rnn_forward(gates_x, w_hh, h0, lengths, resets, h_masks, zoneout_h, zoneout_p, _nonlinearity(mode),
                                save)
-    # Two tensors: the layer's Function returns each, and one tensor returned twice is a view.
+    # Two tensors, not one twice: AOT autograd fails on a Function that returns one tensor twice
+    # (torch.compile, torch 2.13: "Placeholder node not found").
     return h, gates_x.new_empty(0), gates_x.new_empty(0), saved
 
 
@@ -155,7 +156,7 @@ class _FusedLayer(torch.autograd.Function):
                                   *weights)
 
     @staticmethod
-    def backward(ctx, grad_states, grad_c_n, *_):
+    def backward(ctx, grad_states, grad_c_n, *_non_differentiable):
         # Read once: each read unpacks them again (with save_on_cpu, a copy back to the device).
         saved_tensors = ctx.saved_tensors
         if not saved_tensors:
@@ -211,32 +212,44 @@ def _column_sums(rows):
 
 
 def _second_order_backward(ctx, saved_tensors, grad_output, grad_c_n):
-    """The backward when a graph of it is asked for (``create_graph=True``, and always under
-    torch.func's transforms): the layer recomputed by ``reference.layer`` in plain PyTorch and
-    differentiated by ``torch.func.vjp``, so every derivative of any order is exact. The
-    first-order backward never comes here."""
+    """The backward when a graph of it is asked for (``create_graph=True``, and every backward
+    under torch.func's transforms): the layer recomputed by ``reference.layer`` in plain PyTorch
+    and differentiated, so every derivative of any order is exact. torch.autograd's first-order
+    backward never comes here."""
     x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, h, c, h_raw, saved, *weights = saved_tensors
     inputs = [x, h0, c0, None, None, None, None, None, *weights]
     wanted = [index for index, tensor in enumerate(inputs)
               if tensor is not None and ctx.needs_input_grad[FIRST_TENSOR + index]]
 
-    def outputs(*differentiated):
+    def recomputed(*differentiated):
+        """``[output]``, and ``c_n`` for the LSTM, with ``differentiated`` for the wanted inputs."""
         given = list(inputs)
         for index, tensor in zip(wanted, differentiated):
             given[index] = tensor
-        x, h0, c0, *weights = given[:3] + given[8:]
-        directions = [weights[first:first + WEIGHTS_PER_DIRECTION]
-                      for first in range(0, len(weights), WEIGHTS_PER_DIRECTION)]
-        output, _, c_n = reference.layer(ctx.mode, x, h0, c0, directions, lengths, resets, h_masks, zoneout_h,
+        directions = [given[first:first + WEIGHTS_PER_DIRECTION]
+                      for first in range(8, len(given), WEIGHTS_PER_DIRECTION)]
+        output, _, c_n = reference.layer(ctx.mode, *given[:3], directions, lengths, resets, h_masks, zoneout_h,
                                          zoneout_c, ctx.zoneout_p)
-        return (output,) if c_n is None else (output, c_n)
+        return [output] if c_n is None else [output, c_n]
 
-    # torch.func.vjp, not torch.autograd.grad: it differentiates at its own level, where the saved
-    # tensors need not require grad (under an enclosing torch.func transform they do not).
-    (output, *c_n), pullback = torch.func.vjp(outputs, *[inputs[index] for index in wanted])
-    if c_n and grad_c_n is None:
-        grad_c_n = torch.zeros_like(c_n[0])
-    found = pullback((grad_output.reshape(output.shape), *([grad_c_n] if c_n else [])))
+    primals = [inputs[index] for index in wanted]
+    # Under torch.func the saved tensors are its wrappers, and torch.autograd.grad differentiates
+    # them at the wrong level (a vjp's pullback run after its transform returned got zeros):
+    # torch.func.vjp differentiates at its own. Elsewhere torch.autograd.grad, as torch.func
+    # refuses saved-tensor hooks (save_on_cpu, a non-reentrant checkpoint).
+    under_transform = any(tensor is not None and torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+                          for tensor in (*saved_tensors, grad_output, grad_c_n))
+    if under_transform:
+        results, pullback = torch.func.vjp(recomputed, *primals)
+    else:
+        results = recomputed(*primals)
+    cotangents = [grad_output.reshape(results[0].shape)]
+    if len(results) == 2:
+        cotangents.append(torch.zeros_like(results[1]) if grad_c_n is None else grad_c_n)
+    if under_transform:
+        found = pullback(cotangents)
+    else:
+        found = torch.autograd.grad(results, primals, cotangents, create_graph=True, allow_unused=True)
     grads = [None] * len(inputs)
     for index, grad in zip(wanted, found):
         grads[index] = grad

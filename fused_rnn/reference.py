@@ -117,9 +117,10 @@ def rnn_recurrence(gates_x, w_hh, h0, nonlinearity="tanh", lengths=None, reverse
 
 
 def stack_layers(run_layer, x, hx, params, num_layers: int, bidirectional: bool, dropout: float, train: bool):
-    """The stack of layers every path runs (the kernels', this module's, ONNX's): each layer
-    takes its directions' slices of ``params`` (``nn.LSTM._flat_weights`` order) and of the states
-    ``hx`` (a tuple of ``(L * D, B, .)``), and dropout comes between layers in training.
+    """The stack of layers that ``functional._layers`` (the kernels or ``layer``) and
+    ``onnx.layers`` run: each layer takes its directions' slices of ``params``
+    (``nn.LSTM._flat_weights`` order) and of the states ``hx`` (a tuple of ``(L * D, B, .)``), and
+    dropout comes between layers in training.
 
     ``run_layer(x, weights, states)`` runs one layer over time-major ``x``, with ``weights``
     a list of each direction's flat weights and ``states`` the tuple of ``(D, B, .)`` slices; it

@@ -17,6 +17,8 @@ many times: T=3, B=2, H=3, and every input travels as one flat tensor (fast mode
 it once, not once per tensor).
 """
 
+import contextlib
+
 import pytest
 import torch
 from helpers import KERNEL_DEVICE, assert_close, float_inputs
@@ -154,20 +156,44 @@ def test_gradgradcheck_can_fail():
         torch.autograd.gradgradcheck(WrongSecondDerivative.apply, (x,), fast_mode=True)
 
 
-def gradient_penalty(module, head, x):
+def gradient_penalty(module, head, x, run=lambda module, x: module(x)):
     """WGAN-GP: ``(|d critic / d x| - 1)^2`` per sequence, averaged; the critic is ``head`` on the
-    module's last output step. Returns the penalty and the input gradient (both with graphs)."""
+    module's last output step, which ``run(module, x)`` runs. Returns the penalty and the input
+    gradient (both with graphs)."""
     x = x.detach().requires_grad_()
-    output, _ = module(x)
+    output, _ = run(module, x)
     score = head(output[-1]).sum()
     (grad_x,) = torch.autograd.grad(score, x, create_graph=True)
     penalty = (grad_x.transpose(0, 1).flatten(1).norm(dim=1) - 1).square().mean()
     return penalty, grad_x
 
 
+def checkpointed(module, x):
+    return torch.utils.checkpoint.checkpoint(module, x, use_reentrant=False)
+
+
+@contextlib.contextmanager
+def no_hooks():
+    yield
+
+
+# name: (what runs the module, the context of the whole penalty and its gradients)
+SAVING = {
+    "saved": (lambda module, x: module(x), no_hooks),
+    # Saved-tensor hooks, active through the second backward, which torch.func refuses there.
+    "save_on_cpu": (lambda module, x: module(x), torch.autograd.graph.save_on_cpu),
+    # The layer recomputed inside the first backward, with its own hooks.
+    "checkpoint": (checkpointed, no_hooks),
+}
+
+
+@pytest.mark.parametrize("saving", SAVING)
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["unidirectional", "bidirectional"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_wgan_gp_gradient_penalty_matches_torch(cell, bidirectional):
+def test_wgan_gp_gradient_penalty_matches_torch(cell, bidirectional, saving):
+    if saving != "saved" and not bidirectional:
+        pytest.skip("the hooks are checked on the bidirectional layers")
+    run, hooks = SAVING[saving]
     options = dict(num_layers=2, bidirectional=bidirectional)
     if cell == "LSTM":
         options["proj_size"] = 2
@@ -183,9 +209,10 @@ def test_wgan_gp_gradient_penalty_matches_torch(cell, bidirectional):
     results = {}
     runs = (("torch", oracle, head, "cpu"), ("fused", fused, fused_head, KERNEL_DEVICE))
     for name, module, critic_head, device in runs:
-        penalty, grad_x = gradient_penalty(module, critic_head, x.to(device))
-        # (The head's bias does not reach the input gradient, so not the penalty either.)
-        grads = torch.autograd.grad(penalty, [*module.parameters(), critic_head.weight])
+        with hooks():
+            penalty, grad_x = gradient_penalty(module, critic_head, x.to(device), run)
+            # (The head's bias does not reach the input gradient, so not the penalty either.)
+            grads = torch.autograd.grad(penalty, [*module.parameters(), critic_head.weight])
         results[name] = [penalty, grad_x, *grads]
     names = ["penalty", "grad x"] + [f"grad {n}" for n, _ in oracle.named_parameters()] + ["grad head.weight"]
     for name, actual, expected in zip(names, results["fused"], results["torch"], strict=True):
