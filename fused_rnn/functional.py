@@ -13,6 +13,7 @@ the options PyTorch's operator lacks on plain CPU tensors, and on other devices 
 """
 
 import functools
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -389,10 +390,11 @@ def check_probability(name: str, p, one_allowed: bool = False) -> float:
 def _check_arguments(mode, params, num_layers, dropout, bidirectional) -> None:
     """What nn.LSTM's constructor checks of its arguments, and that the weights are tensors (the
     states: ``check_states``)."""
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+    # Integral: numpy's integers too, which torch.nn takes (a hyperparameter drawn by numpy).
+    if isinstance(num_layers, bool) or not isinstance(num_layers, numbers.Integral) or num_layers < 1:
         raise ValueError(f"{mode}: num_layers must be a positive int, got {num_layers!r}")
     if not isinstance(bidirectional, bool):
-        raise TypeError(f"{mode}: bidirectional must be a bool, got {type(bidirectional).__name__}")
+        raise TypeError(f"{mode}: bidirectional must be a bool, got {bidirectional!r}")
     check_probability("dropout", dropout, one_allowed=True)
     for index, tensor in enumerate(params):
         if not isinstance(tensor, torch.Tensor):

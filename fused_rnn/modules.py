@@ -267,7 +267,8 @@ class RNN(_FusedRNNBase):
         self.nonlinearity = nonlinearity
 
     def _functional(self, *args, **kwargs):
-        return functional.rnn(*args, nonlinearity=self.nonlinearity, **kwargs)
+        # From mode, as torch.nn.RNN's forward takes it (``nonlinearity`` is only its record).
+        return functional.rnn(*args, nonlinearity=self.mode.removeprefix("RNN_").lower(), **kwargs)
 
 
 def _fused_twin(module: nn.Module) -> nn.Module:

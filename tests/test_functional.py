@@ -316,7 +316,7 @@ BAD_ARGUMENTS = {
                          r"num_layers must be a positive int, got 1.0"),
     "num_layers_bool": (lambda params: dict(num_layers=True), ValueError,
                         r"num_layers must be a positive int, got True"),
-    "bidirectional_int": (lambda params: dict(bidirectional=1), TypeError, r"bidirectional must be a bool, got int"),
+    "bidirectional_int": (lambda params: dict(bidirectional=1), TypeError, r"bidirectional must be a bool, got 1"),
     "dropout_negative": (lambda params: dict(dropout=-0.5, train=True), ValueError,
                          r"dropout must be a number in \[0, 1\], got -0.5"),
     "dropout_above_one": (lambda params: dict(dropout=1.5), ValueError,

@@ -13,6 +13,7 @@ import copy
 import io
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -669,6 +670,21 @@ def test_rnn_takes_torch_positional_arguments_and_rejects_other_nonlinearities()
         nn.RNN(INPUT_SIZE, HIDDEN_SIZE, nonlinearity="sigmoid")
     with pytest.raises(ValueError, match="Unknown nonlinearity 'sigmoid'"):
         fused_rnn.RNN(INPUT_SIZE, HIDDEN_SIZE, nonlinearity="sigmoid")
+
+
+def test_numpy_num_layers_and_a_changed_rnn_mode_behave_as_in_torch():
+    """torch.nn takes a numpy integer for ``num_layers`` (a hyperparameter drawn by numpy), and
+    nn.RNN's forward picks its nonlinearity from ``mode``, not from ``nonlinearity``."""
+    oracle, fused = make_pair("LSTM", num_layers=np.int64(2))
+    inputs = draw_inputs(fused, torch.float64)
+    assert_matches(run_module(fused, inputs, torch.float64), run_module(oracle, inputs, torch.float64),
+                   torch.float64)
+    oracle, fused = make_pair("RNN_TANH")
+    for module in (oracle, fused):
+        module.mode = "RNN_RELU"
+    inputs = draw_inputs(fused, torch.float64)
+    assert_matches(run_module(fused, inputs, torch.float64), run_module(oracle, inputs, torch.float64),
+                   torch.float64)
 
 
 def test_convert_keeps_hooks_buffers_and_attributes():
