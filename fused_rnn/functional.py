@@ -48,8 +48,8 @@ def _recurrence_forward(mode, gates_x, w_hh, b_hh, w_hr, h0, c0, options, save):
     else:
         h, saved = rnn_forward(gates_x, w_hh, h0, lengths, resets, h_masks, zoneout_h, zoneout_p, _nonlinearity(mode),
                                save)
-    # Two tensors, not one twice: AOT autograd fails on a Function that returns one tensor twice
-    # (torch.compile, torch 2.13: "Placeholder node not found").
+    # Two tensors, not one twice: _FusedLayerUnderTransforms returns both, and AOT autograd fails on
+    # a Function that returns one tensor twice (torch 2.13: "Placeholder node not found").
     return h, gates_x.new_empty(0), gates_x.new_empty(0), saved
 
 
@@ -106,20 +106,30 @@ FIRST_TENSOR, FIRST_WEIGHT = 3, 11
 
 class _FusedLayer(torch.autograd.Function):
     """One layer, every direction: the state buffer ``h (T+2, B, D, P)`` the kernel wrote, and
-    ``c_n (D, B, H)`` for the LSTM (None for the other cells); then, not differentiable, what the
-    backward reads: the LSTM's ``c``, ``h_raw`` and the saved activations.
+    ``c_n (D, B, H)`` for the LSTM (None for the other cells).
 
     ``weights`` lists ``(W_ih, W_hh, b_ih, b_hh, W_hr)`` per direction, None where absent; the
     options are those of ``reference.layer``. ``save`` asks for the saved activations (autograd
-    is on and an input requires grad). The context is set apart from ``forward``
-    (``setup_context``), as torch.func's transforms want. ``layer`` takes the output (slots
-    ``1..T``) as a view of ``h``, and ``h_n`` from it, outside the Function, so autograd treats the
-    output as any view: changing it in place is allowed, and refused only by a backward that needs
-    ``h``, as cuDNN's is (a view made inside a Function could not be changed at all).
+    is on and an input requires grad). ``layer`` takes the output (slots ``1..T``) as a view of
+    ``h``, and ``h_n`` from it, outside the Function, so autograd treats the output as any view:
+    changing it in place is allowed, and refused only by a backward that needs ``h``, as cuDNN's
+    is (a view made inside a Function could not be changed at all).
+
+    The context is set in ``forward``: for a Function with ``setup_context`` torch's ``apply``
+    binds the arguments to the forward's signature with ``inspect`` on every call, which took a
+    one-layer LSTM's forward from 165 to 221 us of host time (the CI machine's CPU, launches left
+    out). torch.func's transforms take only that kind: ``_FusedLayerUnderTransforms`` is this
+    Function so written.
     """
 
     @staticmethod
-    def forward(mode, save, zoneout_p, x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, *weights):
+    def forward(ctx, *inputs):
+        output = _FusedLayer._forward(*inputs)
+        _FusedLayer._setup_context(ctx, inputs, output)
+        return output[:2]  # (what the backward reads is in the context)
+
+    @staticmethod
+    def _forward(mode, save, zoneout_p, x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, *weights):
         num_steps, batch = x.shape[0], x.shape[1]
         w_ih, w_hh, b_ih, b_hh, w_hr = _by_kind(weights)
         directions = len(w_ih)
@@ -145,11 +155,10 @@ class _FusedLayer(torch.autograd.Function):
         return h, torch.stack([end.to(x.dtype) for end in ends]), c, h_raw, saved
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def _setup_context(ctx, inputs, output):
         mode, save, zoneout_p, x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, *weights = inputs
         h, _, c, h_raw, saved = output
         ctx.mode, ctx.zoneout_p = mode, zoneout_p
-        ctx.mark_non_differentiable(c, h_raw, saved)
         # Else autograd hands the backward zeros the size of the saved activations.
         ctx.set_materialize_grads(False)
         if save:
@@ -257,17 +266,29 @@ def _second_order_backward(ctx, saved_tensors, grad_output, grad_c_n):
     return (None, None, None, *grads)
 
 
+class _FusedLayerUnderTransforms(_FusedLayer):
+    """``_FusedLayer`` with its context set apart from the forward, as torch.func's transforms
+    want it; its forward also returns what the backward reads (``_forward``), not differentiable:
+    the LSTM's ``c``, ``h_raw`` and the saved activations."""
+
+    forward = staticmethod(_FusedLayer._forward)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        # Outputs here: what the backward reads is saved from them.
+        ctx.mark_non_differentiable(*output[2:])
+        _FusedLayer._setup_context(ctx, inputs, output)
+
+
 def layer(mode, x, h0, c0, weights, lengths=None, resets=None, h_masks=None, zoneout_h=None, zoneout_c=None,
           zoneout_p=0.0):
     """One layer, every direction, on the Triton kernels; the contract of ``reference.layer``:
     returns ``(output (T, B, D*P), h_n (D, B, P), c_n (D, B, H) or None)``."""
     flat = [tensor for direction in weights for tensor in direction]
     save = torch.is_grad_enabled() and any(tensor is not None and tensor.requires_grad for tensor in (x, h0, c0, *flat))
-    # With nothing to save Dynamo inlines the forward, and would pass it a context: it counts the
-    # parameters of a forward with *weights wrong (torch 2.13). Inlined here, it takes none.
-    run = _FusedLayer.apply if save or not torch.compiler.is_compiling() else _FusedLayer.forward
-    states, c_n, *_ = run(mode, save, float(zoneout_p), x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c,
-                          *flat)
+    function = _FusedLayerUnderTransforms if torch._C._are_functorch_transforms_active() else _FusedLayer
+    states, c_n, *_ = function.apply(mode, save, float(zoneout_p), x, h0, c0, lengths, resets, h_masks, zoneout_h,
+                                     zoneout_c, *flat)
     output = states[1:-1].view(x.shape[0], x.shape[1], -1)
     features = output.shape[2] // len(weights)
     # The forward direction ends at the last timestep, the reverse one at the first.
