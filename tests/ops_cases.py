@@ -115,10 +115,12 @@ def shape_and_dtype_cases(mode, shapes=SHAPES, low_precision_shapes=LOW_PRECISIO
 
 
 def option_cases(mode, P=None, grid=OPTION_GRID):
-    """The options of ``grid``, both directions; all options at once with one direction, and without bias."""
+    """The options of ``grid``, both directions; all options at once with one direction, without
+    bias, and in the 16-bit dtypes (whose tiles meet fp32 scalars such as zoneout's ``p``)."""
     base = Case(mode, 3, 5, 20, P, D=2)
     return ([base.but(options=options) for options in grid]
-            + [base.but(D=1, options=ALL_TRAINING), base.but(bias=False, options=ALL_EVAL)])
+            + [base.but(D=1, options=ALL_TRAINING), base.but(bias=False, options=ALL_EVAL)]
+            + [base.but(dtype=dtype, options=options) for dtype in HALF_DTYPES for options in (ALL_TRAINING, ALL_EVAL)])
 
 
 def plan_cases(mode, P=None):

@@ -167,7 +167,10 @@ def zoneout(new, prev, keep_ptr, rows, row_length, features, mask, p, ZONEOUT: t
     if ZONEOUT == 1:
         new = tl.where(load_tile(keep_ptr, rows, row_length, features, mask) != 0, prev, new)
     elif ZONEOUT == 2:
-        new = p * prev + (1.0 - p) * new
+        # prev in new's precision (fp32): Triton computes a 16-bit tile times the fp32 scalar p in
+        # the tile's dtype (a scalar of the same kind does not promote), p rounded to it, and its
+        # interpreter gets bf16's product wrong (by 1e31, or NaN).
+        new = p * prev.to(new.dtype) + (1.0 - p) * new
     return new
 
 
