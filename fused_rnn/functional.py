@@ -284,6 +284,10 @@ def layer(mode, x, h0, c0, weights, lengths=None, resets=None, h_masks=None, zon
           zoneout_p=0.0):
     """One layer, every direction, on the Triton kernels; the contract of ``reference.layer``:
     returns ``(output (T, B, D*P), h_n (D, B, P), c_n (D, B, H) or None)``."""
+    if not runs_triton(x):
+        # Else Triton's own words on plain CPU: "0 active drivers ([]). There should only be one."
+        raise RuntimeError(f"fused_rnn.functional.layer runs the Triton kernels: CUDA tensors, or CPU tensors "
+                           f"under TRITON_INTERPRET=1; got x on {x.device} (reference.layer runs anywhere)")
     flat = [tensor for direction in weights for tensor in direction]
     save = torch.is_grad_enabled() and any(tensor is not None and tensor.requires_grad for tensor in (x, h0, c0, *flat))
     function = _FusedLayerUnderTransforms if torch._C._are_functorch_transforms_active() else _FusedLayer
@@ -403,7 +407,8 @@ def check_reset(reset, batch_first: bool, num_steps: int, batch: int, input: tor
 
 
 def check_probability(name: str, p, one_allowed: bool = False) -> float:
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 <= p <= 1 if one_allowed else 0 <= p < 1):
+    # Real: numpy's floats too (np.float32 is no float), which torch.nn takes.
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not (0 <= p <= 1 if one_allowed else 0 <= p < 1):
         raise ValueError(f"{name} must be a number in [0, 1{']' if one_allowed else ')'}, got {p!r}")
     return float(p)
 

@@ -309,6 +309,15 @@ def test_w_hh_of_another_width_than_hidden_size_is_named(cell):
         run_ours(cell, module, x, None, params)
 
 
+def test_layer_off_the_kernel_path_says_where_it_runs():
+    x = torch.randn(T, B, INPUT, device="meta")
+    weights = [(torch.randn(3 * HIDDEN, INPUT, device="meta"), torch.randn(3 * HIDDEN, HIDDEN, device="meta"),
+                None, None, None)]
+    with pytest.raises(RuntimeError, match=r"runs the Triton kernels: CUDA tensors, or CPU tensors under "
+                                           r"TRITON_INTERPRET=1; got x on meta"):
+        functional.layer("GRU", x, torch.randn(1, B, HIDDEN, device="meta"), None, weights)
+
+
 # name: (the arguments that differ from a good call's, given its weights; the error; its message)
 BAD_ARGUMENTS = {
     "num_layers_zero": (lambda params: dict(num_layers=0), ValueError, r"num_layers must be a positive int, got 0"),

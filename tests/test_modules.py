@@ -672,10 +672,12 @@ def test_rnn_takes_torch_positional_arguments_and_rejects_other_nonlinearities()
         fused_rnn.RNN(INPUT_SIZE, HIDDEN_SIZE, nonlinearity="sigmoid")
 
 
-def test_numpy_num_layers_and_a_changed_rnn_mode_behave_as_in_torch():
-    """torch.nn takes a numpy integer for ``num_layers`` (a hyperparameter drawn by numpy), and
-    nn.RNN's forward picks its nonlinearity from ``mode``, not from ``nonlinearity``."""
-    oracle, fused = make_pair("LSTM", num_layers=np.int64(2))
+def test_numpy_hyperparameters_and_a_changed_rnn_mode_behave_as_in_torch():
+    """torch.nn takes numpy numbers for ``num_layers`` and ``dropout`` (hyperparameters drawn by
+    numpy), and nn.RNN's forward picks its nonlinearity from ``mode``, not from ``nonlinearity``."""
+    oracle, fused = make_pair("LSTM", num_layers=np.int64(2), dropout=np.float32(0.25))
+    oracle.eval(), fused.eval()
+    assert fused_rnn.GRU(INPUT_SIZE, HIDDEN_SIZE, zoneout=np.float32(0.1)).zoneout == pytest.approx(0.1)
     inputs = draw_inputs(fused, torch.float64)
     assert_matches(run_module(fused, inputs, torch.float64), run_module(oracle, inputs, torch.float64),
                    torch.float64)
