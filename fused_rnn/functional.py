@@ -253,13 +253,11 @@ def _second_order_backward(ctx, saved_tensors, grad_output, grad_c_n):
         results, pullback = torch.func.vjp(recomputed, *primals)
     else:
         results = recomputed(*primals)
+        pullback = functools.partial(torch.autograd.grad, results, primals, create_graph=True, allow_unused=True)
     cotangents = [grad_output.reshape(results[0].shape)]
     if len(results) == 2:
         cotangents.append(torch.zeros_like(results[1]) if grad_c_n is None else grad_c_n)
-    if under_transform:
-        found = pullback(cotangents)
-    else:
-        found = torch.autograd.grad(results, primals, cotangents, create_graph=True, allow_unused=True)
+    found = pullback(cotangents)
     grads = [None] * len(inputs)
     for index, grad in zip(wanted, found):
         grads[index] = grad
