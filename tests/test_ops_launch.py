@@ -404,6 +404,21 @@ def test_the_tf32_forward_batches_all_its_pieces_at_once(monkeypatch):
     assert (options["DOT_PRECISION"], options["NUM_PIECES"], options["GROUP_PIECES"]) == ("tf32", 8, 8)
 
 
+@pytest.mark.parametrize("rnn, cudnn, expected", [
+    ("ieee", "none", "ieee"), ("tf32", "none", "tf32"), ("none", "tf32", "tf32"), ("none", "ieee", "ieee"),
+])
+def test_fp32_follows_the_precision_of_cudnns_rnn_set_with_the_newer_api(monkeypatch, request, rnn, cudnn, expected):
+    # Convolutions set apart from the RNN: torch.backends.cudnn.allow_tf32 raises on being read.
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    flags = torch.backends.cudnn, torch.backends.cudnn.rnn, torch.backends.cudnn.conv
+    saved = [flag.fp32_precision for flag in flags]
+    request.addfinalizer(lambda: [setattr(flag, "fp32_precision", value) for flag, value in zip(flags, saved)])
+    for flag, value in zip(flags, (cudnn, rnn, "ieee" if expected == "tf32" else "tf32")):
+        flag.fp32_precision = value
+    options = launch.gpu_plan(shape(dtype=torch.float32), H100_SMS, backward=False).options
+    assert options["DOT_PRECISION"] == expected
+
+
 @pytest.mark.parametrize("tf32", [False, True], ids=["half", "tf32"])
 def test_every_batched_product_of_the_grid_gives_each_warp_a_piece(monkeypatch, tf32):
     # In a group of fewer pieces than warps Triton 3.6 repeated each product on 2 to 4 warps (the
@@ -566,6 +581,20 @@ def test_without_the_environment_the_gpu_plan_is_persistent_and_resident(no_forc
     plan = launch.plan(shape(), CUDA, backward=False)
     assert plan == launch.gpu_plan(shape(), H100_SMS, backward=False)
     assert plan.scheme == "persistent" and plan.resident
+
+
+def test_the_backward_summing_parts_on_32_row_tiles_counts_their_scratch(monkeypatch):
+    # Compiled for sm_90 (bench.kernels, Triton 3.9 and 3.6), this plan counted 200 KB and took
+    # 228 KB of the 227 a program may have: its launch would fail. Counting the wider tiles'
+    # scratch, the plan takes 32-unit blocks, 114 KB compiled.
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    layer = launch.Shape(dtype=torch.float32, batch=256, hidden=264, features=100, directions=2, num_gates=4,
+                         has_proj=True, steps=1)
+    options = launch.gpu_plan(layer, H100_SMS, backward=True).options
+    assert not options["GATHER"] and (options["BLOCK_B"], options["BLOCK_U"]) == (32, 32)
+    refused = dict(options, BLOCK_U=64, BLOCK_P=32, BLOCK_KP=32, NUM_PIECES_P=9, BLOCK_K=128, NUM_PIECES=1)
+    assert launch.resident_bytes(layer, refused, backward=True) > H100_BUDGET
 
 
 def test_an_h100_plan_counts_200_kb_of_its_227(multiprocessors):

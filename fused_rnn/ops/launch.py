@@ -63,6 +63,11 @@ H100_SHARED_MEMORY = 227 * 1024
 # 28 on an L40S. Far below the budget one took more (the TF32 LSTM backward at B=64 H=512, both
 # directions: 136 KB counted, 168 compiled).
 SHARED_MEMORY_MARGIN = 27 * 1024
+# The backward that sums parts takes more scratch on 32-row batch tiles: 24 to 32 KB more than
+# counted in TF32 (the LSTM's at B=256 H=264 with P=100, both directions, 28 KB: 228 KB of 227,
+# a launch the GPU refuses; bench.kernels, Triton 3.9), where 16-row tiles take 16 (the committed
+# reports): its plans count this much more.
+WIDE_PARTS_SCRATCH = 8 * 1024
 # Elements of a (features, batch) tile a program holds in registers: the forward's h_{t-1} operand
 # on its way to shared memory, and the partial sums' part of dL/dh: 64 a thread at 8 warps.
 TILE_ELEMENTS = 64 * 256
@@ -78,6 +83,12 @@ LARGEST_BLOCK_B = 32
 # The forward keeps W_hr on chip beside W_hh where the step's gate tile (gate rows x batch rows) is
 # at most this: with 128 x 32 (B=256 H=768, 32-unit blocks) it spills 4 bytes a thread (Triton 3.6).
 PROJECTION_GATE_TILE = 64 * 32
+# K chunk of a streamed block under the interpreter: the least ``tl.dot`` takes, as on a GPU.
+INTERPRETER_CHUNK = 16
+
+# ``STEP_PHASE``: a whole step, or (stepwise with a projection, one launch each) the part of a step
+# up to the barrier between the cell and the projection, or the part from it.
+WHOLE_STEP, UP_TO_BARRIER, FROM_BARRIER = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 # The forward's batched pieces (``_resident_pieces``): 8 of them at P=768 (padded to 1024), one a warp.
 FORWARD_PIECE_COLUMNS = 128
 # Bytes of the operand of one batched group of pieces (``group_pieces``): the TF32 forward's 8 pieces
@@ -202,11 +213,23 @@ class Plan:
         return self.options["RESIDENT"]
 
 
+def cudnn_rnn_tf32() -> bool:
+    """Whether cuDNN's RNN may take TF32 for fp32, resolved as PyTorch resolves it:
+    ``torch.backends.cudnn.rnn.fp32_precision``, where that is "none" cuDNN's, then PyTorch's own
+    ``fp32_precision``. (``cudnn.allow_tf32`` sets the RNN's, but reading it raises where the RNN's
+    and convolutions' differ: one set with the newer API.)"""
+    for precision in (torch.backends.cudnn.rnn.fp32_precision, torch.backends.cudnn.fp32_precision,
+                      torch.backends.fp32_precision):
+        if precision != "none":
+            return precision == "tf32"
+    return False
+
+
 def _precision(dtype: torch.dtype) -> dict:
-    """fp32 follows ``torch.backends.cudnn.allow_tf32`` as cuDNN does. The interpreter's fp16/bf16
+    """fp32 takes TF32 where cuDNN's RNN would (``cudnn_rnn_tf32``). The interpreter's fp16/bf16
     ``tl.dot`` is wrong (triton-lang/triton#11584), so there the operands are upcast."""
     half = dtype in (torch.float16, torch.bfloat16)
-    tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreting()
+    tf32 = dtype == torch.float32 and not interpreting() and cudnn_rnn_tf32()
     return dict(
         ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
         DOT_PRECISION="tf32" if tf32 else "ieee",
@@ -405,6 +428,8 @@ def resident_bytes(shape: Shape, options: dict, backward: bool) -> int:
     elif backward:  # the weight blocks (W_hr's too) and the gate gradients, the other operand
         weights = shape.gate_slots * block_u * columns + block_p * projection_columns
         operands = shape.gate_slots * block_u * block_b + (block_p * block_b if shape.has_proj else 0)
+        if block_b == 32:
+            return size * (weights + operands) + WIDE_PARTS_SCRATCH
     else:  # W_hh's block and h_{t-1} for a batch tile, W_hr's block and h_raw's if it stays too
         weights = shape.gate_slots * block_u * columns + block_p * projection_columns
         operands = block_b * (columns + projection_columns)
@@ -443,7 +468,9 @@ def _fits(shape: Shape, options: dict, backward: bool, budget: int) -> bool:
     """Whether a resident program with the block constexprs ``options`` fits an SM: what it counts
     in shared memory (``resident_bytes``) within ``budget`` (``shared_memory_budget``), its
     operand tiles in registers."""
-    if shape.dtype == torch.float64 or (shape.dtype == torch.float32 and _precision(shape.dtype)["DOT_PRECISION"] == "ieee"):
+    exact = shape.dtype == torch.float64 or (shape.dtype == torch.float32
+                                             and _precision(shape.dtype)["DOT_PRECISION"] == "ieee")
+    if exact:
         # Exact fp32 and fp64 products run on the FMA units, which hold both operands whole in
         # registers (fp64 multiplies and reduces, see recurrence.matmul): a resident block does not
         # fit there. TF32, fp16 and bf16 use the tensor cores, which read the block from shared memory.
@@ -478,7 +505,7 @@ def plan(shape: Shape, device: torch.device, backward: bool) -> Plan:
         return _interpreter_plan(shape, scheme, weights != "streaming", backward, gather)
     multiprocessors, shared_memory = _device_limits(device.index)
     any_length = _gpu_plan_once(dataclasses.replace(shape, steps=0), multiprocessors, shared_memory, backward, scheme,
-                                weights, gather, torch.backends.cudnn.allow_tf32, interpreting())
+                                weights, gather, cudnn_rnn_tf32(), interpreting())
     return _for_length(any_length, shape, backward)
 
 
@@ -559,8 +586,8 @@ def _interpreter_plan(shape: Shape, scheme: str, resident: bool, backward: bool,
         block_u = 16 if gather else max(shape.smallest_block, 8)
         programs = triton.cdiv(shape.hidden, block_u)
         block_p = _pow2(triton.cdiv(shape.features, programs))
-        options = _options(shape, block_b, block_u, block_p, programs, 16, resident=resident, backward=backward,
-                           gather=gather, resident_proj=resident and shape.has_proj)
+        options = _options(shape, block_b, block_u, block_p, programs, INTERPRETER_CHUNK, resident=resident,
+                           backward=backward, gather=gather, resident_proj=resident and shape.has_proj)
         if gather:  # the gathering operand in two waves where it has two groups or more, as on a GPU
             options["OPERAND_WAVES"] = min(2, options["NUM_PIECES"] // options["GROUP_PIECES"])
         return Plan(scheme, (batch_tiles, programs, shape.directions), options, shape.has_proj)
@@ -569,8 +596,8 @@ def _interpreter_plan(shape: Shape, scheme: str, resident: bool, backward: bool,
     else:
         block_u, block_p = shape.smallest_block, 16
     return Plan(scheme, (1, 1, shape.directions),
-                _options(shape, block_b, block_u, block_p, 1, 16, resident=resident, backward=backward,
-                         gather=gather, resident_proj=resident and shape.has_proj), shape.has_proj)
+                _options(shape, block_b, block_u, block_p, 1, INTERPRETER_CHUNK, resident=resident,
+                         backward=backward, gather=gather, resident_proj=resident and shape.has_proj), shape.has_proj)
 
 
 def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool, budget: int,
@@ -600,7 +627,8 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
     3.6)."""
     sizes = [16] if gather else [size for size in (1, 2, 4, 8, 16, 32, 64) if size >= shape.smallest_block]
     if backward and not gather and rows_in_vectors(shape.hidden):
-        sizes = [size for size in sizes if size >= BACKWARD_UNITS] + [size for size in sizes[::-1] if size < BACKWARD_UNITS]
+        sizes = ([size for size in sizes if size >= BACKWARD_UNITS]
+                 + [size for size in sizes[::-1] if size < BACKWARD_UNITS])
     chunk = _chunk(shape.dtype)
     # Where rows of H or P are not in 16-byte vectors, the larger blocks the model would take spilled
     # (Triton 3.6: the forward's 64-row blocks at H = 999, 100 bytes a thread; the partial sums'
@@ -666,11 +694,15 @@ def _chunk(dtype: torch.dtype) -> int:
 
 
 def _streaming_persistent_plan(shape: Shape, multiprocessors: int, backward: bool) -> Plan:
+    """The plan where ``W_hh`` does not fit on the SMs: as many programs as SMs allow walk their
+    unit blocks, each streaming its block through in chunks every step (``_chunk``), and with
+    SMs to spare several batch groups run side by side."""
     block_u = max(shape.smallest_block, min(STREAMING_UNITS, STREAMING_ROWS // shape.gate_slots))
     block_b = _block_b(shape.batch, LARGEST_BLOCK_B)
     per_direction = max(1, multiprocessors // shape.directions)
     programs = min(triton.cdiv(shape.hidden, block_u), per_direction)
     groups = max(1, min(triton.cdiv(shape.batch, block_b), per_direction // programs))
+    # BLOCK_P: the projection's features a program owns, 16 at a time.
     options = _options(shape, block_b, block_u, 16, programs, _chunk(shape.dtype), resident=False, backward=backward)
     return Plan("persistent", (groups, programs, shape.directions), options, shape.has_proj)
 
@@ -690,15 +722,15 @@ def launch(kernel, args: tuple, plan: Plan, num_steps: int, **cell):
     with _INTERPRETER_LOCK, on_device:
         if plan.scheme == "stepwise":
             # With a projection a step has two phases that every program must finish in turn.
-            phases = (1, 2) if plan.two_phases else (0,)
+            phases = (UP_TO_BARRIER, FROM_BARRIER) if plan.two_phases else (WHOLE_STEP,)
             for step in range(num_steps):
                 for phase in phases:
-                    kernel[plan.grid](*args, None, step, step + 1, STEP_PHASE=phase, **options)
+                    kernel[plan.grid](*args, None, step, step + 1, STEP_PHASE=phase.value, **options)
             return
         groups, programs, directions = plan.grid
         barrier = torch.zeros(directions * groups, dtype=torch.int32, device=device)
         cooperative = device.type == "cuda" and groups * programs * directions > 1
-        kernel[plan.grid](*args, barrier, 0, num_steps, STEP_PHASE=0, **options,
+        kernel[plan.grid](*args, barrier, 0, num_steps, STEP_PHASE=WHOLE_STEP.value, **options,
                           launch_cooperative_grid=cooperative)
 
 
