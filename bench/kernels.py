@@ -54,7 +54,7 @@ DTYPES = {
 }
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 # Buffers kept in the accumulator dtype (fp32, or fp64 for fp64), whatever the layer's dtype.
-ACCUMULATOR_BUFFERS = {"c_ptr", "dh_carry_ptr", "dh0_ptr", "dh0_recurrent_ptr", "dc_carry_ptr", "dc0_ptr", "partial_ptr",
+ACCUMULATOR_BUFFERS = {"c_ptr", "dh_carry_ptr", "routed_dh0_ptr", "routed_dh0_recurrent_ptr", "dc_carry_ptr", "routed_dc0_ptr", "partial_ptr",
                        "partial_proj_ptr"}
 HEADLINE = (16, 768)
 GRID_BATCHES, GRID_HIDDENS = (1, 16, 64, 256), (256, 768, 1024)
@@ -88,13 +88,13 @@ NARROW_FRESH_LOADS = 2
 # Pointers each cell leaves None, and the optional inputs (the kernels' flags) of each direction.
 CELL_POINTERS = {
     "lstm": {"b_hh_ptr", "dgates_h_ptr", "w_hr_ptr", "h_raw_ptr", "grad_h_proj_ptr", "partial_proj_ptr"},
-    "gru": {"c_ptr", "zoneout_c_ptr", "dc_carry_ptr", "dc0_ptr", "w_hr_ptr", "h_raw_ptr", "grad_h_proj_ptr",
+    "gru": {"c_ptr", "zoneout_c_ptr", "dc_carry_ptr", "routed_dc0_ptr", "w_hr_ptr", "h_raw_ptr", "grad_h_proj_ptr",
             "partial_proj_ptr"},
-    "rnn_tanh": {"b_hh_ptr", "c_ptr", "zoneout_c_ptr", "dgates_h_ptr", "dc_carry_ptr", "dc0_ptr", "w_hr_ptr",
+    "rnn_tanh": {"b_hh_ptr", "c_ptr", "zoneout_c_ptr", "dgates_h_ptr", "dc_carry_ptr", "routed_dc0_ptr", "w_hr_ptr",
                  "h_raw_ptr", "grad_h_proj_ptr", "partial_proj_ptr"},
 }
 CELL_POINTERS["lstm_proj"] = CELL_POINTERS["lstm"] - {"w_hr_ptr", "h_raw_ptr", "grad_h_proj_ptr", "partial_proj_ptr"}
-OPTIONAL = {"lengths_ptr", "resets_ptr", "dh0_recurrent_ptr", "h_mask_ptr", "zoneout_h_ptr", "zoneout_c_ptr"}
+OPTIONAL = {"lengths_ptr", "resets_ptr", "routed_dh0_recurrent_ptr", "h_mask_ptr", "zoneout_h_ptr", "zoneout_c_ptr"}
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ read 2.6 MB a step (0.47 us at L2's bandwidth), 48 of 16 half that, and their 64
 run ``HGMMA`` at twice the rate, the same product time.
 
 Assumed constants (public figures; what the GPU gives in practice is for a GPU session to
-measure, ``python -m bench.skeleton``): 132 SMs; L2 about 5.5 TB/s in all and 64 bytes per clock
+measure, ``python -m bench.skeleton``): L2 about 5.5 TB/s in all and 64 bytes per clock
 per SM at 1.755 GHz; an L2 round trip about 0.25 us; HBM 3.35 TB/s (H100 SXM) and 4.8 TB/s
 (H200); 30 cycles from one dependent ``HMMA`` to the next, as microbenchmarks put it on Ampere
 and Hopper; 2048 fp16 multiply-adds a clock per SM with ``HGMMA`` (H100 SXM's dense 989 TFLOPS),
@@ -47,11 +47,11 @@ import torch
 HBM_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes per second
 L2_BANDWIDTH = 5.5e12
 L2_BYTES = 50e6
-SM_L2_BANDWIDTH = 64 * 1.755e9
+CLOCK = 1.755e9
+SM_L2_BANDWIDTH = 64 * CLOCK
 L2_ROUND_TRIP = 0.25e-6
 SYNC_ROUND_TRIPS = 3  # the step's stores, the barrier's arrival and the poll that sees the last one
 TILE_ROUND_TRIPS = 1  # per batch tile: the operand load, the cell's own loads issued beside it
-CLOCK = 1.755e9
 MMA_LATENCY = 30 / CLOCK  # one dependent matrix instruction to the next
 MULTIPLY_ADDS_PER_CLOCK = {"HGMMA": 2048, "HMMA": 1024}  # an SM's, fp16 / bf16; TF32 half
 # Activations per unit the cells save for the backward (``recurrence.Cell.saved_gates``), by their

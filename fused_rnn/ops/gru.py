@@ -60,7 +60,7 @@ def gru_backward_inputs(
 
 @triton.jit
 def gru_backward_cell(
-    dh, inputs, dgates_x_ptr, dgates_h_ptr, dc_carry_ptr, dc0_ptr, zoneout_c_ptr, zoneout_p,
+    dh, inputs, dgates_x_ptr, dgates_h_ptr, dc_carry_ptr, routed_dc0_ptr, zoneout_c_ptr, zoneout_p,
     x_rows, state_rows, row_mask, active, reset, first_unit, H,
     HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, ZONEOUT: tl.constexpr,
     BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr,

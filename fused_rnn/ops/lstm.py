@@ -19,7 +19,7 @@ from torch import Tensor
 from . import recurrence
 from .recurrence import (
     join_gates, load_gates, load_tile, previous_state, route_to_initial, split_gates, store_gates, store_tile, tanh,
-    zoneout, zoneout_grad,
+    ZONEOUT_OFF, zoneout, zoneout_grad,
 )
 
 
@@ -66,7 +66,7 @@ def lstm_backward_inputs(
     mask = (units < H)[:, None] & row_mask[None, :]
     saved = load_gates(saved_ptr, x_rows, H, first_unit, row_mask, 4, 4, BLOCK_U)
     c_prev = previous_state(c_ptr, prev_rows, init_rows, H, units, mask, reset, HAS_RESETS)
-    if ZONEOUT != 0:
+    if ZONEOUT != ZONEOUT_OFF:
         c = c_prev
     else:
         c = load_tile(c_ptr, out_rows, H, units, mask)
@@ -75,7 +75,7 @@ def lstm_backward_inputs(
 
 @triton.jit
 def lstm_backward_cell(
-    dh, inputs, dgates_x_ptr, dgates_h_ptr, dc_carry_ptr, dc0_ptr, zoneout_c_ptr, zoneout_p,
+    dh, inputs, dgates_x_ptr, dgates_h_ptr, dc_carry_ptr, routed_dc0_ptr, zoneout_c_ptr, zoneout_p,
     x_rows, state_rows, row_mask, active, reset, first_unit, H,
     HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, ZONEOUT: tl.constexpr,
     BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -83,15 +83,15 @@ def lstm_backward_cell(
     """Gate gradients of one step for the block's units, given ``dh = dL/d(o * tanh(c_t))`` and
     ``lstm_backward_inputs``.
 
-    Moves the cell-state carry from ``dL/dc_t`` to ``dL/dc_{t-1}`` (into ``dc0`` where the step
-    reset). Returns the gate-major gate gradients and the gradient reaching ``h_{t-1}`` other than
+    Moves the cell-state carry from ``dL/dc_t`` to ``dL/dc_{t-1}`` (into ``routed_dc0`` where
+    the step reset). Returns the gate-major gate gradients and the gradient reaching ``h_{t-1}`` other than
     through ``W_hh`` (none for the LSTM).
     """
     saved, c_prev, c, dc_carry = inputs
     units = first_unit + tl.arange(0, BLOCK_U)
     mask = (units < H)[:, None] & row_mask[None, :]
     i, f, g, o = split_gates(saved.to(dh.dtype), BLOCK_U, BLOCK_B)
-    if ZONEOUT != 0:
+    if ZONEOUT != ZONEOUT_OFF:
         c = f * c_prev + i * g
     dc_new, dc_kept = zoneout_grad(dc_carry, zoneout_c_ptr, x_rows, H, units, mask, zoneout_p, ZONEOUT)
     tanh_c = tanh(c)
@@ -106,7 +106,7 @@ def lstm_backward_cell(
     if HAS_LENGTHS:
         dgates = tl.where(active[None, :], dgates, 0.0)
         dc_prev = tl.where(active[None, :], dc_prev, dc_carry)
-    dc_prev = route_to_initial(dc_prev, dc0_ptr, state_rows, H, units, mask, reset, HAS_RESETS)
+    dc_prev = route_to_initial(dc_prev, routed_dc0_ptr, state_rows, H, units, mask, reset, HAS_RESETS)
     store_tile(dc_carry_ptr, state_rows, H, units, mask, dc_prev)
     store_gates(dgates_x_ptr, x_rows, H, first_unit, row_mask, dgates, 4, 4, BLOCK_U)
     return dgates, tl.zeros_like(dh)

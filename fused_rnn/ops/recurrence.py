@@ -14,10 +14,11 @@ launcher chooses (``launch.plan``).
 
 Backward: program ``j`` gathers all of the previous step's gate gradients and multiplies them by
 its block's columns of ``W_hh`` (``GATHER``: the transposed block, resident the same way), or,
-where that block does not fit on an SM (and where the weights stream or ``H`` is no multiple of
-16: ``launch.gpu_plan``), turns the gate gradients of its units into its part of
-``dL/dh_{t-1}`` over every feature, ``partial_j = dgates_j @ W_block_j``, and writes it to a
-workspace that the owner of each feature sums after the barrier (``reduce_partials``).
+where that block does not fit on an SM, where the weights stream, and where ``H`` (with a
+projection also ``P``) is no multiple of 8 (``launch.rows_in_vectors``), turns the gate
+gradients of its units into its part of ``dL/dh_{t-1}`` over every feature, ``partial_j =
+dgates_j @ W_block_j``, and writes it to a workspace that the owner of each feature sums after the
+barrier (``reduce_partials``).
 
 The cell's own math (gate nonlinearities, states, what it saves) comes in as a ``@triton.jit``
 function (``CELL_FORWARD``, ``CELL_BACKWARD``, and ``CELL_BACKWARD_INPUTS``, what the backward step
@@ -27,7 +28,8 @@ Buffers, for ``T`` steps, batch ``B``, ``D`` directions, ``H`` units, ``P`` feat
 ``h (T+2, B, D, P)`` holds the forward direction's ``h_0`` in slot 0, the reverse direction's in
 slot ``T+1``, and the state after timestep ``t`` in slot ``t+1`` (both directions): so slots
 ``1..T`` are the layer's output, already in ``[forward, reverse]`` feature order. The LSTM's ``c``
-has the same layout. ``gates_x (T, B, D, G*H)`` is the input projection. Per-sequence tensors
+has the same layout. ``gates_x (T, B, D, G*H)`` is the input projection (``G`` gates a unit), ``saved (T, B, D, S*H)``
+what the cell saves for the backward (``S`` activations a unit). Per-sequence tensors
 (``h_mask``, carries, ``dh0``) are ``(B, D, .)``.
 
 ``python -m bench.kernels`` tells ``W_hr``'s loads from ``W_hh``'s by the source lines of the
@@ -42,7 +44,10 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .launch import accumulator_dtype, sync_programs
+from .launch import FROM_BARRIER, UP_TO_BARRIER, WHOLE_STEP, accumulator_dtype, sync_programs
+
+# The kernels' ZONEOUT: off, in training with keep masks, in eval with its expectation.
+ZONEOUT_OFF, ZONEOUT_MASKS, ZONEOUT_EXPECTATION = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
@@ -51,7 +56,8 @@ def aligned(size, ALIGNMENT: tl.constexpr):
     only its integers that are multiples of 16, and from this the compiler knows that rows of
     ``size`` elements start on a multiple of ``ALIGNMENT`` and reads and writes them in vectors
     (H = 1000 in fp16: 16 bytes, not 2)."""
-    if ALIGNMENT < 16:  # a multiple of 16 the launch has marked: the code stays as it was
+    if ALIGNMENT < 16:
+        # The same value, written so that the compiler sees the multiple (of 16 a launch marks itself).
         size = size // ALIGNMENT * ALIGNMENT
     return size
 
@@ -162,11 +168,11 @@ def previous_state(ptr, prev_rows, init_rows, row_length, features, mask, reset,
 
 @triton.jit
 def zoneout(new, prev, keep_ptr, rows, row_length, features, mask, p, ZONEOUT: tl.constexpr):
-    """Zoneout (Krueger et al.): in training (``ZONEOUT == 1``) each unit keeps its previous value
-    where the keep mask says so; in eval (2) it takes the expectation ``p * prev + (1 - p) * new``."""
-    if ZONEOUT == 1:
+    """Zoneout (Krueger et al.): in training (``ZONEOUT_MASKS``) each unit keeps its previous value
+    where the keep mask says so; in eval it takes the expectation ``p * prev + (1 - p) * new``."""
+    if ZONEOUT == ZONEOUT_MASKS:
         new = tl.where(load_tile(keep_ptr, rows, row_length, features, mask) != 0, prev, new)
-    elif ZONEOUT == 2:
+    elif ZONEOUT == ZONEOUT_EXPECTATION:
         # prev in new's precision (fp32): Triton computes a 16-bit tile times the fp32 scalar p in
         # the tile's dtype (a scalar of the same kind does not promote), p rounded to it, and its
         # interpreter gets bf16's product wrong (by 1e31, or NaN).
@@ -192,11 +198,11 @@ def route_to_initial(grad, initial_grad_ptr, state_rows, row_length, features, m
 def zoneout_grad(grad, keep_ptr, rows, row_length, features, mask, p, ZONEOUT: tl.constexpr):
     """The backward of ``zoneout``: ``grad`` split into the parts reaching ``new`` and ``prev``."""
     to_prev = tl.zeros_like(grad)
-    if ZONEOUT == 1:
+    if ZONEOUT == ZONEOUT_MASKS:
         keep = load_tile(keep_ptr, rows, row_length, features, mask) != 0
         to_prev = tl.where(keep, grad, 0.0)
         grad = tl.where(keep, 0.0, grad)
-    elif ZONEOUT == 2:
+    elif ZONEOUT == ZONEOUT_EXPECTATION:
         to_prev = p * grad
         grad = (1.0 - p) * grad
     return grad, to_prev
@@ -376,7 +382,7 @@ def store_hidden(h, h_ptr, zoneout_h_ptr, h_mask_ptr, recurrent_ptr, zoneout_p, 
     """Write ``h_t`` for these features, from the step's new value ``h``: zoneout keeps units of
     ``h_{t-1}``, past a sequence's end the state passes through unchanged; then, with resets or
     recurrent dropout, what the next step multiplies (``store_recurrent_input``)."""
-    if ZONEOUT != 0:
+    if ZONEOUT != ZONEOUT_OFF:
         h_prev = previous_state(h_ptr, prev_rows, init_rows, P, features, mask, reset, HAS_RESETS)
         h = zoneout(h, h_prev, zoneout_h_ptr, x_rows, P, features, mask, zoneout_p, ZONEOUT)
     if HAS_LENGTHS:
@@ -389,7 +395,7 @@ def store_hidden(h, h_ptr, zoneout_h_ptr, h_mask_ptr, recurrent_ptr, zoneout_p, 
 
 @triton.jit
 def write_partial(
-    w, w_ptr, first, N, K, dgates, partial_ptr, partial_rows, columns, row_mask, accumulate,
+    w, w_ptr, first, N, K, dgates, partial_ptr, partial_rows, row_length, row_mask, accumulate,
     NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr, NUM_PIECES: tl.constexpr, RESIDENT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
@@ -397,7 +403,7 @@ def write_partial(
     """This program's part of ``dL/dx`` for every feature of ``x``: ``W_block^T @ dgates``, written
     to ``partial[partial_rows, :K]``, or added to it (``accumulate``: a streaming program's later
     blocks; a resident program has one block, ``w``, in pieces: one piece's part in registers at
-    a time). ``partial``'s rows are ``columns`` long, ``K`` rounded up to a multiple of 16, and the
+    a time). ``partial``'s rows are ``row_length`` long, ``K`` rounded up to a multiple of 16, and the
     stores of resident pieces fill them to there (zeros past ``K``, where the block is zero):
     their mask then changes only every 16 columns, so the compiler may vectorise them whatever
     ``K``. (A streamed block's chunks end at the first multiple of ``BLOCK_K`` from ``K``;
@@ -410,43 +416,43 @@ def write_partial(
     dgates = dgates.to(w_ptr.dtype.element_ty)
     if RESIDENT:
         for piece in tl.static_range(NUM_PIECES):
-            store_part(w[piece], dgates, piece * BLOCK_K + tl.arange(0, BLOCK_K), partial_ptr, partial_rows, columns,
-                       row_mask, False, BLOCK_B, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
+            store_part(w[piece], dgates, piece * BLOCK_K + tl.arange(0, BLOCK_K), partial_ptr, partial_rows,
+                       row_length, row_mask, False, BLOCK_B, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
     else:
         for k_start in range(0, K, BLOCK_K):
             ks = k_start + tl.arange(0, BLOCK_K)
             w_chunk = weight_block(w_ptr, first, N, K, ks, NUM_GATES, GATE_SLOTS, BLOCK_ROWS, TRANSPOSED=False)
-            store_part(w_chunk, dgates, ks, partial_ptr, partial_rows, columns, row_mask, accumulate,
+            store_part(w_chunk, dgates, ks, partial_ptr, partial_rows, row_length, row_mask, accumulate,
                        BLOCK_B, ACC_DTYPE, DOT_PRECISION, DOT_UPCAST)
 
 
 @triton.jit
-def store_part(w_piece, dgates, ks, partial_ptr, partial_rows, columns, row_mask, accumulate,
+def store_part(w_piece, dgates, ks, partial_ptr, partial_rows, row_length, row_mask, accumulate,
                BLOCK_B: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                DOT_UPCAST: tl.constexpr):
     """``w_piece^T @ dgates`` for the columns ``ks`` of ``w_piece``, stored to ``partial[partial_rows,
     ks]`` or, with ``accumulate``, added to what is there (``write_partial``)."""
-    mask = (ks < columns)[:, None] & row_mask[None, :]
+    mask = (ks < row_length)[:, None] & row_mask[None, :]
     part = matmul(tl.trans(w_piece), dgates, tl.zeros((ks.shape[0], BLOCK_B), dtype=ACC_DTYPE),
                   DOT_PRECISION, DOT_UPCAST)
     if accumulate:
-        part += load_tile(partial_ptr, partial_rows, columns, ks, mask)
-    store_tile(partial_ptr, partial_rows, columns, ks, mask, part)
+        part += load_tile(partial_ptr, partial_rows, row_length, ks, mask)
+    store_tile(partial_ptr, partial_rows, row_length, ks, mask, part)
 
 
 @triton.jit
-def reduce_partials(partial_ptr, first_part, num_parts, batch_rows, B, D, direction, columns, features, mask,
+def reduce_partials(partial_ptr, first_part, num_parts, batch_rows, B, D, direction, row_length, features, mask,
                     BLOCK_F: tl.constexpr, BLOCK_B: tl.constexpr, REDUCE_CHUNK: tl.constexpr,
                     ACC_DTYPE: tl.constexpr):
     """``sum_j partial[first_part + j, batch_rows, direction, features]`` over the ``num_parts``
-    programs' parts (rows ``columns`` long), as a ``(BLOCK_F, BLOCK_B)`` tile. ``REDUCE_CHUNK``
+    programs' parts (rows ``row_length`` long), as a ``(BLOCK_F, BLOCK_B)`` tile. ``REDUCE_CHUNK``
     parts are loaded at once, so their L2 round trips overlap instead of queueing one behind the
     other."""
     total = tl.zeros((BLOCK_F, BLOCK_B), dtype=ACC_DTYPE)
     for chunk_start in range(0, num_parts, REDUCE_CHUNK):
         parts = chunk_start + tl.arange(0, REDUCE_CHUNK)
         rows = buffer_rows(first_part + parts[:, None], batch_rows[None, :], B, D, direction)
-        pointers = partial_ptr + rows[:, None, :] * columns + features[None, :, None]
+        pointers = partial_ptr + rows[:, None, :] * row_length + features[None, :, None]
         part_mask = (parts < num_parts)[:, None, None] & mask[None, :, :]
         total += tl.sum(tl.load(pointers, mask=part_mask, other=0.0, cache_modifier=".cg"), axis=0)
     return total
@@ -460,14 +466,14 @@ def active_and_reset(t, T, batch_rows, row_mask, lengths_ptr, resets_ptr, B, dir
     active = row_mask
     if HAS_LENGTHS:
         active = row_mask & (t < tl.load(lengths_ptr + batch_rows, mask=row_mask, other=0))
-    reset = row_mask & False
+    reset = row_mask & False  # all false, in the tile's shape
     if HAS_RESETS:
         # Forwards a segment starts where resets[t] is set; walking backwards in time (the reverse
         # direction) a segment starts at the step before the next one's start.
         reset_step = t + direction
         flag = tl.load(resets_ptr + tl.cast(tl.minimum(reset_step, T - 1), tl.int64) * B + batch_rows,
                        mask=active, other=0)
-        reset = active & (flag != 0) & (batch_rows * 0 + reset_step < T)
+        reset = active & (flag != 0) & (batch_rows * 0 + reset_step < T)  # the scalar test, as a tile
     return active, reset
 
 
@@ -502,13 +508,14 @@ def step_rows(t, t_adjacent, T, first_row, lengths_ptr, resets_ptr, B, D, direct
 
 
 # The options both kernels take, each a constexpr flag derived from what the launch passes (None:
-# the option is off; zoneout: 1 with keep masks, in training, 2 with its probability alone, in eval).
+# the option is off; zoneout: keep masks in training, its probability alone in eval).
 OPTION_FLAGS = {
     "HAS_PROJ": lambda args: args["w_hr_ptr"] is not None,
     "HAS_LENGTHS": lambda args: args["lengths_ptr"] is not None,
     "HAS_RESETS": lambda args: args["resets_ptr"] is not None,
     "HAS_H_MASK": lambda args: args["h_mask_ptr"] is not None,
-    "ZONEOUT": lambda args: 1 if args["zoneout_h_ptr"] is not None else 2 if args["zoneout_p"] > 0 else 0,
+    "ZONEOUT": lambda args: (ZONEOUT_MASKS if args["zoneout_h_ptr"] is not None
+                             else ZONEOUT_EXPECTATION if args["zoneout_p"] > 0 else ZONEOUT_OFF).value,
     "GRID_SYNC": lambda args: args["barrier_ptr"] is not None,
 }
 
@@ -525,8 +532,9 @@ def forward_kernel(
     h_ptr, c_ptr, h_raw_ptr, saved_ptr, recurrent_ptr,
     T, B, H, P, zoneout_p, barrier_ptr, step_begin, step_end,
     CELL_FORWARD: tl.constexpr, NUM_GATES: tl.constexpr, GATE_SLOTS: tl.constexpr, HAS_HH_BIAS: tl.constexpr,
-    HAS_CELL_STATE: tl.constexpr, HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_H_MASK: tl.constexpr,
-    ZONEOUT: tl.constexpr, SAVE: tl.constexpr, GRID_SYNC: tl.constexpr, RESIDENT: tl.constexpr, RESIDENT_PROJ: tl.constexpr,
+    HAS_CELL_STATE: tl.constexpr, HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
+    HAS_H_MASK: tl.constexpr, ZONEOUT: tl.constexpr, SAVE: tl.constexpr, GRID_SYNC: tl.constexpr,
+    RESIDENT: tl.constexpr, RESIDENT_PROJ: tl.constexpr,
     STEP_PHASE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
     NUM_PIECES: tl.constexpr, GROUP_PIECES: tl.constexpr, BLOCK_KP: tl.constexpr, NUM_PIECES_P: tl.constexpr,
@@ -541,16 +549,18 @@ def forward_kernel(
     exactly block ``j``). With ``proj_size`` it also owns the blocks of ``BLOCK_P`` features
     ``j, j + n_u, ...`` of ``h = h_raw @ W_hr^T``. The ``n_u`` programs of a ``(i, d)`` meet at
     ``sync_programs`` after each step and, with proj, between the cell and the projection; a
-    stepwise launch runs one of those two phases (``STEP_PHASE`` 1 or 2; 0: the whole step).
+    stepwise launch runs one of those two phases (``STEP_PHASE``: ``UP_TO_BARRIER`` or
+    ``FROM_BARRIER``; ``WHOLE_STEP`` otherwise).
 
     Reads ``gates_x (T, B, D, G*H)``, ``W_hh (D, G*H, P)``, ``b_hh (D, G*H)`` [GRU],
     ``W_hr (D, P, H)`` [proj], ``lengths (B,)``, ``resets (T, B)``, ``h_mask (B, D, P)``
     [recurrent dropout], the zoneout keep masks ``zoneout_h (T, B, D, P)`` and ``zoneout_c
     (T, B, D, H)`` [LSTM] in training (``zoneout_p`` in eval) and the initial states in
     ``h``/``c``. Writes ``h (T+2, B, D, P)``, ``c (T+2, B, D, H)`` [LSTM], ``h_raw (T, B, D,
-    H)`` [proj] and what the cell saves for the backward into ``saved (T, B, D, S*H)``. With resets or recurrent dropout, the matmul's operand
-    ``h_{t-1}`` (reset and masked) goes through ``recurrent (2, B, D, P)``, alternating slots by
-    step parity (slot 0 holds the first step's, written by the launcher).
+    H)`` [proj] and what the cell saves for the backward into ``saved (T, B, D, S*H)``. With
+    resets or recurrent dropout, the matmul's operand ``h_{t-1}`` (reset and masked) goes through
+    ``recurrent (2, B, D, P)``, alternating slots by step parity (slot 0 holds the first step's,
+    written by the launcher).
     """
     RECURRENT_COPY: tl.constexpr = HAS_RESETS or HAS_H_MASK
     H, P = aligned(H, ALIGNMENT_H), aligned(P, ALIGNMENT_P)
@@ -563,13 +573,14 @@ def forward_kernel(
         b_hh_ptr += direction * NUM_GATES * H
     if HAS_PROJ:
         w_hr_ptr += direction.to(tl.int64) * P * H
-    # A stepwise launch of one phase (1: the cell, 2: the projection) loads only the block it uses.
+    # A stepwise launch of one phase (up to the barrier: the cell; from it: the projection) loads
+    # only the block it uses.
     w_hh = 0.0
     w_hr = 0.0
-    if RESIDENT and STEP_PHASE != 2:
+    if RESIDENT and STEP_PHASE != FROM_BARRIER:
         w_hh = resident_block(w_hh_ptr, first_unit, H, P, NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_K, NUM_PIECES,
                               GROUP_PIECES, TRANSPOSED=False)
-    if RESIDENT_PROJ and STEP_PHASE != 1:
+    if RESIDENT_PROJ and STEP_PHASE != UP_TO_BARRIER:
         w_hr = resident_block(w_hr_ptr, first_feature, P, H, NUM_GATES=1, GATE_SLOTS=1, BLOCK_ROWS=BLOCK_P,
                               BLOCK_K=BLOCK_KP, NUM_PIECES=NUM_PIECES_P, GROUP_PIECES=GROUP_PIECES_P, TRANSPOSED=False)
     arrivals = 0
@@ -577,14 +588,17 @@ def forward_kernel(
     for step in range(first_step, last_step):
         t = tl.where(direction == 0, step, T - 1 - step)
         t_next = t + 1 - 2 * direction
-        if STEP_PHASE != 2:
+        # recurrent's slots: the one the previous step wrote, and the one this step writes.
+        read_slot = step % 2
+        write_slot = 1 - read_slot
+        if STEP_PHASE != FROM_BARRIER:
             for first_row in range(tl.program_id(0) * BLOCK_B, B, tl.num_programs(0) * BLOCK_B):
                 (batch_rows, row_mask, x_rows, prev_rows, out_rows, init_rows, state_rows, active, reset,
                  reset_next) = step_rows(t, t_next, T, first_row, lengths_ptr, resets_ptr, B, D, direction,
                                          HAS_LENGTHS, HAS_RESETS, BLOCK_B)
                 if RECURRENT_COPY:
                     operand_ptr = recurrent_ptr
-                    operand_rows = buffer_rows(step % 2, batch_rows, B, D, direction)
+                    operand_rows = buffer_rows(read_slot, batch_rows, B, D, direction)
                 else:
                     operand_ptr = h_ptr
                     operand_rows = prev_rows
@@ -616,13 +630,13 @@ def forward_kernel(
                     else:
                         store_hidden(
                             h, h_ptr, zoneout_h_ptr, h_mask_ptr, recurrent_ptr, zoneout_p, x_rows, prev_rows,
-                            init_rows, out_rows, state_rows, buffer_rows((step + 1) % 2, batch_rows, B, D, direction),
+                            init_rows, out_rows, state_rows, buffer_rows(write_slot, batch_rows, B, D, direction),
                             P, units, mask, active, reset, reset_next, HAS_LENGTHS, HAS_RESETS, HAS_H_MASK, ZONEOUT)
         if HAS_PROJ:
-            if STEP_PHASE == 0:
+            if STEP_PHASE == WHOLE_STEP:
                 # The projection needs every unit of o * tanh(c_t): wait for all programs.
                 arrivals = sync_programs(barrier_ptr, arrivals, GRID_SYNC)
-            if STEP_PHASE != 1:
+            if STEP_PHASE != UP_TO_BARRIER:
                 for first_row in range(tl.program_id(0) * BLOCK_B, B, tl.num_programs(0) * BLOCK_B):
                     (batch_rows, row_mask, x_rows, prev_rows, out_rows, init_rows, state_rows, active, reset,
                      reset_next) = step_rows(t, t_next, T, first_row, lengths_ptr, resets_ptr, B, D, direction,
@@ -638,7 +652,7 @@ def forward_kernel(
                             DOT_UPCAST=DOT_UPCAST)
                         store_hidden(
                             h, h_ptr, zoneout_h_ptr, h_mask_ptr, recurrent_ptr, zoneout_p, x_rows, prev_rows,
-                            init_rows, out_rows, state_rows, buffer_rows((step + 1) % 2, batch_rows, B, D, direction),
+                            init_rows, out_rows, state_rows, buffer_rows(write_slot, batch_rows, B, D, direction),
                             P, features, mask, active, reset, reset_next, HAS_LENGTHS, HAS_RESETS, HAS_H_MASK, ZONEOUT)
         # The next step reads h_t from every program.
         arrivals = sync_programs(barrier_ptr, arrivals, GRID_SYNC)
@@ -646,9 +660,9 @@ def forward_kernel(
 
 @triton.jit
 def hidden_grad(
-    w_hh, w_hh_ptr, operand, grad_h_ptr, dh_carry_ptr, dh0_recurrent_ptr, recurrent_grad_ptr, partial_ptr, h_mask_ptr,
-    step, x_rows, before_rows, state_rows, batch_rows, row_mask, B, D, direction, H, P, partial_columns, first_feature,
-    mask, reset_before,
+    w_hh, w_hh_ptr, operand, grad_h_ptr, dh_carry_ptr, routed_dh0_recurrent_ptr, recurrent_grad_ptr, partial_ptr,
+    h_mask_ptr, step, x_rows, before_rows, state_rows, batch_rows, row_mask, B, D, direction, H, P, partial_columns,
+    first_feature, mask, reset_before,
     NUM_GATES: tl.constexpr, GATHER: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_H_MASK: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, NUM_PIECES: tl.constexpr,
     GROUP_PIECES: tl.constexpr, OPERAND_WAVES: tl.constexpr, REDUCE_CHUNK: tl.constexpr, RESIDENT: tl.constexpr,
@@ -660,8 +674,8 @@ def hidden_grad(
     program's (``recurrent_grad`` at ``before_rows``: ``operand``, the first of their
     ``OPERAND_WAVES`` waves, loaded by the caller, or None to load it here), times the block's
     columns of ``W_hh``; else the sum of the parts every program wrote (``reduce_partials``). Where
-    that step reset, it belongs to ``h_0`` instead and goes to ``dh0_recurrent``: a buffer of its
-    own, not ``dh0``, which the caller adds to later in the step, so that no tile is added to twice
+    that step reset, it belongs to ``h_0`` instead and goes to ``routed_dh0_recurrent``: a buffer
+    of its own, not ``routed_dh0``, which the caller adds to later in the step, so that no tile is added to twice
     in a step, by threads of two layouts that nothing orders."""
     features = first_feature + tl.arange(0, BLOCK_F)
     dh = load_tile(grad_h_ptr, x_rows, P, features, mask).to(ACC_DTYPE)
@@ -680,7 +694,8 @@ def hidden_grad(
                                        ACC_DTYPE)
         if HAS_H_MASK:
             incoming *= load_tile(h_mask_ptr, state_rows, P, features, mask)
-        dh += route_to_initial(incoming, dh0_recurrent_ptr, state_rows, P, features, mask, reset_before, HAS_RESETS)
+        dh += route_to_initial(incoming, routed_dh0_recurrent_ptr, state_rows, P, features, mask, reset_before,
+                               HAS_RESETS)
     return dh
 
 
@@ -692,7 +707,8 @@ def hidden_grad(
 def backward_kernel(
     grad_h_ptr, w_hh_ptr, w_hr_ptr, lengths_ptr, resets_ptr, h_mask_ptr, zoneout_h_ptr, zoneout_c_ptr,
     h_ptr, c_ptr, saved_ptr,
-    dgates_x_ptr, dgates_h_ptr, grad_h_proj_ptr, dh_carry_ptr, dh0_ptr, dh0_recurrent_ptr, dc_carry_ptr, dc0_ptr,
+    dgates_x_ptr, dgates_h_ptr, grad_h_proj_ptr, dh_carry_ptr, routed_dh0_ptr, routed_dh0_recurrent_ptr, dc_carry_ptr,
+    routed_dc0_ptr,
     partial_ptr, partial_proj_ptr,
     T, B, H, P, partial_columns, partial_proj_columns, zoneout_p, barrier_ptr, step_begin, step_end,
     CELL_BACKWARD_INPUTS: tl.constexpr, CELL_BACKWARD: tl.constexpr, NUM_GATES: tl.constexpr,
@@ -712,7 +728,7 @@ def backward_kernel(
     of ``h`` (with a projection; else its features are its units).
 
     Per step: ``dh_t`` for the features the program owns (``hidden_grad``); [proj] then
-    a barrier (``STEP_PHASE`` as in the forward: 1 runs up to it, 2 from it) and ``dL/d(o *
+    a barrier (``STEP_PHASE`` as in the forward) and ``dL/d(o *
     tanh(c_t))`` for its units through ``W_hr``; the cell's gate gradients, from what
     ``CELL_BACKWARD_INPUTS`` loaded before the product. The product by ``W_hh`` that carries them
     to the previous step runs one of two ways (``launch`` chooses):
@@ -730,15 +746,17 @@ def backward_kernel(
       not fit on an SM, and where the weights stream.
 
     Reads ``grad_h (T, B, D, P)`` (the gradient of the output sequence, the final-state gradient
-    folded in), the forward's ``h``, ``c`` and ``saved``, the weights and options. Writes
+    folded in), the forward's ``h``, ``c`` and ``saved``, ``W_hh (D, G*H, P)``, ``W_hr (D, P, H)``
+    [proj] and the forward's options (``lengths``, ``resets``, ``h_mask``, the zoneout keep masks
+    or ``zoneout_p``). Writes
     ``dgates_x (T, B, D, G*H)`` (the gradient of ``gates_x``, and for the LSTM and RNN that of
     ``h W_hh^T``), ``dgates_h`` [GRU: the gradient of ``h W_hh^T + b_hh``, where it differs],
     ``grad_h_proj (T, B, D, P)`` [proj: the gradient of the projection's output]. The carries
     ``dh_carry (B, D, P)`` and ``dc_carry (B, D, H)`` come in as zeros and ``dL/dc_n`` and leave
-    as the parts of ``dL/dh_0`` and ``dL/dc_0`` from the first step; ``dh0`` and ``dc0`` (zeros
-    in) gather what the resets route to the initial state around ``W_hh``, ``dh0_recurrent``
-    [resets] what they route to it through ``W_hh``. What the last step sends through ``W_hh`` to
-    ``h_0`` the launcher adds.
+    as the parts of ``dL/dh_0`` and ``dL/dc_0`` from the first step; ``routed_dh0`` and
+    ``routed_dc0`` (zeros in) gather what the resets route to the initial state around ``W_hh``,
+    ``routed_dh0_recurrent`` [resets] what they route to it through ``W_hh``. The launcher adds
+    these up into ``dL/dh_0`` and ``dL/dc_0``, with what the last step sends through ``W_hh``.
     """
     H, P = aligned(H, ALIGNMENT_H), aligned(P, ALIGNMENT_P)
     direction = tl.program_id(2)
@@ -753,24 +771,26 @@ def backward_kernel(
     recurrent_grad_ptr = dgates_x_ptr
     if SEPARATE_HIDDEN_GRAD:
         recurrent_grad_ptr = dgates_h_ptr
-    # A stepwise launch of one phase (1: dL/dh, 2: the cell) loads only the block it uses.
+    # A stepwise launch of one phase loads only the block it uses. Gathering, dL/dh (up to the
+    # barrier) reads W_hh and the cell (from it) W_hr; summing parts, the parts through W_hr are
+    # written with dL/dh and those through W_hh after the cell.
     w_hh = 0.0
     w_hr = 0.0
     if GATHER:
-        if RESIDENT and STEP_PHASE != 2:
+        if RESIDENT and STEP_PHASE != FROM_BARRIER:
             BLOCK_F: tl.constexpr = BLOCK_P if HAS_PROJ else BLOCK_U
             w_hh = resident_block(w_hh_ptr, tl.program_id(1) * BLOCK_F, P, NUM_GATES * H, NUM_GATES=1, GATE_SLOTS=1,
                                   BLOCK_ROWS=BLOCK_F, BLOCK_K=BLOCK_K, NUM_PIECES=NUM_PIECES,
                                   GROUP_PIECES=GROUP_PIECES, TRANSPOSED=True)
-        if RESIDENT_PROJ and STEP_PHASE != 1:
+        if RESIDENT_PROJ and STEP_PHASE != UP_TO_BARRIER:
             w_hr = resident_block(w_hr_ptr, first_unit, H, P, NUM_GATES=1, GATE_SLOTS=1, BLOCK_ROWS=BLOCK_U,
                                   BLOCK_K=BLOCK_KP, NUM_PIECES=NUM_PIECES_P, GROUP_PIECES=GROUP_PIECES_P,
                                   TRANSPOSED=True)
     else:
-        if RESIDENT and STEP_PHASE != 1:
+        if RESIDENT and STEP_PHASE != UP_TO_BARRIER:
             w_hh = resident_block(w_hh_ptr, first_unit, H, P, NUM_GATES, GATE_SLOTS, BLOCK_U, BLOCK_K, NUM_PIECES,
                                   GROUP_PIECES=1, TRANSPOSED=False)
-        if RESIDENT_PROJ and STEP_PHASE != 2:
+        if RESIDENT_PROJ and STEP_PHASE != FROM_BARRIER:
             w_hr = resident_block(w_hr_ptr, first_feature, P, H, NUM_GATES=1, GATE_SLOTS=1, BLOCK_ROWS=BLOCK_P,
                                   BLOCK_K=BLOCK_KP, NUM_PIECES=NUM_PIECES_P, GROUP_PIECES=1, TRANSPOSED=False)
     arrivals = 0
@@ -784,7 +804,7 @@ def backward_kernel(
         t_before = t + 1 - 2 * direction
         parity = step % 2
         if HAS_PROJ:
-            if STEP_PHASE != 2:
+            if STEP_PHASE != FROM_BARRIER:
                 for first_row in range(tl.program_id(0) * BLOCK_B, B, tl.num_programs(0) * BLOCK_B):
                     (batch_rows, row_mask, x_rows, prev_rows, out_rows, init_rows, state_rows, active, reset,
                      reset_before) = step_rows(t, t_before, T, first_row, lengths_ptr, resets_ptr, B, D, direction,
@@ -793,9 +813,10 @@ def backward_kernel(
                         features = block_start + tl.arange(0, BLOCK_P)
                         mask = (features < P)[:, None] & row_mask[None, :]
                         dh = hidden_grad(
-                            w_hh, w_hh_ptr, None, grad_h_ptr, dh_carry_ptr, dh0_recurrent_ptr, recurrent_grad_ptr, partial_ptr,
-                            h_mask_ptr, step, x_rows, buffer_rows(t_before, batch_rows, B, D, direction), state_rows,
-                            batch_rows, row_mask, B, D, direction, H, P, partial_columns, block_start, mask,
+                            w_hh, w_hh_ptr, None, grad_h_ptr, dh_carry_ptr, routed_dh0_recurrent_ptr,
+                            recurrent_grad_ptr, partial_ptr, h_mask_ptr, step, x_rows,
+                            buffer_rows(t_before, batch_rows, B, D, direction), state_rows, batch_rows, row_mask, B,
+                            D, direction, H, P, partial_columns, block_start, mask,
                             reset_before, NUM_GATES, GATHER, HAS_RESETS, HAS_H_MASK, BLOCK_P, BLOCK_B, BLOCK_K,
                             NUM_PIECES, GROUP_PIECES, OPERAND_WAVES, REDUCE_CHUNK, RESIDENT, ACC_DTYPE, DOT_PRECISION,
                             DOT_UPCAST)
@@ -804,8 +825,9 @@ def backward_kernel(
                             # Past a sequence's end h_t is h_{t-1}: dh goes around the projection and the cell.
                             carry = tl.where(active[None, :], carry, dh)
                             dh_new = tl.where(active[None, :], dh_new, 0.0)
-                        if HAS_LENGTHS or ZONEOUT != 0:
-                            carry = route_to_initial(carry, dh0_ptr, state_rows, P, features, mask, reset, HAS_RESETS)
+                        if HAS_LENGTHS or ZONEOUT != ZONEOUT_OFF:
+                            carry = route_to_initial(carry, routed_dh0_ptr, state_rows, P, features, mask, reset,
+                                                     HAS_RESETS)
                             store_tile(dh_carry_ptr, state_rows, P, features, mask, carry)
                         dh = dh_new
                         store_tile(grad_h_proj_ptr, x_rows, P, features, mask, dh)
@@ -817,10 +839,10 @@ def backward_kernel(
                                 BLOCK_ROWS=BLOCK_P, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_KP, NUM_PIECES=NUM_PIECES_P,
                                 RESIDENT=RESIDENT_PROJ, ACC_DTYPE=ACC_DTYPE, DOT_PRECISION=DOT_PRECISION,
                                 DOT_UPCAST=DOT_UPCAST)
-            if STEP_PHASE == 0:
+            if STEP_PHASE == WHOLE_STEP:
                 # The cell needs the gradient through W_hr for its units, from every feature.
                 arrivals = sync_programs(barrier_ptr, arrivals, GRID_SYNC)
-        if STEP_PHASE != 1:
+        if STEP_PHASE != UP_TO_BARRIER:
             for first_row in range(tl.program_id(0) * BLOCK_B, B, tl.num_programs(0) * BLOCK_B):
                 (batch_rows, row_mask, x_rows, prev_rows, out_rows, init_rows, state_rows, active, reset,
                  reset_before) = step_rows(t, t_before, T, first_row, lengths_ptr, resets_ptr, B, D, direction,
@@ -857,8 +879,8 @@ def backward_kernel(
                                                  ACC_DTYPE)
                     else:
                         dh = hidden_grad(
-                            w_hh, w_hh_ptr, operand, grad_h_ptr, dh_carry_ptr, dh0_recurrent_ptr, recurrent_grad_ptr, partial_ptr,
-                            h_mask_ptr, step, x_rows, before_rows, state_rows,
+                            w_hh, w_hh_ptr, operand, grad_h_ptr, dh_carry_ptr, routed_dh0_recurrent_ptr,
+                            recurrent_grad_ptr, partial_ptr, h_mask_ptr, step, x_rows, before_rows, state_rows,
                             batch_rows, row_mask, B, D, direction, H, P, partial_columns, block_start, mask,
                             reset_before, NUM_GATES, GATHER, HAS_RESETS, HAS_H_MASK, BLOCK_U, BLOCK_B, BLOCK_K,
                             NUM_PIECES, GROUP_PIECES, OPERAND_WAVES, REDUCE_CHUNK, RESIDENT, ACC_DTYPE, DOT_PRECISION,
@@ -867,14 +889,14 @@ def backward_kernel(
                     if not HAS_PROJ:
                         dh, carry_zoneout = zoneout_grad(dh, zoneout_h_ptr, x_rows, P, units, mask, zoneout_p, ZONEOUT)
                     dgates_h, carry = CELL_BACKWARD(
-                        dh, inputs, dgates_x_ptr, dgates_h_ptr, dc_carry_ptr, dc0_ptr, zoneout_c_ptr, zoneout_p,
+                        dh, inputs, dgates_x_ptr, dgates_h_ptr, dc_carry_ptr, routed_dc0_ptr, zoneout_c_ptr, zoneout_p,
                         x_rows, state_rows, row_mask, active, reset, block_start, H, HAS_LENGTHS, HAS_RESETS,
                         ZONEOUT, BLOCK_U, BLOCK_B)
                     if not HAS_PROJ:
                         carry += carry_zoneout
                         if HAS_LENGTHS:
                             carry = tl.where(active[None, :], carry, dh_total)
-                        carry = route_to_initial(carry, dh0_ptr, state_rows, P, units, mask, reset, HAS_RESETS)
+                        carry = route_to_initial(carry, routed_dh0_ptr, state_rows, P, units, mask, reset, HAS_RESETS)
                         store_tile(dh_carry_ptr, state_rows, P, units, mask, carry)
                     if not GATHER:
                         write_partial(
@@ -888,13 +910,28 @@ def backward_kernel(
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    """What a cell brings to the shared kernels: its step math and the shape of its buffers."""
+    """What a cell brings to the shared kernels: its step math and the shape of its buffers.
+
+    The step math is three ``@triton.jit`` functions with one signature for every cell (the
+    kernels call them alike; a cell ignores the arguments it has no use for), for a block of
+    ``BLOCK_U`` units and a batch tile, as ``(units, batch)`` tiles:
+
+    * ``forward(gates_h, gates_x, state, ...)``: from the recurrent product ``gates_h``, the
+      block's ``gates_x`` and the state its units left (``c_{t-1}``, or ``h_{t-1}``), writes what
+      the cell keeps (``c_t``, the saved activations) and returns the new ``h`` (before zoneout,
+      lengths and the projection, which the kernel applies).
+    * ``backward_inputs(saved_ptr, h_ptr, c_ptr, ...)``: every load the backward step needs of
+      its own, as a tuple, issued before the recurrent product so that their round trips overlap.
+    * ``backward(dh, inputs, ...)``: from ``dh = dL/dh_t`` (after zoneout) and those inputs,
+      writes the gate gradients (and moves the LSTM's ``dc`` carry); returns them gate-major,
+      ``(GATE_SLOTS * BLOCK_U, batch)``, and the gradient reaching ``h_{t-1}`` around ``W_hh``.
+    """
 
     num_gates: int        # G: gates per unit (rows of W_hh per unit)
     saved_gates: int      # activations per unit saved for the backward (0: it reads h_t)
     has_cell_state: bool  # the LSTM's c
-    forward: object       # @triton.jit step functions, see forward_kernel / backward_kernel
-    backward_inputs: object  # what the backward step reads of its own, loaded before the product
+    forward: object
+    backward_inputs: object
     backward: object
     separate_hidden_grad: bool = False  # GRU: d(h W_hh^T + b_hh) differs from d(gates_x)
 
@@ -927,6 +964,11 @@ def _check_zoneout_masks(cell: Cell, zoneout_h, zoneout_c) -> None:
         raise ValueError("zoneout_h and zoneout_c: the LSTM's zoneout takes both keep masks or neither")
 
 
+def _buffer(needed: bool, shape: tuple, dtype, device) -> torch.Tensor:
+    """A launch's output buffer, or an empty tensor where the launch does not write that one."""
+    return launch.empty(*(shape if needed else (0,)), dtype=dtype, device=device)
+
+
 def forward_outputs(cell: Cell, gates_x, w_hh, w_hr, save_for_backward: bool, zoneout_h, zoneout_p: float):
     """Buffers of a forward launch: ``h (T+2, B, D, P)``, ``c (T+2, B, D, H)`` [LSTM],
     ``h_raw (T, B, D, H)`` [proj], ``saved (T, B, D, S*H)`` [saving]; empty where not needed.
@@ -936,15 +978,11 @@ def forward_outputs(cell: Cell, gates_x, w_hh, w_hr, save_for_backward: bool, zo
     saved_gates = cell.saved_gates or int(zoneout_h is not None or zoneout_p > 0)
     H, P = gates_h // cell.num_gates, w_hh.shape[2]
     dtype, device = gates_x.dtype, gates_x.device
-
-    def buffer(needed, *shape, dtype=dtype):
-        return launch.empty(*shape, dtype=dtype, device=device) if needed else launch.empty(0, dtype=dtype, device=device)
-
     return (
-        buffer(True, T + 2, B, D, P),
-        buffer(cell.has_cell_state, T + 2, B, D, H, dtype=accumulator_dtype(dtype)),
-        buffer(w_hr is not None, T, B, D, H),
-        buffer(save_for_backward and saved_gates > 0, T, B, D, saved_gates * H),
+        _buffer(True, (T + 2, B, D, P), dtype, device),
+        _buffer(cell.has_cell_state, (T + 2, B, D, H), accumulator_dtype(dtype), device),
+        _buffer(w_hr is not None, (T, B, D, H), dtype, device),
+        _buffer(save_for_backward and saved_gates > 0, (T, B, D, saved_gates * H), dtype, device),
     )
 
 
@@ -991,16 +1029,12 @@ def backward_outputs(cell: Cell, grad_h, w_hh, w_hr):
     T, B, D, P = grad_h.shape
     H = w_hh.shape[1] // cell.num_gates
     dtype, device = grad_h.dtype, grad_h.device
-
-    def buffer(needed, *shape):
-        return launch.empty(*shape, dtype=dtype, device=device) if needed else launch.empty(0, dtype=dtype, device=device)
-
     return (
-        buffer(True, T, B, D, cell.num_gates * H),
-        buffer(cell.separate_hidden_grad, T, B, D, cell.num_gates * H),
-        buffer(w_hr is not None, T, B, D, P),
-        buffer(True, D, B, P),
-        buffer(cell.has_cell_state, D, B, H),
+        _buffer(True, (T, B, D, cell.num_gates * H), dtype, device),
+        _buffer(cell.separate_hidden_grad, (T, B, D, cell.num_gates * H), dtype, device),
+        _buffer(w_hr is not None, (T, B, D, P), dtype, device),
+        _buffer(True, (D, B, P), dtype, device),
+        _buffer(cell.has_cell_state, (D, B, H), dtype, device),
     )
 
 
@@ -1038,8 +1072,8 @@ def backward(cell: Cell, grad_h, grad_c_n, w_hh, w_hr, lengths, resets, h_mask, 
         backward_kernel,
         (grad_h, w_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c, h,
          _none_if_empty(c), _none_if_empty(saved), dgates_x, _none_if_empty(dgates_h), _none_if_empty(grad_h_proj),
-         dh_carry, routed_dh0, routed_dh0_recurrent, dc_carry, routed_dc0, partial, partial_proj, T, B, H, P, columns, proj_columns,
-         float(zoneout_p)),
+         dh_carry, routed_dh0, routed_dh0_recurrent, dc_carry, routed_dc0, partial, partial_proj, T, B, H, P, columns,
+         proj_columns, float(zoneout_p)),
         plan, T, CELL_BACKWARD_INPUTS=cell.backward_inputs, CELL_BACKWARD=cell.backward, NUM_GATES=cell.num_gates,
         GATE_SLOTS=shape.gate_slots,
     )

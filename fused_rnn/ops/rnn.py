@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import recurrence
-from .recurrence import load_gates, load_tile, store_gates, tanh
+from .recurrence import ZONEOUT_OFF, load_gates, load_tile, store_gates, tanh
 
 
 @triton.jit
@@ -29,7 +29,7 @@ def rnn_step(gates_h, gates_x, saved_ptr, x_rows, row_mask, first_unit, H, RELU:
         h = tl.maximum(preactivation, 0.0, propagate_nan=tl.PropagateNan.ALL)
     else:
         h = tanh(preactivation)
-    if SAVE and ZONEOUT != 0:
+    if SAVE and ZONEOUT != ZONEOUT_OFF:
         # Zoneout keeps units of h_{t-1} in h_t: the backward needs the new value itself.
         store_gates(saved_ptr, x_rows, H, first_unit, row_mask, h, 1, 1, BLOCK_U)
     return h
@@ -60,7 +60,7 @@ def rnn_backward_inputs(
     it saved (``h_t`` holds units of ``h_{t-1}`` there)."""
     units = first_unit + tl.arange(0, BLOCK_U)
     mask = (units < H)[:, None] & row_mask[None, :]
-    if ZONEOUT != 0:
+    if ZONEOUT != ZONEOUT_OFF:
         h = load_gates(saved_ptr, x_rows, H, first_unit, row_mask, 1, 1, BLOCK_U)
     else:
         h = load_tile(h_ptr, out_rows, P, units, mask)
@@ -92,24 +92,26 @@ def rnn_relu_forward_cell(
 
 @triton.jit
 def rnn_tanh_backward_cell(
-    dh, inputs, dgates_x_ptr, dgates_h_ptr, dc_carry_ptr, dc0_ptr, zoneout_c_ptr, zoneout_p,
+    dh, inputs, dgates_x_ptr, dgates_h_ptr, dc_carry_ptr, routed_dc0_ptr, zoneout_c_ptr, zoneout_p,
     x_rows, state_rows, row_mask, active, reset, first_unit, H,
     HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, ZONEOUT: tl.constexpr,
     BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """``dL/dpreactivation = dh * (1 - h_t^2)``; nothing reaches ``h_{t-1}`` around ``W_hh``."""
-    return rnn_step_grad(dh, inputs[0], dgates_x_ptr, x_rows, row_mask, active, first_unit, H, HAS_LENGTHS, False, BLOCK_U)
+    return rnn_step_grad(dh, inputs[0], dgates_x_ptr, x_rows, row_mask, active, first_unit, H, HAS_LENGTHS, False,
+                         BLOCK_U)
 
 
 @triton.jit
 def rnn_relu_backward_cell(
-    dh, inputs, dgates_x_ptr, dgates_h_ptr, dc_carry_ptr, dc0_ptr, zoneout_c_ptr, zoneout_p,
+    dh, inputs, dgates_x_ptr, dgates_h_ptr, dc_carry_ptr, routed_dc0_ptr, zoneout_c_ptr, zoneout_p,
     x_rows, state_rows, row_mask, active, reset, first_unit, H,
     HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, ZONEOUT: tl.constexpr,
     BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """``dL/dpreactivation = 0`` where ``h_t <= 0``, else ``dh``."""
-    return rnn_step_grad(dh, inputs[0], dgates_x_ptr, x_rows, row_mask, active, first_unit, H, HAS_LENGTHS, True, BLOCK_U)
+    return rnn_step_grad(dh, inputs[0], dgates_x_ptr, x_rows, row_mask, active, first_unit, H, HAS_LENGTHS, True,
+                         BLOCK_U)
 
 
 CELLS = {
