@@ -85,6 +85,12 @@ def _cat(tensors):
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
+def _final_states(states, num_steps: int) -> list:
+    """The directions' last states in a ``(T+2, B, D, .)`` state buffer: the forward direction
+    ends in slot ``T``, the reverse one in slot 1."""
+    return [states[num_steps, :, 0]] + ([states[1, :, 1]] if states.shape[2] == 2 else [])
+
+
 def _states_before(h, h0, resets, h_masks, direction: int):
     """``(T, B, P)``: the ``h_{t-1}`` each step multiplied by ``W_hh`` in one direction (after
     resets and the recurrent-dropout mask), in the order of ``t``."""
@@ -102,6 +108,7 @@ def _states_before(h, h0, resets, h_masks, direction: int):
 # _FusedLayer.apply's arguments: (mode, save, zoneout_p, x, h0, c0, lengths, resets,
 # h_masks, zoneout_h, zoneout_c, *weights).
 FIRST_TENSOR, FIRST_WEIGHT = 3, 11
+LAYER_TENSORS = FIRST_WEIGHT - FIRST_TENSOR  # x, h0, c0 and the options' tensors
 
 
 class _FusedLayer(torch.autograd.Function):
@@ -110,8 +117,8 @@ class _FusedLayer(torch.autograd.Function):
 
     ``weights`` lists ``(W_ih, W_hh, b_ih, b_hh, W_hr)`` per direction, None where absent; the
     options are those of ``reference.layer``. ``save`` asks for the saved activations (autograd
-    is on and an input requires grad). ``layer`` takes the output (slots ``1..T``) as a view of
-    ``h``, and ``h_n`` from it, outside the Function, so autograd treats the output as any view:
+    is on and an input requires grad). ``layer`` takes the output (slots ``1..T``) and ``h_n`` as
+    views of ``h``, outside the Function, so autograd treats the output as any view:
     changing it in place is allowed, and refused only by a backward that needs ``h``, as cuDNN's
     is (a view made inside a Function could not be changed at all).
 
@@ -147,12 +154,10 @@ class _FusedLayer(torch.autograd.Function):
             options, save)
         if mode != "LSTM":
             return h, None, c, h_raw, saved
-        # The forward direction ends in slot T, the reverse one in slot 1. Cast before stacking:
-        # under torch.compile, torch 2.11 drops the gradient of an output made by a ``.to`` that
+        # Cast before stacking: under torch.compile, torch 2.11 drops the gradient of an output made by a ``.to`` that
         # changes nothing (fp32 and fp64 keep c in their own dtype), which stack(...).to(x.dtype)
         # was for them (tests/test_ecosystem.py's compiled gradients).
-        ends = [c[num_steps, :, 0]] + ([c[1, :, 1]] if directions == 2 else [])
-        return h, torch.stack([end.to(x.dtype) for end in ends]), c, h_raw, saved
+        return h, torch.stack([end.to(x.dtype) for end in _final_states(c, num_steps)]), c, h_raw, saved
 
     @staticmethod
     def _setup_context(ctx, inputs, output):
@@ -203,8 +208,7 @@ class _FusedLayer(torch.autograd.Function):
             grads[W_IH::WEIGHTS_PER_DIRECTION] = (dgates_rows.t() @ x_rows).split(gates)
         if b_ih[0] is not None and (any(needs_by_kind[B_IH]) or any(needs_by_kind[B_HH])):
             grads[B_IH::WEIGHTS_PER_DIRECTION] = _column_sums(dgates_rows).split(gates)
-            hidden_grad = dgates_h if mode == "GRU" else dgates_x
-            grads[B_HH::WEIGHTS_PER_DIRECTION] = _column_sums(hidden_grad.view(rows, -1)).split(gates)
+            grads[B_HH::WEIGHTS_PER_DIRECTION] = _column_sums(dgates_h.view(rows, -1)).split(gates)
         for direction in range(directions):
             first = direction * WEIGHTS_PER_DIRECTION
             if needs_by_kind[W_HH][direction]:
@@ -237,7 +241,7 @@ def _second_order_backward(ctx, saved_tensors, grad_output, grad_c_n):
         for index, tensor in zip(wanted, differentiated):
             given[index] = tensor
         directions = [given[first:first + WEIGHTS_PER_DIRECTION]
-                      for first in range(8, len(given), WEIGHTS_PER_DIRECTION)]
+                      for first in range(LAYER_TENSORS, len(given), WEIGHTS_PER_DIRECTION)]
         output, _, c_n = reference.layer(ctx.mode, *given[:3], directions, lengths, resets, h_masks, zoneout_h,
                                          zoneout_c, ctx.zoneout_p)
         return [output] if c_n is None else [output, c_n]
@@ -292,10 +296,9 @@ def layer(mode, x, h0, c0, weights, lengths=None, resets=None, h_masks=None, zon
     states, c_n, *_ = function.apply(mode, save, float(zoneout_p), x, h0, c0, lengths, resets, h_masks, zoneout_h,
                                      zoneout_c, *flat)
     output = states[1:-1].view(x.shape[0], x.shape[1], -1)
-    features = output.shape[2] // len(weights)
-    # The forward direction ends at the last timestep, the reverse one at the first.
-    h_n = [output[-1, :, :features], output[0, :, features:]][:len(weights)]
-    return output, torch.stack(h_n), c_n
+    # From the states, not from output: as torch.nn's, h_n's gradient must not flow through output
+    # (a hook on output saw it, and what the hook changed changed it).
+    return output, torch.stack(_final_states(states, x.shape[0])), c_n
 
 
 def _direction_weights(weights, has_biases: bool):

@@ -721,6 +721,28 @@ def test_output_changed_in_place_is_refused_by_the_backward_that_needs_it(cell):
         fused(x)[0].add_(1)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_output_hook_sees_only_the_output_gradient_as_in_torch(cell):
+    # h_n is an output of its own, as torch.nn's: a hook on output that changes its gradient leaves
+    # what reaches the input through h_n (h_n was a view of output, and the hook zeroed that too).
+    oracle, fused = make_pair(cell, bidirectional=True)
+    x = draw(STEPS, BATCH, INPUT_SIZE, dtype=torch.float64)
+
+    def run(module):
+        input = x.to(KERNEL_DEVICE).requires_grad_()
+        output, state = module(input)
+        h_n = state[0] if isinstance(state, tuple) else state
+        seen = []
+        output.register_hook(lambda grad: seen.append(grad.clone()) or grad * 0)
+        (output.sum() + h_n.sum()).backward()
+        return seen[0].cpu(), input.grad.cpu()
+
+    (seen, grad), (expected_seen, expected_grad) = run(fused), run(oracle)
+    assert_close(seen, expected_seen, dtype=torch.float64, name="output's gradient")
+    assert_close(grad, expected_grad, dtype=torch.float64, name="input's gradient through h_n")
+    assert expected_grad.abs().sum() > 0
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("cell", CELLS)
 def test_torch_jit_script_is_refused_with_what_to_use_instead(cell):
