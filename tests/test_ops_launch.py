@@ -340,6 +340,14 @@ def test_every_persistent_plan_fits_the_gpu(cell, dtype, gpu):
     assert not violations, "\n".join(violations)
 
 
+@pytest.mark.parametrize("backward", [False, True])
+def test_a_gpu_with_fewer_sms_than_directions_runs_a_step_a_launch(backward):
+    # One SM (an MPS share of 1%) cannot hold a program of each direction at once.
+    plan = launch.gpu_plan(shape(directions=2), 1, backward)
+    assert plan.scheme == "stepwise" and plan.grid[2] == 2
+    assert launch.gpu_plan(shape(directions=1), 1, backward).scheme == "persistent"
+
+
 @pytest.mark.parametrize(
     "layer",
     [

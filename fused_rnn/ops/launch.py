@@ -545,7 +545,10 @@ def _any_length_plan(shape: Shape, multiprocessors: int, shared_memory: int, bac
     units, features = (found.grid[1] * found.options[block] for block in ("BLOCK_U", "BLOCK_P"))
     assert not found.resident or (units >= shape.hidden
                                   and (features >= shape.features or not found.options["RESIDENT_PROJ"])), found
-    return found if scheme == "persistent" else _stepwise(found, shape, backward)
+    # Fewer SMs than directions (one, under MPS): a grid the GPU cannot hold at once, whose
+    # programs would wait for each other at the barrier, runs a step a launch instead.
+    fits = found.grid[0] * found.grid[1] * found.grid[2] <= multiprocessors
+    return found if scheme == "persistent" and fits else _stepwise(found, shape, backward)
 
 
 def _for_length(found: Plan, shape: Shape, backward: bool) -> Plan:
