@@ -28,6 +28,7 @@ from ops_cases import (
 )
 
 from fused_rnn import functional, reference
+from fused_rnn.ops import lstm, recurrence
 
 # proj_size: P=7 against H=20 (one feature block), P=65 against H=70 (several), P=1.
 PROJ_SHAPES = [(3, 3, 20, 7), (3, 3, 70, 65), (3, 3, 7, 1)]
@@ -197,3 +198,17 @@ def test_lstm_ops_refuse_a_sequence_without_timesteps():
         torch.ops.fused_rnn.lstm_backward(torch.randn(0, B, D, H), states[1], w_hh, None, None, None, None, None,
                                           None, 0.0, torch.randn(2, B, D, H), torch.randn(2, B, D, H),
                                           torch.randn(0, B, D, 4 * H))
+
+
+def test_lstm_ops_refuse_a_tensor_on_another_device():
+    # The launch runs on gates_x's (grad_h's) device: a weight on another GPU would be read through
+    # peer memory. A meta tensor stands for it (through the op it would reach the fake kernel).
+    T, B, D, H = 2, 2, 1, 4
+    states = [torch.randn(D, B, H), torch.randn(D, B, H)]
+    with pytest.raises(RuntimeError, match="w_hh is on meta, gates_x on cpu"):
+        recurrence.forward(lstm.CELL, torch.randn(T, B, D, 4 * H), torch.randn(D, 4 * H, H, device="meta"), None,
+                           None, *states, None, None, None, None, None, 0.0, False)
+    with pytest.raises(RuntimeError, match="h is on meta, grad_h on cpu"):
+        recurrence.backward(lstm.CELL, torch.randn(T, B, D, H), states[1], torch.randn(D, 4 * H, H), None, None,
+                            None, None, None, None, 0.0, torch.randn(T + 2, B, D, H, device="meta"),
+                            torch.randn(T + 2, B, D, H), torch.randn(T, B, D, 4 * H))

@@ -958,6 +958,15 @@ def _check_timesteps(name: str, tensor) -> None:
         raise ValueError(f"{name}: the recurrence needs at least one timestep, got shape {list(tensor.shape)}")
 
 
+def _check_devices(first_name: str, first, **tensors) -> None:
+    """The launch runs on ``first``'s device; a tensor on another would be read across devices
+    (through peer memory, or a fault), or copied without a word. ``functional`` checks before."""
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != first.device:
+            raise RuntimeError(f"{name} is on {tensor.device}, {first_name} on {first.device}: the recurrence "
+                               "needs every tensor on one device")
+
+
 def _check_zoneout_masks(cell: Cell, zoneout_h, zoneout_c) -> None:
     """One flag (``ZONEOUT``) covers ``h`` and ``c``: the LSTM takes both keep masks or neither."""
     if cell.has_cell_state and (zoneout_h is None) != (zoneout_c is None):
@@ -998,6 +1007,8 @@ def forward(cell: Cell, gates_x, w_hh, b_hh, w_hr, h0, c0, lengths, resets, h_ma
     """Run ``forward_kernel`` for ``cell``; returns ``forward_outputs``, filled. The zoneout keep
     masks are given in training; in eval ``zoneout_p`` alone (0: no zoneout)."""
     _check_timesteps("gates_x", gates_x)
+    _check_devices("gates_x", gates_x, w_hh=w_hh, b_hh=b_hh, w_hr=w_hr, h0=h0, c0=c0, lengths=lengths, resets=resets,
+                   h_mask=h_mask, zoneout_h=zoneout_h, zoneout_c=zoneout_c)
     _check_zoneout_masks(cell, zoneout_h, zoneout_c)
     gates_x, w_hh, b_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c = _dense(
         gates_x, w_hh, b_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c)
@@ -1042,6 +1053,8 @@ def backward(cell: Cell, grad_h, grad_c_n, w_hh, w_hr, lengths, resets, h_mask, 
              zoneout_p: float, h, c, saved):
     """Run ``backward_kernel`` for ``cell``; returns ``backward_outputs``, filled."""
     _check_timesteps("grad_h", grad_h)
+    _check_devices("grad_h", grad_h, grad_c_n=grad_c_n, w_hh=w_hh, w_hr=w_hr, lengths=lengths, resets=resets,
+                   h_mask=h_mask, zoneout_h=zoneout_h, zoneout_c=zoneout_c, h=h, c=c, saved=saved)
     _check_zoneout_masks(cell, zoneout_h, zoneout_c)
     grad_h, w_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c, h, c, saved = _dense(
         grad_h, w_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c, h, c, saved)
