@@ -154,9 +154,9 @@ class _FusedLayer(torch.autograd.Function):
             options, save)
         if mode != "LSTM":
             return h, None, c, h_raw, saved
-        # Cast before stacking: under torch.compile, torch 2.11 drops the gradient of an output made by a ``.to`` that
-        # changes nothing (fp32 and fp64 keep c in their own dtype), which stack(...).to(x.dtype)
-        # was for them (tests/test_ecosystem.py's compiled gradients).
+        # Cast before stacking: under torch.compile, torch 2.11 drops the gradient of an output made
+        # by a ``.to`` that changes nothing (fp32 and fp64 keep c in their own dtype), which
+        # stack(...).to(x.dtype) was for them (tests/test_ecosystem.py's compiled gradients).
         return h, torch.stack([end.to(x.dtype) for end in _final_states(c, num_steps)]), c, h_raw, saved
 
     @staticmethod

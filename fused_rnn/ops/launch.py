@@ -414,11 +414,13 @@ def pieces(columns: int, widest: int = MAX_PIECE_COLUMNS) -> tuple:
 
 def resident_bytes(shape: Shape, options: dict, backward: bool) -> int:
     """Shared memory a resident program (block constexprs ``options``, see ``_options``) needs for
-    its weight blocks and dot operands; ``W_hr``'s too where it keeps it (``RESIDENT_PROJ``)."""
+    its weight blocks and dot operands; ``W_hr``'s too where it keeps it (``RESIDENT_PROJ``); the
+    compiler's scratch beside them only where the margin does not hold it (``WIDE_PARTS_SCRATCH``)."""
     size = shape.dtype.itemsize
     block_b, block_u, block_p = options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"]
     columns = options["BLOCK_K"] * options["NUM_PIECES"]
     projection_columns = options["BLOCK_KP"] * options["NUM_PIECES_P"] if options["RESIDENT_PROJ"] else 0
+    scratch = 0
     if options.get("GATHER", False):
         # W_hh's transposed block over features, W_hr's over units; the operands' pieces, W_hh's a
         # wave at a time
@@ -429,11 +431,11 @@ def resident_bytes(shape: Shape, options: dict, backward: bool) -> int:
         weights = shape.gate_slots * block_u * columns + block_p * projection_columns
         operands = shape.gate_slots * block_u * block_b + (block_p * block_b if shape.has_proj else 0)
         if block_b == 32:
-            return size * (weights + operands) + WIDE_PARTS_SCRATCH
+            scratch = WIDE_PARTS_SCRATCH
     else:  # W_hh's block and h_{t-1} for a batch tile, W_hr's block and h_raw's if it stays too
         weights = shape.gate_slots * block_u * columns + block_p * projection_columns
         operands = block_b * (columns + projection_columns)
-    return size * (weights + operands)
+    return size * (weights + operands) + scratch
 
 
 def wave_columns(options: dict) -> int:
