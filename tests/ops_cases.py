@@ -125,12 +125,13 @@ def option_cases(mode, P=None, grid=OPTION_GRID):
 
 def plan_cases(mode, P=None):
     """What runs on every plan: all options in both directions over several programs' worth of
-    units, two batch tiles, and blocks whose products go as batched pieces
+    units, and over two batch tiles (the second reads its own rows' lengths, resets and masks), and
+    blocks whose products go as batched pieces
     (``launch.group_pieces``): 48 features, four pieces in the stepwise forward's blocks; in the
     gathering backward 192 units: the LSTM's 4 x 192 gate rows in three groups of 8 pieces of 32,
     the GRU's 3 x 192 padded with zero pieces to as many (``launch.batched_pieces``)."""
-    return [Case(mode, 3, 5, 20, P, D=2, options=ALL_TRAINING), Case(mode, 2, 67, 7), Case(mode, 2, 3, 48),
-            Case(mode, 2, 3, 192)]
+    return [Case(mode, 3, 5, 20, P, D=2, options=ALL_TRAINING), Case(mode, 3, 67, 7, D=2, options=ALL_TRAINING),
+            Case(mode, 2, 3, 48), Case(mode, 2, 3, 192)]
 
 
 @dataclasses.dataclass

@@ -4,6 +4,7 @@ from ``gates_x`` (``b_hn`` sits inside ``r * (.)``), so bias on and off take dif
 
 import pytest
 import torch
+from helpers import KERNEL_DEVICE, assert_close
 from ops_cases import (
     ALL_EVAL,
     ALL_TRAINING,
@@ -24,6 +25,8 @@ from ops_cases import (
     shape_and_dtype_cases,
     use_plan,
 )
+
+from fused_rnn import functional, reference
 
 
 @pytest.mark.parametrize("case", params(shape_and_dtype_cases("GRU")))
@@ -87,3 +90,25 @@ def test_gru_no_grad_forward_saves_nothing_and_matches(monkeypatch, case):
 @pytest.mark.parametrize("case", params([Case("GRU", 4, 3, 7, D=2, dtype=torch.float64, options=(LENGTHS,))]))
 def test_gru_state_buffer_holds_initial_states_and_outputs(monkeypatch, case):
     check_state_buffer(monkeypatch, case)
+
+
+def test_gru_bf16_hidden_state_gradient_keeps_every_steps_increment():
+    """dL/dh walks back through 128 steps whose update gates round to 1 in bf16, so the carry is
+    dL/dh_n plus 128 small increments: a bf16 carry next to 256 drops them, the fp32 carry the
+    kernels keep does not (as the LSTM's dL/dc, test_ops_lstm)."""
+    torch.manual_seed(0)
+    T, B, H, I = 128, 2, 8, 5
+    w_ih, w_hh = torch.randn(3 * H, I) * 0.3, torch.randn(3 * H, H) * 0.3
+    b_ih, b_hh = torch.randn(3 * H) * 0.1, torch.randn(3 * H) * 0.1
+    b_ih[H:2 * H] += 16.0  # update gate open: h_t is h_{t-1} plus a little
+    x, h0 = torch.randn(T, B, I), torch.randn(1, B, H) * 0.1
+    bf16 = [tensor.to(torch.bfloat16) for tensor in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+
+    def grad_h0(layer, dtype):
+        x, h0, *weights = (tensor.to(KERNEL_DEVICE, dtype, copy=True) for tensor in bf16)
+        h0.requires_grad_()
+        output, h_n, _ = layer("GRU", x, h0, None, [(*weights, None)])
+        return torch.autograd.grad([output, h_n], h0, [torch.ones_like(output), torch.full_like(h_n, 256.0)])[0]
+
+    assert_close(grad_h0(functional.layer, torch.bfloat16), grad_h0(reference.layer, torch.float64), torch.bfloat16,
+                 name="dL/dh_0")

@@ -43,7 +43,7 @@ def test_lstm_matches_reference_per_shape_and_dtype(monkeypatch, case):
 
 
 @pytest.mark.parametrize("case", params(
-    option_cases("LSTM") + option_cases("LSTM", P=7, grid=[ALL_TRAINING, ALL_EVAL])
+    option_cases("LSTM") + option_cases("LSTM", P=7, grid=[(LENGTHS,), ALL_TRAINING, ALL_EVAL])
     + [Case("LSTM", 3, 19, 70, 65, D=2, options=ALL_TRAINING)]
 ))
 def test_lstm_matches_reference_with_options(monkeypatch, case):
