@@ -357,17 +357,24 @@ def test_lstm_autocast_cpu_bf16_matches_torch(config):
     fused = WithState(fused_rnn.convert(copy.deepcopy(torch_lstm)))
     inputs = state_inputs(torch_lstm, "cpu")
 
-    torch_outputs, _ = run_and_grad(reference, inputs, autocast_dtype=torch.bfloat16)
     outputs, grads = run_and_grad(fused, inputs, autocast_dtype=torch.bfloat16)
-    _, exact_grads = run_and_grad(float64_twin(reference), double_inputs(inputs))
+    exact_outputs, exact_grads = run_and_grad(float64_twin(reference), double_inputs(inputs))
 
     # output, h_n, c_n in bf16 (nn.LSTM's CPU fallback for projections returns c_n in fp32; the
     # fused layer runs the whole cell in the autocast dtype, as cuDNN does).
     assert [o.dtype for o in outputs] == [torch.bfloat16] * 3
+    assert_all_close(outputs, exact_outputs, torch.bfloat16, "output")
+    assert_half_grads_close(grads, exact_grads, torch.bfloat16)
+    try:
+        torch_outputs, _ = run_and_grad(reference, inputs, autocast_dtype=torch.bfloat16)
+    except RuntimeError as error:
+        # nn.LSTM's autocast path is oneDNN's, which has no bf16 LSTM on some CPUs (an AMD EPYC
+        # without AVX-512); the float64 twin above is the reference there.
+        assert "primitive descriptor" in str(error)
+        return
     if not AUTOCAST_LSTMS[config].get("proj_size"):
         assert [o.dtype for o in outputs] == [o.dtype for o in torch_outputs]
     assert_all_close(outputs, torch_outputs, torch.bfloat16, "output")
-    assert_half_grads_close(grads, exact_grads, torch.bfloat16)
 
 
 def test_gru_autocast_cpu_runs_in_bf16():
