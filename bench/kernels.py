@@ -54,8 +54,8 @@ DTYPES = {
 }
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 # Buffers kept in the accumulator dtype (fp32, or fp64 for fp64), whatever the layer's dtype.
-ACCUMULATOR_BUFFERS = {"c_ptr", "dh_carry_ptr", "routed_dh0_ptr", "routed_dh0_recurrent_ptr", "dc_carry_ptr", "routed_dc0_ptr", "partial_ptr",
-                       "partial_proj_ptr"}
+ACCUMULATOR_BUFFERS = {"c_ptr", "dh_carry_ptr", "routed_dh0_ptr", "routed_dh0_recurrent_ptr", "dc_carry_ptr",
+                       "routed_dc0_ptr", "partial_ptr", "partial_proj_ptr"}
 HEADLINE = (16, 768)
 GRID_BATCHES, GRID_HIDDENS = (1, 16, 64, 256), (256, 768, 1024)
 # (batch, hidden) with no multiple of 16, H not even of 2: nothing for the compiler to specialise on

@@ -290,6 +290,14 @@ def test_eager_module_calls_name_a_state_of_the_wrong_dtype(cell, native_calls):
         fused(torch.randn(STEPS, BATCH, INPUT_SIZE), hx)
 
 
+def torch_or_its_error(module, *args):
+    """``module(*args)``, or the RuntimeError with which torch.nn's CPU operator refused it."""
+    try:
+        return module(*args)
+    except RuntimeError as error:
+        return error
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bfloat16"])
 def test_eager_module_calls_take_the_float32_c0_torch_takes(dtype, native_calls):
     # torch.nn's CPU operator computes with a c_0 of another dtype here (and returns c_n in it for
@@ -324,14 +332,6 @@ def test_eager_module_calls_under_autocast_take_states_in_the_autocast_dtype_as_
         got = fused(x, hx)
     for actual, want in zip(flatten(got), flatten(expected), strict=True):
         assert torch.equal(actual, want)
-
-
-def torch_or_its_error(module, *args):
-    """``module(*args)``, or the RuntimeError with which torch.nn's CPU operator refused it."""
-    try:
-        return module(*args)
-    except RuntimeError as error:
-        return error
 
 
 # ``native.layers`` called directly with nn.RNN's flat weights.

@@ -28,8 +28,9 @@ Buffers, for ``T`` steps, batch ``B``, ``D`` directions, ``H`` units, ``P`` feat
 ``h (T+2, B, D, P)`` holds the forward direction's ``h_0`` in slot 0, the reverse direction's in
 slot ``T+1``, and the state after timestep ``t`` in slot ``t+1`` (both directions): so slots
 ``1..T`` are the layer's output, already in ``[forward, reverse]`` feature order. The LSTM's ``c``
-has the same layout. ``gates_x (T, B, D, G*H)`` is the input projection (``G`` gates a unit), ``saved (T, B, D, S*H)``
-what the cell saves for the backward (``S`` activations a unit). Per-sequence tensors
+has the same layout. ``gates_x (T, B, D, G*H)`` is the input projection (``G`` gates a unit),
+``saved (T, B, D, S*H)`` what the cell saves for the backward (``S`` activations a unit).
+Per-sequence tensors
 (``h_mask``, carries, ``dh0``) are ``(B, D, .)``.
 
 ``python -m bench.kernels`` tells ``W_hr``'s loads from ``W_hh``'s by the source lines of the
@@ -675,8 +676,8 @@ def hidden_grad(
     ``OPERAND_WAVES`` waves, loaded by the caller, or None to load it here), times the block's
     columns of ``W_hh``; else the sum of the parts every program wrote (``reduce_partials``). Where
     that step reset, it belongs to ``h_0`` instead and goes to ``routed_dh0_recurrent``: a buffer
-    of its own, not ``routed_dh0``, which the caller adds to later in the step, so that no tile is added to twice
-    in a step, by threads of two layouts that nothing orders."""
+    of its own, not ``routed_dh0``, which the caller adds to later in the step, so that no tile is
+    added to twice in a step, by threads of two layouts that nothing orders."""
     features = first_feature + tl.arange(0, BLOCK_F)
     dh = load_tile(grad_h_ptr, x_rows, P, features, mask).to(ACC_DTYPE)
     dh += load_tile(dh_carry_ptr, state_rows, P, features, mask)
