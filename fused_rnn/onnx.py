@@ -136,6 +136,12 @@ def layers(cell, x, hx, params, has_biases, num_layers, dropout, train, bidirect
         raise RuntimeError(
             f"fused_rnn: ONNX export of {cell} needs torch.onnx.ops (torch >= 2.8), got torch {torch.__version__}"
         )
+    if not exporting():
+        # Eagerly, torch.onnx.ops' operators return zeros of their shapes: never an answer.
+        raise RuntimeError(
+            f"fused_rnn.onnx.layers builds the ONNX operators of {cell} for torch.onnx.export and runs only "
+            "inside it; call the module or fused_rnn.functional outside an export"
+        )
 
     def run_layer(x, weights, state):
         if len(weights[0]) == (5 if has_biases else 3):  # with W_hr: the LSTM's projection

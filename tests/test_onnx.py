@@ -230,3 +230,12 @@ def test_torchscript_exporter_is_refused_with_a_clear_error(tmp_path):
 
 def test_exporting_is_false_outside_torch_onnx_export():
     assert not exporting()
+
+
+def test_onnx_layers_refuse_to_run_outside_an_export():
+    # Run eagerly, the ONNX operators would return zeros of the right shape.
+    module = nn.LSTM(INPUT_SIZE, HIDDEN_SIZE)
+    x = torch.randn(EXAMPLE_STEPS, EXAMPLE_BATCH, INPUT_SIZE)
+    hx = (torch.randn(1, EXAMPLE_BATCH, HIDDEN_SIZE),) * 2
+    with pytest.raises(RuntimeError, match="runs only inside it"):
+        layers("LSTM", x, hx, module._flat_weights, True, 1, 0.0, False, False, None)
