@@ -7,7 +7,7 @@ which matrix instructions were emitted and the longest chain of them that depend
 (``chain``) - is available on a machine without a GPU. That is what the interpreter cannot check.
 A variant is (cell, forward or backward, dtype, optional inputs, batch, hidden, directions) with
 the plan ``launch.gpu_plan`` makes for the architecture's GPU in ``GPUS`` (``--arch 90``, the
-default: an H100/H200, 132 SMs; 80: an A100; 89: an L40S).
+default: an H100/H200, 132 SMs; 80: an A100; 89: an L40S; 75: a T4).
 
 For each variant the report also counts the loads of the weights that sit inside the time loop
 (``W_hh in loop``, ``W_hr in loop``): the resident plans load their blocks once, before it; the
@@ -104,14 +104,17 @@ class Gpu:
     name: str
     multiprocessors: int
     shared_memory: int  # bytes a program may opt in to: shared_memory_per_block_optin
+    tensor_cores: bool = True  # whether Triton runs tl.dot on them (launch.TENSOR_CORE_MAJOR)
 
 
 # A GPU of each architecture ``--arch`` names. The L4 (58 SMs) and RTX 4090 (128), sm_89, and the
-# sm_86 A10 (72) and RTX 3090 (82) give a program as much shared memory as the L40S.
+# sm_86 A10 (72) and RTX 3090 (82) give a program as much shared memory as the L40S; the T4 is
+# sm_75, as the RTX 20xx, on which Triton's products run on FMAs (the ``matrix`` column is empty).
 GPUS = {
     90: Gpu("H100 SXM / H200", 132, 227 * 1024),
     80: Gpu("A100", 108, 163 * 1024),
     89: Gpu("L40S", 142, 99 * 1024),
+    75: Gpu("T4", 40, 64 * 1024, tensor_cores=False),
 }
 
 
@@ -248,7 +251,8 @@ def plan_of(shape, backward: bool, gpu: Gpu = GPUS[90]):
     """The plan a launch makes on ``gpu`` (``launch.gpu_plan``)."""
     from fused_rnn.ops import launch
 
-    return launch.gpu_plan(shape, gpu.multiprocessors, backward, shared_memory=gpu.shared_memory)
+    return launch.gpu_plan(shape, gpu.multiprocessors, backward, shared_memory=gpu.shared_memory,
+                           tensor_cores=gpu.tensor_cores)
 
 
 def describe(shape, plan) -> str:
@@ -482,7 +486,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, choices=sorted(GPUS),
-                        help="compute capability: the plans of its GPU in GPUS (90: H100/H200, 80: A100, 89: L40S)")
+                        help="compute capability: the plans of its GPU in GPUS "
+                             "(90: H100/H200, 80: A100, 89: L40S, 75: T4)")
     parser.add_argument("--all", action="store_true", help="the full grid (default: the subset CI compiles)")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 if a variant fails to compile, spills, overflows shared memory or reads L2 "

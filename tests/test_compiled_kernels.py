@@ -4,8 +4,8 @@ The interpreter runs the kernels' arithmetic but not the compiler: a ``tl.dot`` 
 an unsupported cast or an operation that only fails to lower would surface only on a GPU. Triton
 compiles for a named target with the ``ptxas`` it ships, so ``python -m bench.kernels`` compiles
 each kernel in every dtype, with and without its optional inputs, with the plans of an H100/H200
-(sm_90), an A100 (sm_80) and an L40S (sm_89), and checks that nothing spills to local memory and
-that every program fits that GPU's shared memory.
+(sm_90), an A100 (sm_80), an L40S (sm_89) and a T4 (sm_75), and checks that nothing spills to
+local memory and that every program fits that GPU's shared memory.
 """
 
 import os
@@ -26,7 +26,7 @@ def compile_in_subprocess(arguments, tmp_path, timeout):
                           cwd=os.path.dirname(os.path.dirname(__file__)), timeout=timeout)
 
 
-@pytest.mark.parametrize("arch", [90, 80, 89])
+@pytest.mark.parametrize("arch", [90, 80, 89, 75])
 def test_every_kernel_compiles_without_spilling(tmp_path, arch):
     result = compile_in_subprocess(["-m", "bench.kernels", "--arch", str(arch), "--check"], tmp_path, 1800)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

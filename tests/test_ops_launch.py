@@ -59,10 +59,10 @@ def no_forced_plan(monkeypatch):
 @pytest.fixture
 def multiprocessors(monkeypatch):
     """Pretend a GPU with a given number of usable SMs (and shared memory a program, an H100's
-    unless given) is device 0."""
+    unless given; tensor cores unless told) is device 0."""
 
-    def set_limits(count, shared_memory=launch.H100_SHARED_MEMORY):
-        monkeypatch.setattr(launch, "_device_limits", lambda index: (count, shared_memory))
+    def set_limits(count, shared_memory=launch.H100_SHARED_MEMORY, tensor_cores=True):
+        monkeypatch.setattr(launch, "_device_limits", lambda index: (count, shared_memory, tensor_cores))
 
     return set_limits
 
@@ -671,10 +671,12 @@ def test_a_gpu_plan_is_made_once_for_each_thing_it_depends_on(no_forced_plan, mu
     launch.plan(fp32, CUDA, backward=False)
     multiprocessors(66, 163 * 1024)
     launch.plan(fp32, CUDA, backward=False)
+    multiprocessors(66, 163 * 1024, tensor_cores=False)
+    launch.plan(fp32, CUDA, backward=False)
     monkeypatch.setenv("FUSED_RNN_SCHEME", "stepwise")
     launch.plan(fp32, CUDA, backward=False)
     launch.plan(fp32, CUDA, backward=True)
-    assert len(made) == 6
+    assert len(made) == 7
 
 
 def test_sequences_of_every_length_share_one_cached_plan(no_forced_plan, multiprocessors, request):
@@ -714,13 +716,41 @@ def test_unknown_forced_value_is_rejected_naming_the_variable(no_forced_plan, mo
 @pytest.mark.parametrize("share, usable", [(None, 132), ("50", 66), ("1", 1)])
 def test_mps_thread_percentage_limits_the_usable_sms(monkeypatch, share, usable):
     # An H100's properties as torch reports them; MPS leaves a program's shared memory as it is.
-    properties = SimpleNamespace(multi_processor_count=132, shared_memory_per_block_optin=232448)
+    properties = SimpleNamespace(multi_processor_count=132, shared_memory_per_block_optin=232448, major=9)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: properties)
     if share is None:
         monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", raising=False)
     else:
         monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", share)
-    assert launch._device_limits.__wrapped__(0) == (usable, 232448)
+    assert launch._device_limits.__wrapped__(0) == (usable, 232448, True)
+
+
+@pytest.mark.parametrize("major, tensor_cores", [(7, False), (8, True), (9, True), (12, True)])
+def test_the_compute_capability_says_whether_dots_run_on_tensor_cores(monkeypatch, major, tensor_cores):
+    # A T4 (sm_75) as torch reports it, and the same with a later major version.
+    properties = SimpleNamespace(multi_processor_count=40, shared_memory_per_block_optin=65536, major=major)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: properties)
+    monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", raising=False)
+    assert launch._device_limits.__wrapped__(0) == (40, 65536, tensor_cores)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "lstm-proj", "rnn"])
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_weights_stream_on_a_gpu_whose_dots_have_no_tensor_cores(no_forced_plan, multiprocessors, monkeypatch,
+                                                                 cell, backward):
+    # On a T4 (40 SMs, 64 KB a program) Triton's products are FMAs, whose operands took up to twice
+    # the shared memory a resident plan counts, and spilled; B=16 H=256 fits that plan's count.
+    layer = shape(cell, hidden=256, proj=128 if cell == "lstm-proj" else None)
+    t4 = dict(shared_memory=64 * 1024)
+    assert launch.gpu_plan(layer, 40, backward, **t4).resident
+    plan = launch.gpu_plan(layer, 40, backward, **t4, tensor_cores=False)
+    assert plan.scheme == "persistent" and not plan.resident and not plan.options["RESIDENT_PROJ"]
+    multiprocessors(40, 64 * 1024, tensor_cores=False)
+    launch._gpu_plan_once.cache_clear()
+    assert launch.plan(layer, CUDA, backward) == plan
+    monkeypatch.setenv("FUSED_RNN_WEIGHTS", "resident")  # a forced choice still decides
+    assert launch.plan(layer, CUDA, backward).resident
+    launch._gpu_plan_once.cache_clear()
 
 
 class FakeKernel:

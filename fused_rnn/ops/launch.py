@@ -53,6 +53,13 @@ BACKWARDS = ("gather", "partial")
 # ``python -m bench.kernels`` prints the compiler's report.
 COMPILE_OPTIONS = dict(num_warps=8, num_stages=1, maxnreg=255, enable_fp_fusion=True)
 
+# Triton lowers ``tl.dot`` to tensor-core instructions from sm_80 on. Before (a T4 or an RTX 20xx,
+# sm_75; a V100, sm_70) its products are FMAs on operands held in other layouts: compiled for a
+# T4, resident plans took up to 2.8 times the shared memory they count (the fp16 LSTM backward at
+# B=64 H=256, both directions: 80 KB, of the 64 a T4 gives a program) and spilled up to 1.3 KB a
+# thread (``python -m bench.kernels --arch 75``, Triton 3.9). There the weights stream.
+TENSOR_CORE_MAJOR = 8
+
 # Shared memory a program may use on an H100/H200 (its opt-in limit a block,
 # ``shared_memory_per_block_optin``): ``gpu_plan``'s default.
 H100_SHARED_MEMORY = 227 * 1024
@@ -151,18 +158,19 @@ def _forced(name: str, choices) -> str | None:
 
 @functools.lru_cache
 def _device_limits(device_index: int) -> tuple:
-    """``(SMs, shared memory)`` of a GPU that a plan depends on: the SMs a launch may use, and the
-    bytes of shared memory a program may opt in to (Triton refuses a kernel that needs more:
-    ``OutOfResources``). A persistent grid has at most a program an SM and each fits one alone
-    (8 warps of at most 255 registers take 65280 of the 65536 of an sm_80 to sm_90 SM), so the
-    cooperative launch finds every program resident."""
+    """``(SMs, shared memory, tensor cores)`` of a GPU that a plan depends on: the SMs a launch may
+    use, the bytes of shared memory a program may opt in to (Triton refuses a kernel that needs
+    more: ``OutOfResources``), and whether Triton runs ``tl.dot`` on its tensor cores. A persistent
+    grid has at most a program an SM and each fits one alone (8 warps of at most 255 registers take
+    65280 of the 65536 of an sm_75 to sm_90 SM), so the cooperative launch finds every program
+    resident."""
     properties = torch.cuda.get_device_properties(device_index)
     count = properties.multi_processor_count
     # An MPS client may be limited to a share of the SMs without the device properties saying so.
     share = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
     if share:
         count = int(count * float(share) / 100)
-    return max(1, count), properties.shared_memory_per_block_optin
+    return max(1, count), properties.shared_memory_per_block_optin, properties.major >= TENSOR_CORE_MAJOR
 
 
 def shared_memory_budget(shared_memory: int) -> int:
@@ -505,39 +513,42 @@ def plan(shape: Shape, device: torch.device, backward: bool) -> Plan:
     gather = _forced("FUSED_RNN_BACKWARD", BACKWARDS) != "partial"
     if device.type != "cuda":
         return _interpreter_plan(shape, scheme, weights != "streaming", backward, gather)
-    multiprocessors, shared_memory = _device_limits(device.index)
+    multiprocessors, shared_memory, tensor_cores = _device_limits(device.index)
     any_length = _gpu_plan_once(dataclasses.replace(shape, steps=0), multiprocessors, shared_memory, backward, scheme,
-                                weights, gather, cudnn_rnn_tf32(), interpreting())
+                                weights, gather, tensor_cores, cudnn_rnn_tf32(), interpreting())
     return _for_length(any_length, shape, backward)
 
 
 @functools.lru_cache(maxsize=4096)
 def _gpu_plan_once(shape: Shape, multiprocessors: int, shared_memory: int, backward: bool, scheme: str,
-                   weights: str | None, gather: bool, allow_tf32: bool, interpreted: bool) -> Plan:
+                   weights: str | None, gather: bool, tensor_cores: bool, allow_tf32: bool, interpreted: bool) -> Plan:
     """``_any_length_plan``, cached by its arguments and the two switches it reads (``allow_tf32``,
     ``interpreted``), which here only key the cache. Callers must not change the plan."""
-    return _any_length_plan(shape, multiprocessors, shared_memory, backward, scheme, weights, gather)
+    return _any_length_plan(shape, multiprocessors, shared_memory, backward, scheme, weights, gather, tensor_cores)
 
 
 def gpu_plan(shape: Shape, multiprocessors: int, backward: bool, scheme: str = "persistent",
-             weights: str | None = None, gather: bool = True, *, shared_memory: int = H100_SHARED_MEMORY) -> Plan:
+             weights: str | None = None, gather: bool = True, *, shared_memory: int = H100_SHARED_MEMORY,
+             tensor_cores: bool = True) -> Plan:
     """``plan`` for a GPU with ``multiprocessors`` SMs whose programs may use ``shared_memory``
-    bytes (``python -m bench.kernels`` asks without one). The backward gathers where its
+    bytes, with or without ``tensor_cores`` (``python -m bench.kernels`` asks without one). The backward gathers where its
     transposed blocks fit, else it sums parts; not where rows of ``H``, or with a projection of
     ``P``, are not in vectors (``rows_in_vectors``): read an element at a time, the GRU's
     gathering backward spilled 140 bytes a thread at H = 1000 before ``ALIGNMENT_H`` (``python -m
     bench.kernels --all``), the LSTM's with a projection 32 to 112 bytes with Triton 3.6 at P =
     239 and 245 (H = 720 and 736)."""
-    any_length = _any_length_plan(shape, multiprocessors, shared_memory, backward, scheme, weights, gather)
+    any_length = _any_length_plan(shape, multiprocessors, shared_memory, backward, scheme, weights, gather,
+                                  tensor_cores)
     return _for_length(any_length, shape, backward)
 
 
 def _any_length_plan(shape: Shape, multiprocessors: int, shared_memory: int, backward: bool, scheme: str,
-                     weights: str | None, gather: bool) -> Plan:
-    """``gpu_plan`` for a sequence its barrier counters hold: it never reads ``shape.steps``."""
+                     weights: str | None, gather: bool, tensor_cores: bool) -> Plan:
+    """``gpu_plan`` for a sequence its barrier counters hold: it never reads ``shape.steps``.
+    Without tensor cores (``TENSOR_CORE_MAJOR``) the weights stream unless ``weights`` says."""
     budget = shared_memory_budget(shared_memory)
     found = None
-    if weights != "streaming":
+    if weights == "resident" or (weights is None and tensor_cores):
         if backward and gather and rows_in_vectors(shape.hidden) and rows_in_vectors(shape.features):
             found = _resident_persistent_plan(shape, multiprocessors, backward, budget, gather=True)
         found = found or _resident_persistent_plan(shape, multiprocessors, backward, budget)
