@@ -205,10 +205,11 @@ class _FusedLayer(torch.autograd.Function):
                 # The padding past a sequence's end may hold anything: its gate gradients are zero,
                 # but 0 * NaN is not.
                 x_rows = torch.where(reference.valid_steps(lengths, num_steps).view(rows, 1), x_rows, 0)
-            grads[W_IH::WEIGHTS_PER_DIRECTION] = (dgates_rows.t() @ x_rows).split(gates)
+            grads[W_IH::WEIGHTS_PER_DIRECTION] = [part.t() @ x_rows for part in _directions(dgates_rows, gates)]
         if b_ih[0] is not None and (any(needs_by_kind[B_IH]) or any(needs_by_kind[B_HH])):
-            grads[B_IH::WEIGHTS_PER_DIRECTION] = _column_sums(dgates_rows).split(gates)
-            grads[B_HH::WEIGHTS_PER_DIRECTION] = _column_sums(dgates_h.view(rows, -1)).split(gates)
+            grads[B_IH::WEIGHTS_PER_DIRECTION] = [_column_sums(part) for part in _directions(dgates_rows, gates)]
+            grads[B_HH::WEIGHTS_PER_DIRECTION] = [_column_sums(part)
+                                                  for part in _directions(dgates_h.view(rows, -1), gates)]
         for direction in range(directions):
             first = direction * WEIGHTS_PER_DIRECTION
             if needs_by_kind[W_HH][direction]:
@@ -219,6 +220,14 @@ class _FusedLayer(torch.autograd.Function):
                                        @ h_raw[:, :, direction].reshape(rows, -1))
         return (None, None, None, grad_x, dh0 if needs[FIRST_TENSOR + 1] else None,
                 dc0 if mode == "LSTM" and needs[FIRST_TENSOR + 2] else None, None, None, None, None, None, *grads)
+
+
+def _directions(rows, gates: int) -> list:
+    """The columns of each direction in ``rows (R, D * gates)``, as strided views: a gradient
+    computed from each is a tensor of its own. Split from one product over all directions, the
+    directions' gradients would share a storage (autograd keeps such a tensor as ``.grad``), where
+    torch.nn gives every parameter's gradient its own: freeing or saving one would touch the other."""
+    return [rows[:, first:first + gates] for first in range(0, rows.shape[1], gates)]
 
 
 def _column_sums(rows):

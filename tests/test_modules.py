@@ -625,6 +625,25 @@ def test_double_and_to_move_the_fused_module(cell):
 
 
 @pytest.mark.parametrize("cell", CELLS)
+def test_every_parameter_gradient_has_a_storage_of_its_own_as_in_torch(cell):
+    # A bidirectional layer's W_ih and bias gradients were split from one product over both
+    # directions: autograd kept the views as .grad, so the reverse direction's gradient lived at an
+    # offset of the forward one's storage (freeing that storage destroyed it; torch.save wrote both).
+    oracle, fused = make_pair(cell, torch.float64, bidirectional=True, num_layers=2)
+    x = draw(STEPS, BATCH, INPUT_SIZE, dtype=torch.float64).to(KERNEL_DEVICE)
+    output = fused(x)[0]
+    output.square().sum().backward()
+    storages = {name: param.grad.untyped_storage().data_ptr() for name, param in fused.named_parameters()}
+    assert len(set(storages.values())) == len(storages), storages
+    for name, param in fused.named_parameters():
+        assert param.grad.storage_offset() == 0, name
+        assert param.grad.untyped_storage().nbytes() == param.grad.numel() * param.grad.element_size(), name
+    oracle(x.cpu())[0].square().sum().backward()
+    for name, param in fused.named_parameters():
+        assert_close(param.grad, getattr(oracle, name).grad, dtype=torch.float64, name=name)
+
+
+@pytest.mark.parametrize("cell", CELLS)
 def test_sgd_training_moves_the_loss_like_torch(cell):
     oracle, fused = make_pair(cell, torch.float32)
     x = draw(STEPS, BATCH, INPUT_SIZE, dtype=torch.float32)
