@@ -146,6 +146,8 @@ class _FusedRNNBase(nn.modules.rnn.RNNBase):
                 if error is None:
                     raise
                 raise error from None
+        if isinstance(input, torch.fx.Proxy) and input.tracer.root is not self:
+            return _fx_leaf(self, input, hx, lengths, reset)
         return self._run(input, hx, lengths, reset)
 
     def _torch_serves(self, input) -> bool:
@@ -178,6 +180,16 @@ class _FusedRNNBase(nn.modules.rnn.RNNBase):
             state = tuple(map(squeeze, state)) if isinstance(state, tuple) else squeeze(state)
             return output.squeeze(0 if self.batch_first else 1), state
         return output, state
+
+
+def _fx_leaf(module, input, hx, lengths, reset):
+    """The module as one ``call_module`` node of a ``torch.fx`` symbolic trace, as the Tracer records
+    torch.nn's RNNs: those are leaves by their module's name (``Tracer.is_leaf_module``), ours are
+    not, and their forward cannot run on a Proxy. The arguments the call was given, no more."""
+    tracer = input.tracer
+    args = (input,) if hx is None else (input, hx)
+    kwargs = {name: value for name, value in (("lengths", lengths), ("reset", reset)) if value is not None}
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
 
 
 def _state_dtype_error(input, hx) -> RuntimeError | None:

@@ -212,6 +212,33 @@ def test_compile_raises_no_warning_about_fused_rnn_code(fresh_dynamo):
     assert not ours, ours
 
 @pytest.mark.skipif(not KERNELS_RUN, reason="the kernel path: CUDA, or CPU under TRITON_INTERPRET=1")
+def test_fx_symbolic_trace_records_a_converted_rnn_as_one_module_call_as_torch_does():
+    # torch.nn's RNNs are leaves of FX's Tracer by their module's name; the fused ones were walked
+    # into, and their forward raised on the Proxy (FX quantization, feature extractors).
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(IN, HID, num_layers=2, bidirectional=True)
+            self.gru = nn.GRU(2 * HID, HID)
+
+        def forward(self, x, h, c):
+            output, (h_n, c_n) = self.lstm(x, (h, c))
+            output, h_gru = self.gru(output, hx=h_n[:1])
+            return output * 2, c_n, h_gru
+
+    model = Model().to(KERNEL_DEVICE)
+    converted = fused_rnn.convert(copy.deepcopy(model))
+    graphs = {name: torch.fx.symbolic_trace(module) for name, module in (("torch", model), ("fused", converted))}
+    # The same nodes (hx reaches the node positionally where the call named it: the same call).
+    nodes = {name: [(node.op, str(node.target)) for node in graph.graph.nodes] for name, graph in graphs.items()}
+    assert nodes["fused"] == nodes["torch"]
+    x = torch.randn(T, B, IN, device=KERNEL_DEVICE)
+    h, c = (torch.randn(4, B, HID, device=KERNEL_DEVICE) for _ in range(2))
+    for actual, expected in zip(graphs["fused"](x, h, c), model(x, h, c)):
+        assert_close(actual, expected, dtype=torch.float32)
+    assert isinstance(graphs["fused"].lstm, fused_rnn.LSTM)
+
+
 def test_jit_trace_trains_when_traced_with_grad_and_refuses_a_backward_clearly_otherwise():
     torch.manual_seed(0)
     model = fused_rnn.LSTM(IN, HID).to(KERNEL_DEVICE)
