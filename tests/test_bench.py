@@ -7,6 +7,7 @@ harness builds the documented configs, verifies agreement with torch, and writes
 import datetime
 import json
 import math
+import os
 import subprocess
 import sys
 import threading
@@ -259,6 +260,18 @@ def test_help_runs():
     for flag in ("--cell", "--batch", "--hidden", "--seq", "--input", "--layers", "--bidirectional",
                  "--dtype", "--mode", "--out", "--smoke", "--headline", "--cpu", "--threads"):
         assert flag in result.stdout
+
+
+def test_the_suite_collects_where_triton_compiles_the_kernels():
+    # bench/gpu_session.sh's tests stage runs every test file without the interpreter: a module
+    # that exits at import there (test_traffic's bench.traffic did) ends pytest's whole run.
+    environment = dict(os.environ, TRITON_INTERPRET="0")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
+        cwd=REPO, env=environment, capture_output=True, text=True, timeout=300,
+    )
+    printed = result.stdout + result.stderr
+    assert result.returncode == 0 and "INTERNALERROR" not in printed, printed[-4000:]
 
 
 @pytest.mark.gpu
