@@ -524,6 +524,16 @@ def test_sequences_past_the_barrier_counters_int32_range_launch_stepwise(has_pro
     assert beyond.scheme == "stepwise"
 
 
+def test_a_sequence_whose_barrier_count_reaches_2_to_the_31_exactly_launches_stepwise():
+    # 32 programs (a power of two): 32 * 2 * 2**25 arrivals is 2**31, one past int32's largest.
+    programs = launch.gpu_plan(shape(hidden=512), H100_SMS, backward=False).grid[1]
+    assert programs == 32
+    steps = 2**31 // (2 * programs)
+    assert launch.gpu_plan(shape(hidden=512, steps=steps - 1), H100_SMS, backward=False).scheme == "persistent"
+    assert launch.gpu_plan(shape(hidden=512, steps=steps), H100_SMS, backward=False).scheme == "stepwise"
+
+
+
 @pytest.mark.parametrize("directions", [1, 2])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "lstm-proj"])
 def test_interpreter_persistent_plan_runs_one_program_per_direction(no_forced_plan, cell, directions):
