@@ -533,6 +533,17 @@ def test_a_sequence_whose_barrier_count_reaches_2_to_the_31_exactly_launches_ste
     assert launch.gpu_plan(shape(hidden=512, steps=steps), H100_SMS, backward=False).scheme == "stepwise"
 
 
+@pytest.mark.parametrize("backward", [False, True])
+def test_a_streaming_stepwise_plan_runs_a_program_per_block_not_per_sm(backward):
+    # Streaming persistent programs walk every n_u-th block, n_u at most the SMs (132 of H = 4096's
+    # 256 blocks of 16 units); a stepwise launch holds no barrier, so it takes one program a block.
+    layer = shape(hidden=4096)
+    persistent = launch.gpu_plan(layer, H100_SMS, backward)
+    stepwise = launch.gpu_plan(layer, H100_SMS, backward, scheme="stepwise")
+    assert not persistent.resident and persistent.grid[1] == H100_SMS
+    assert stepwise.scheme == "stepwise" and not stepwise.resident
+    assert stepwise.grid[1] == triton.cdiv(layer.hidden, stepwise.options["BLOCK_U"]) > H100_SMS
+
 
 @pytest.mark.parametrize("directions", [1, 2])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "lstm-proj"])
