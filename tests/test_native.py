@@ -30,8 +30,10 @@ TORCH = {"LSTM": nn.LSTM, "GRU": nn.GRU}
 VF_OPERATORS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 
 INPUT_SIZE, HIDDEN_SIZE, STEPS, BATCH = 5, 7, 6, 4
-# Unsorted, with a full-length row and a length-1 row: packing must sort and unsort.
-LENGTHS = [4, 6, 1, 3]
+# Unsorted, with a full-length row and a length-1 row: packing must sort and unsort. The sort
+# ([2, 0, 3, 1]) is not its own inverse ([1, 3, 0, 2]), so that a state put back in the order it
+# was sorted in, or sorted by the order that restores it, shows.
+LENGTHS = [4, 1, 6, 3]
 
 OPTIONS = {
     "1layer": {},
