@@ -188,6 +188,22 @@ def test_lengths_match_packed_torch_and_zero_the_padding(cell, options, native_c
     assert (output[past_end] == 0).all(), "outputs past each sequence's end must be exactly zero"
 
 
+@pytest.mark.parametrize("cell, options", cases(["2layers-bidirectional"]))
+def test_lengths_all_shorter_than_the_input_keep_its_length(cell, options, native_calls):
+    # No sequence reaches the last step: the packed operator's output, unpadded, is a step short.
+    oracle, fused = make_pair(cell, torch.float64, **options)
+    lengths = torch.tensor([4, 1, STEPS - 1, 3])
+
+    def packed_then_padded(module, inputs):
+        packed = pack_padded_sequence(inputs["input"], lengths, enforce_sorted=False)
+        output, state = module(packed, hx_of(inputs))
+        return pad_packed_sequence(output, total_length=STEPS)[0], state
+
+    actual = compare(oracle, fused, draw_inputs(oracle, torch.float64), native_calls,
+                     lambda module, inputs: module(inputs["input"], hx_of(inputs), lengths=lengths), packed_then_padded)
+    assert actual["output"].shape[0] == STEPS and (actual["output"][-1] == 0).all()
+
+
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["no_lengths", "lengths"])
 @pytest.mark.parametrize("cell", FUSED)
 def test_empty_batch_matches_torch(cell, with_lengths, native_calls):
