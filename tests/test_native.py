@@ -297,6 +297,21 @@ def test_eager_module_calls_are_torch_nn_forward_unless_options_need_more(cell, 
     assert functional_calls["_run"] == expected_runs
 
 
+@pytest.mark.parametrize("cell", FUSED)
+def test_eager_module_calls_with_zoneout_mix_in_its_expectation_in_eval(cell, native_calls):
+    # torch.nn has no zoneout: its forward must not serve the call, which would drop it silently.
+    oracle, fused = make_pair(cell, torch.float64)
+    fused.zoneout = 0.5
+    fused.eval()
+    tensors = draw_inputs(oracle, torch.float64)
+    run = functional.lstm if cell == "LSTM" else functional.gru
+    expected = run(tensors["input"], hx_of(tensors), fused._flat_weights, zoneout=0.5)
+    actual = fused(tensors["input"], hx_of(tensors))
+    for value, wanted in zip(flatten(actual), flatten(expected), strict=True):
+        assert_close(value, wanted, name="zoneout in eval")
+    assert not torch.allclose(actual[0], oracle(tensors["input"], hx_of(tensors))[0]), "zoneout had no effect"
+
+
 @pytest.mark.parametrize("cell", ["LSTM", "GRU"])
 def test_eager_module_calls_name_a_state_of_the_wrong_dtype(cell, native_calls):
     # torch.nn's operator would say "get_mkldnn_dtype: unsupported data type" (LSTM) or
