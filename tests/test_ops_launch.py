@@ -524,6 +524,15 @@ def test_sequences_past_the_barrier_counters_int32_range_launch_stepwise(has_pro
     assert beyond.scheme == "stepwise"
 
 
+@pytest.mark.parametrize("batch", [1, 3, 8, 15])
+@pytest.mark.parametrize("backward", [False, True])
+def test_a_batch_below_16_still_takes_16_row_tiles(batch, backward):
+    # tl.dot wants 16 rows at least: a small batch pads its tile rather than shrink it.
+    for weights in ("resident", "streaming"):
+        plan = launch.gpu_plan(shape(batch=batch), H100_SMS, backward, weights=weights)
+        assert plan.options["BLOCK_B"] == 16 and plan.grid[0] == 1, (weights, plan)
+
+
 def test_a_sequence_whose_barrier_count_reaches_2_to_the_31_exactly_launches_stepwise():
     # 32 programs (a power of two): 32 * 2 * 2**25 arrivals is 2**31, one past int32's largest.
     programs = launch.gpu_plan(shape(hidden=512), H100_SMS, backward=False).grid[1]
