@@ -124,6 +124,9 @@ REJECTED_BY_US = [
           r"lengths must lie in \[1, 4\].*from 2 to 5", "lengths_past_sequence_end"),
     *case(lambda m: m(good_input(), lengths=torch.tensor([4.0, 2.0])), ValueError,
           r"lengths must be an integer tensor, got torch.float32", "lengths_float"),
+    # bool is no integer here, though it converts to one: True would read as a length of 1.
+    *case(lambda m: m(good_input(), lengths=torch.tensor([True, True])), ValueError,
+          r"lengths must be an integer tensor, got torch.bool", "lengths_bool"),
     *case(lambda m: m(packed(STEPS, BATCH, INPUT_SIZE), lengths=torch.tensor([STEPS, 2])), ValueError,
           r"lengths cannot be given with a PackedSequence", "lengths_with_packed_sequence"),
     *case(lambda m: m(rand(STEPS, INPUT_SIZE), lengths=torch.tensor([STEPS])), ValueError,
