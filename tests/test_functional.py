@@ -185,6 +185,22 @@ def test_lstm_grads_of_one_result_alone_match_torch(used):
         assert_close(value, wanted, torch.float64, name=f"grad {name}")
 
 
+@pytest.mark.parametrize("wanted", ["h0", "c0"])
+def test_lstm_grad_of_one_initial_state_alone_matches_torch(wanted):
+    """Only one of h0, c0 requires grad: the backward gives that one its gradient, not the other's flag."""
+    module = make_torch_module("lstm", LSTM_CONFIGS["L2-bidirectional"])
+    x, state = make_inputs("lstm", module, torch.float64)
+    upstream = torch.randn(T, B, 2 * HIDDEN, dtype=torch.float64)
+
+    def grad_of(run, *params):
+        states = [s.detach().clone().requires_grad_(name == wanted) for name, s in zip(("h0", "c0"), state)]
+        output, _ = run("lstm", module, x, tuple(states), *params)
+        return torch.autograd.grad((output * upstream).sum(), states[("h0", "c0").index(wanted)])[0]
+
+    params = [weight.detach().clone() for weight in module._flat_weights]
+    assert_close(grad_of(run_ours, params), grad_of(run_torch), torch.float64, name=f"grad {wanted}")
+
+
 @pytest.mark.parametrize(
     "config", [LSTM_CONFIGS[k] for k in ("L1", "L2-bidirectional-proj", "L1-batch_first-no-bias")],
     ids=["L1", "L2-bidirectional-proj", "L1-batch_first-no-bias"],
