@@ -239,6 +239,13 @@ def test_fx_symbolic_trace_records_a_converted_rnn_as_one_module_call_as_torch_d
     assert isinstance(graphs["fused"].lstm, fused_rnn.LSTM)
 
 
+def test_fx_symbolic_trace_of_a_fused_module_itself_is_refused_naming_the_proxy():
+    # The root is never a leaf, so no call_module node can stand for it (torch.nn's RNNs refuse to be
+    # traced as the root too): the forward runs and names what it got, not an attribute "" of the module.
+    with pytest.raises(TypeError, match="input must be a Tensor or PackedSequence, got Proxy"):
+        torch.fx.symbolic_trace(fused_rnn.LSTM(IN, HID))
+
+
 def test_jit_trace_trains_when_traced_with_grad_and_refuses_a_backward_clearly_otherwise():
     torch.manual_seed(0)
     model = fused_rnn.LSTM(IN, HID).to(KERNEL_DEVICE)
