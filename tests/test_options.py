@@ -32,7 +32,8 @@ from test_modules import (
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_rnn
-from fused_rnn import functional, reference
+from fused_rnn import functional, native, reference
+from fused_rnn.ops import launch
 
 INPUT_SIZE, HIDDEN_SIZE = 5, 7
 STEPS, BATCH = 5, 3
@@ -173,6 +174,16 @@ def reset_cases(*names):
 @pytest.mark.parametrize("cell, options", reset_cases(*RESET_OPTIONS))
 def test_reset_matches_torch_run_segment_by_segment(cell, options, hx, with_lengths):
     check_reset_against_segments(cell, options, hx=hx, with_lengths=with_lengths)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_reset_on_plain_cpu_tensors_matches_segments(cell, monkeypatch):
+    # Without the interpreter a plain CPU tensor runs reset= on the reference recurrence (PyTorch's
+    # operator has none): its reverse direction must restart where the kernels' does.
+    monkeypatch.setattr(launch, "_INTERPRETING", False)
+    if not native.handles(torch.zeros(1, device=KERNEL_DEVICE)):
+        pytest.skip("the kernel device is not a plain CPU")
+    check_reset_against_segments(cell, RESET_OPTIONS["2layers-bidirectional"], with_lengths=True)
 
 
 @pytest.mark.parametrize("cell", CELLS)
