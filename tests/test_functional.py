@@ -325,6 +325,15 @@ def test_w_hh_of_another_width_than_hidden_size_is_named(cell):
         run_ours(cell, module, x, None, params)
 
 
+def test_gru_refuses_a_fifth_weight_per_layer_which_only_the_lstm_takes_as_w_hr():
+    module = make_torch_module("gru", GRU_CONFIGS["L1"])
+    x, state = make_inputs("gru", module, torch.float64)
+    params = [*module._flat_weights, torch.randn(HIDDEN, HIDDEN, dtype=torch.float64, device=KERNEL_DEVICE)]
+    with pytest.raises(ValueError, match=r"GRU: expected the weights of 1 layer\(s\) x 1 direction\(s\) with biases, "
+                                         r"got 5 tensors"):
+        run_ours("gru", module, x, state, params)
+
+
 def test_layer_off_the_kernel_path_says_where_it_runs():
     x = torch.randn(T, B, INPUT, device="meta")
     weights = [(torch.randn(3 * HIDDEN, INPUT, device="meta"), torch.randn(3 * HIDDEN, HIDDEN, device="meta"),
