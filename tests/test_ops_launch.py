@@ -524,6 +524,18 @@ def test_sequences_past_the_barrier_counters_int32_range_launch_stepwise(has_pro
     assert beyond.scheme == "stepwise"
 
 
+@pytest.mark.parametrize("block_u, keeps", [(16, True), (32, False)])
+def test_the_forward_keeps_w_hr_up_to_a_gate_tile_of_64_by_32_inclusive(block_u, keeps):
+    # 4 gates x 16 units x 32 rows is PROJECTION_GATE_TILE itself: kept; 32 units on 32 rows is not.
+    layer = shape("lstm-proj", batch=32)
+    programs = triton.cdiv(layer.hidden, block_u)
+    block_p = launch._pow2(triton.cdiv(layer.features, programs))
+    options = launch._options(layer, 32, block_u, block_p, programs, 16, resident=True, backward=False,
+                              resident_proj=True)
+    assert launch.resident_bytes(layer, options, backward=False) <= H100_BUDGET or not keeps
+    assert launch._projection_fits(layer, options, H100_BUDGET) == keeps
+
+
 @pytest.mark.parametrize("batch", [1, 3, 8, 15])
 @pytest.mark.parametrize("backward", [False, True])
 def test_a_batch_below_16_still_takes_16_row_tiles(batch, backward):
