@@ -524,6 +524,15 @@ def test_sequences_past_the_barrier_counters_int32_range_launch_stepwise(has_pro
     assert beyond.scheme == "stepwise"
 
 
+@pytest.mark.parametrize("backward", [False, True])
+def test_a_resident_block_fits_a_budget_of_exactly_its_bytes(backward):
+    # The budget is what a program may count (shared_memory_budget): reaching it exactly still fits.
+    plan = launch.gpu_plan(shape(), H100_SMS, backward)
+    needed = launch.resident_bytes(shape(), plan.options, backward)
+    assert plan.resident and launch._fits(shape(), plan.options, backward, needed)
+    assert not launch._fits(shape(), plan.options, backward, needed - 1)
+
+
 @pytest.mark.parametrize("block_u, keeps", [(16, True), (32, False)])
 def test_the_forward_keeps_w_hr_up_to_a_gate_tile_of_64_by_32_inclusive(block_u, keeps):
     # 4 gates x 16 units x 32 rows is PROJECTION_GATE_TILE itself: kept; 32 units on 32 rows is not.
