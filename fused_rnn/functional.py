@@ -198,6 +198,7 @@ class _FusedLayer(torch.autograd.Function):
         grads = [None] * len(weights)
         gates = dgates_x.shape[3]
         dgates_rows = dgates_x.view(rows, -1)
+        dgates_by_direction = _directions(dgates_rows, gates)
         grad_x = (dgates_rows @ _cat(w_ih)).view_as(x) if needs[FIRST_TENSOR] else None
         if any(needs_by_kind[W_IH]):
             x_rows = x.reshape(rows, -1)
@@ -205,9 +206,9 @@ class _FusedLayer(torch.autograd.Function):
                 # The padding past a sequence's end may hold anything: its gate gradients are zero,
                 # but 0 * NaN is not.
                 x_rows = torch.where(reference.valid_steps(lengths, num_steps).view(rows, 1), x_rows, 0)
-            grads[W_IH::WEIGHTS_PER_DIRECTION] = [part.t() @ x_rows for part in _directions(dgates_rows, gates)]
+            grads[W_IH::WEIGHTS_PER_DIRECTION] = [part.t() @ x_rows for part in dgates_by_direction]
         if b_ih[0] is not None and (any(needs_by_kind[B_IH]) or any(needs_by_kind[B_HH])):
-            grads[B_IH::WEIGHTS_PER_DIRECTION] = [_column_sums(part) for part in _directions(dgates_rows, gates)]
+            grads[B_IH::WEIGHTS_PER_DIRECTION] = [_column_sums(part) for part in dgates_by_direction]
             grads[B_HH::WEIGHTS_PER_DIRECTION] = [_column_sums(part)
                                                   for part in _directions(dgates_h.view(rows, -1), gates)]
         for direction in range(directions):

@@ -531,9 +531,9 @@ def gpu_plan(shape: Shape, multiprocessors: int, backward: bool, scheme: str = "
              weights: str | None = None, gather: bool = True, *, shared_memory: int = H100_SHARED_MEMORY,
              tensor_cores: bool = True) -> Plan:
     """``plan`` for a GPU with ``multiprocessors`` SMs whose programs may use ``shared_memory``
-    bytes, with or without ``tensor_cores`` (``python -m bench.kernels`` asks without one). The backward gathers where its
-    transposed blocks fit, else it sums parts; not where rows of ``H``, or with a projection of
-    ``P``, are not in vectors (``rows_in_vectors``): read an element at a time, the GRU's
+    bytes, with or without ``tensor_cores`` (``python -m bench.kernels`` asks without one). The
+    backward gathers where its transposed blocks fit, else it sums parts; not where rows of ``H``,
+    or with a projection of ``P``, are not in vectors (``rows_in_vectors``): read an element at a time, the GRU's
     gathering backward spilled 140 bytes a thread at H = 1000 before ``ALIGNMENT_H`` (``python -m
     bench.kernels --all``), the LSTM's with a projection 32 to 112 bytes with Triton 3.6 at P =
     239 and 245 (H = 720 and 736)."""

@@ -30,8 +30,7 @@ slot ``T+1``, and the state after timestep ``t`` in slot ``t+1`` (both direction
 ``1..T`` are the layer's output, already in ``[forward, reverse]`` feature order. The LSTM's ``c``
 has the same layout. ``gates_x (T, B, D, G*H)`` is the input projection (``G`` gates a unit),
 ``saved (T, B, D, S*H)`` what the cell saves for the backward (``S`` activations a unit).
-Per-sequence tensors
-(``h_mask``, carries, ``dh0``) are ``(B, D, .)``.
+Per-sequence tensors (``h_mask``, carries, ``dh0``) are ``(B, D, .)``.
 
 ``python -m bench.kernels`` tells ``W_hr``'s loads from ``W_hh``'s by the source lines of the
 calls that take ``W_hr``'s block (``kernels.weight_loads_in_time_loop``): keep those calls'
