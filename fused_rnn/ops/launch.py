@@ -179,8 +179,20 @@ def shared_memory_budget(shared_memory: int) -> int:
     return shared_memory - SHARED_MEMORY_MARGIN
 
 
+def cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` for the host. Triton 3.9 makes it and ``next_power_of_2`` ``constexpr``
+    functions, which cost 3 to 4 us a call from Python: the launcher calls them on every call, and
+    ranking the plans of a new shape hundreds of times."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """``triton.next_power_of_2`` for the host (``cdiv`` says why), for ``n >= 1``."""
+    return 1 << (n - 1).bit_length()
+
+
 def _pow2(size: int, smallest: int = 16) -> int:
-    return max(smallest, triton.next_power_of_2(size))
+    return max(smallest, next_power_of_2(size))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +211,7 @@ class Shape:
     @property
     def gate_slots(self) -> int:
         """Rows a unit takes in the gate-major weight block: G rounded up to a power of two."""
-        return triton.next_power_of_2(self.num_gates)
+        return next_power_of_2(self.num_gates)
 
     @property
     def smallest_block(self) -> int:
@@ -291,7 +303,7 @@ def _reduce_chunk(shape: Shape, block_b: int, block_u: int, block_p: int, progra
     block and operand besides: half the elements at once."""
     block_f = max(block_u, block_p) if shape.has_proj else block_u
     reduce_elements = REDUCE_ELEMENTS // 2 if shape.has_proj else REDUCE_ELEMENTS
-    return max(1, min(triton.next_power_of_2(programs), reduce_elements // (block_f * block_b)))
+    return max(1, min(next_power_of_2(programs), reduce_elements // (block_f * block_b)))
 
 
 def alignment(size: int) -> int:
@@ -312,7 +324,7 @@ def rows_in_vectors(size: int) -> bool:
 def partial_columns(features: int) -> int:
     """Row length of the partial-sum buffers: ``features`` rounded up to a multiple of 16, which a
     launch marks divisible by 16 (``recurrence.write_partial`` says why)."""
-    return triton.cdiv(features, 16) * 16
+    return cdiv(features, 16) * 16
 
 
 def _batches_forward(shape: Shape, block_u: int) -> bool:
@@ -383,9 +395,9 @@ def batched_pieces(columns: int, widest: int, narrowest: int = 16, whole_groups:
     options = []
     for shift in range(widest.bit_length() - narrowest.bit_length() + 1):
         width = widest >> shift
-        count = triton.cdiv(columns, width)
-        group = _whole_group(triton.next_power_of_2(count) if whole_groups else count)
-        count = triton.cdiv(count, group) * group
+        count = cdiv(columns, width)
+        group = _whole_group(next_power_of_2(count) if whole_groups else count)
+        count = cdiv(count, group) * group
         options.append((group, -count * width, width, count))
     _, _, width, count = max(options)
     return width, count
@@ -413,7 +425,7 @@ def pieces(columns: int, widest: int = MAX_PIECE_COLUMNS) -> tuple:
     100 -> 1 x 128, 20 -> 1 x 32), else the least padded. A resident block is held in such pieces
     (``recurrence.resident_block``) rather than padded to one power of two."""
     # (pieces, padded columns, width) of every width; the fewest pieces, then the least padding.
-    options = [(triton.cdiv(columns, width), triton.cdiv(columns, width) * width, width)
+    options = [(cdiv(columns, width), cdiv(columns, width) * width, width)
                for width in (16 << i for i in range(widest.bit_length() - 4))]
     small = [option for option in options if 8 * (option[1] - columns) <= max(columns, 256)]
     count, _, width = min(small) if small else min(options, key=lambda option: option[1:])
@@ -451,7 +463,7 @@ def wave_columns(options: dict) -> int:
     block's groups of pieces split into ``OPERAND_WAVES`` waves of as many as they divide into."""
     group_columns = options["GROUP_PIECES"] * options["BLOCK_K"]
     groups = options["NUM_PIECES"] // options["GROUP_PIECES"]
-    return triton.cdiv(groups, options.get("OPERAND_WAVES", 1)) * group_columns
+    return cdiv(groups, options.get("OPERAND_WAVES", 1)) * group_columns
 
 
 def operand_waves(options: dict) -> list:
@@ -460,7 +472,7 @@ def operand_waves(options: dict) -> list:
     last of one size (6 groups: 1, 2, 3; not 4, which ``load_operand`` would load in 3)."""
     groups = options["NUM_PIECES"] // options["GROUP_PIECES"]
     return [waves for waves in range(1, min(groups, MAX_OPERAND_WAVES) + 1)
-            if triton.cdiv(groups, triton.cdiv(groups, waves)) == waves]
+            if cdiv(groups, cdiv(groups, waves)) == waves]
 
 
 def _projection_fits(shape: Shape, options: dict, budget: int) -> bool:
@@ -504,8 +516,9 @@ def plan(shape: Shape, device: torch.device, backward: bool) -> Plan:
     """Choose scheme, resident or streamed weights, block sizes and grid for one launch. A GPU's
     plan is made once for each shape, SM count and shared memory (``_device_limits``), forced
     choice, cuDNN TF32 switch (``_precision``) and interpreter mode, the values it depends on:
-    ranking the candidates by the cost model takes 0.1 to 0.8 ms of Python (on the CI machine's
-    CPU), about what a layer's whole launch at the headline takes by the model. The sequence's
+    ranking the candidates by the cost model takes 0.04 to 0.45 ms of Python (a plan of the
+    benchmark grid, on the CI machine's CPU), about what a layer's whole launch at the headline
+    takes by the model. The sequence's
     length only decides whether the barrier counters hold it (``_for_length``), after the lookup:
     batches of every length share a plan."""
     scheme = _forced("FUSED_RNN_SCHEME", SCHEMES) or "persistent"
@@ -578,10 +591,10 @@ def _stepwise(found: Plan, shape: Shape, backward: bool) -> Plan:
     program per block and batch tile."""
     options = dict(found.options)
     block_b, block_u, block_p = options["BLOCK_B"], options["BLOCK_U"], options["BLOCK_P"]
-    programs = triton.cdiv(shape.hidden, block_u)
+    programs = cdiv(shape.hidden, block_u)
     if backward:
         options["REDUCE_CHUNK"] = _reduce_chunk(shape, block_b, block_u, block_p, programs)
-    return Plan("stepwise", (triton.cdiv(shape.batch, block_b), programs, shape.directions), options, shape.has_proj)
+    return Plan("stepwise", (cdiv(shape.batch, block_b), programs, shape.directions), options, shape.has_proj)
 
 
 def _interpreter_plan(shape: Shape, scheme: str, resident: bool, backward: bool, gather: bool) -> Plan:
@@ -597,18 +610,18 @@ def _interpreter_plan(shape: Shape, scheme: str, resident: bool, backward: bool,
         tile *= block_b
     resident = resident and not (scheme == "persistent" and tile > tl.TRITON_MAX_TENSOR_NUMEL)
     gather = gather and resident and backward
-    batch_tiles = triton.cdiv(shape.batch, block_b)
+    batch_tiles = cdiv(shape.batch, block_b)
     if scheme == "stepwise":
         block_u = 16 if gather else max(shape.smallest_block, 8)
-        programs = triton.cdiv(shape.hidden, block_u)
-        block_p = _pow2(triton.cdiv(shape.features, programs))
+        programs = cdiv(shape.hidden, block_u)
+        block_p = _pow2(cdiv(shape.features, programs))
         options = _options(shape, block_b, block_u, block_p, programs, INTERPRETER_CHUNK, resident=resident,
                            backward=backward, gather=gather, resident_proj=resident and shape.has_proj)
         if gather:  # the gathering operand in two waves where it has two groups or more, as on a GPU
             options["OPERAND_WAVES"] = min(2, options["NUM_PIECES"] // options["GROUP_PIECES"])
         return Plan(scheme, (batch_tiles, programs, shape.directions), options, shape.has_proj)
     if resident:
-        block_u, block_p = max(shape.smallest_block, triton.next_power_of_2(shape.hidden)), _pow2(shape.features)
+        block_u, block_p = max(shape.smallest_block, next_power_of_2(shape.hidden)), _pow2(shape.features)
     else:
         block_u, block_p = shape.smallest_block, 16
     return Plan(scheme, (1, 1, shape.directions),
@@ -656,8 +669,8 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
     largest_block_b = _block_b(shape.batch, LARGEST_BLOCK_B if backward or rows_in_vectors(shape.features) else 16)
     best_plan, best_rank = None, None
     for preference, block_u in enumerate(sizes):
-        programs = triton.cdiv(shape.hidden, block_u)
-        block_p = _pow2(triton.cdiv(shape.features, programs))
+        programs = cdiv(shape.hidden, block_u)
+        block_p = _pow2(cdiv(shape.features, programs))
         if shape.directions * programs > multiprocessors:
             continue
         for block_b in [size for size in (32, 16) if size <= largest_block_b]:
@@ -675,12 +688,12 @@ def _resident_persistent_plan(shape: Shape, multiprocessors: int, backward: bool
                     continue
                 if shape.has_proj and not backward:
                     in_waves = _keeping_projection(shape, in_waves, programs, chunk, budget)
-                groups = min(triton.cdiv(shape.batch, block_b), multiprocessors // (shape.directions * programs))
+                groups = min(cdiv(shape.batch, block_b), multiprocessors // (shape.directions * programs))
                 found = Plan("persistent", (groups, programs, shape.directions), in_waves, shape.has_proj)
                 if in_vectors:  # rounded, so that steps the model cannot tell apart tie
                     step = round(cost.step_seconds(shape, found, backward), 9)
                 else:
-                    step = triton.cdiv(triton.cdiv(shape.batch, block_b), groups) * waves
+                    step = cdiv(cdiv(shape.batch, block_b), groups) * waves
                 # The least step, then the fewest waves, the preferred block size, the widest tile;
                 # of equal ranks the first found.
                 rank = (step, waves, preference, -block_b)
@@ -716,8 +729,8 @@ def _streaming_persistent_plan(shape: Shape, multiprocessors: int, backward: boo
     block_u = max(shape.smallest_block, min(STREAMING_UNITS, STREAMING_ROWS // shape.gate_slots))
     block_b = _block_b(shape.batch, LARGEST_BLOCK_B)
     per_direction = max(1, multiprocessors // shape.directions)
-    programs = min(triton.cdiv(shape.hidden, block_u), per_direction)
-    groups = max(1, min(triton.cdiv(shape.batch, block_b), per_direction // programs))
+    programs = min(cdiv(shape.hidden, block_u), per_direction)
+    groups = max(1, min(cdiv(shape.batch, block_b), per_direction // programs))
     # BLOCK_P: the projection's features a program owns, 16 at a time.
     options = _options(shape, block_b, block_u, 16, programs, _chunk(shape.dtype), resident=False, backward=backward)
     return Plan("persistent", (groups, programs, shape.directions), options, shape.has_proj)
