@@ -24,6 +24,7 @@ from triton.runtime import interpreter
 
 from bench import ALL_MODES, PACKED_MODES, drift, skeleton, suite
 from bench.__main__ import axis_overrides, main, parse_args, results_tag
+import fused_rnn
 from fused_rnn.ops import cost, launch
 from fused_rnn.ops.launch import interpreting
 
@@ -273,6 +274,23 @@ def test_the_suite_collects_where_triton_compiles_the_kernels():
     printed = result.stdout + result.stderr
     assert result.returncode == 0 and "INTERNALERROR" not in printed, printed[-4000:]
 
+
+
+@needs_interpreter
+def test_host_cost_runs_the_kernel_path_without_its_launches_and_restores_them(capsys):
+    from bench import host  # exits at import where the kernels are compiled
+
+    lstm = host.calls("LSTM", 2, 3, 8)
+    with host.launches_left_out():
+        # The output buffers stay as allocated (NaN, conftest's poison): no kernel ran.
+        assert fused_rnn.LSTM(8, 8)(torch.randn(3, 2, 8))[0].isnan().all()
+        assert host.operators(lstm["forward"]) > 0
+    assert not fused_rnn.LSTM(8, 8)(torch.randn(3, 2, 8))[0].isnan().any()
+    assert host.main(["--cell", "LSTM", "GRU", "--repeat", "1", "--number", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [(row[0], row[4]) for row in rows] == [(cell, call) for cell in ("LSTM", "GRU")
+                                                  for call in ("forward", "forward+backward")]
+    assert all(float(row[5]) >= float(row[6]) > 0 and int(row[7]) > 0 for row in rows)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
