@@ -17,6 +17,7 @@ import numbers
 
 import torch
 import torch.nn.functional as F
+from torch._C._functorch import TransformType
 
 from . import native, onnx, reference
 from .ops.gru import gru_backward, gru_forward
@@ -109,6 +110,8 @@ def _states_before(h, h0, resets, h_masks, direction: int):
 # h_masks, zoneout_h, zoneout_c, *weights).
 FIRST_TENSOR, FIRST_WEIGHT = 3, 11
 LAYER_TENSORS = FIRST_WEIGHT - FIRST_TENSOR  # x, h0, c0 and the options' tensors
+# It saves those, then its buffers (h, c, h_raw, saved), then the weights.
+SAVED_BUFFERS = 4
 
 
 class _FusedLayer(torch.autograd.Function):
@@ -179,48 +182,57 @@ class _FusedLayer(torch.autograd.Function):
                                "where it ran (a torch.jit.trace made under torch.no_grad, or by check_trace, "
                                "bakes that in); use torch.export or torch.compile, or trace with grad enabled "
                                "and check_trace=False")
-        x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, h, c, h_raw, saved, *weights = saved_tensors
+        h = saved_tensors[LAYER_TENSORS]  # the first of the buffers
         # Slots 0 and T+1 hold the initial states, which no output shows. No gradient: only c_n is used.
         grad_output = torch.zeros_like(h[1:-1]) if grad_states is None else grad_states[1:-1]
-        if torch.is_grad_enabled():
-            return _second_order_backward(ctx, saved_tensors, grad_output, grad_c_n)
-        mode, needs = ctx.mode, ctx.needs_input_grad
-        w_ih, w_hh, b_ih, b_hh, w_hr = _by_kind(weights)
-        needs_by_kind = _by_kind(needs[FIRST_WEIGHT:])
-        num_steps, batch, directions, features = h.shape[0] - 2, h.shape[1], h.shape[2], h.shape[3]
-        rows = num_steps * batch
-        if mode == "LSTM" and grad_c_n is None:
-            grad_c_n = c.new_zeros(directions, batch, c.shape[3], dtype=x.dtype)
-        options = (lengths, resets, h_masks, zoneout_h, zoneout_c, ctx.zoneout_p)
-        dgates_x, dgates_h, grad_h_proj, dh0, dc0 = _recurrence_backward(
-            mode, grad_output, grad_c_n, _stack(w_hh), _stack(w_hr), options, h, c, saved)
+        layer = (ctx.mode, ctx.zoneout_p, ctx.needs_input_grad)
+        if not torch.is_grad_enabled():
+            return _first_order_backward(*layer, saved_tensors, grad_output, grad_c_n)
+        if _torch_func_backward(*saved_tensors, grad_output, grad_c_n):
+            return (None, None, None, *_LayerGradient.apply(*layer, grad_output, grad_c_n, *saved_tensors))
+        return _second_order_backward(*layer, saved_tensors, grad_output, grad_c_n)
 
-        grads = [None] * len(weights)
-        gates = dgates_x.shape[3]
-        dgates_rows = dgates_x.view(rows, -1)
-        dgates_by_direction = _directions(dgates_rows, gates)
-        grad_x = (dgates_rows @ _cat(w_ih)).view_as(x) if needs[FIRST_TENSOR] else None
-        if any(needs_by_kind[W_IH]):
-            x_rows = x.reshape(rows, -1)
-            if lengths is not None:
-                # The padding past a sequence's end may hold anything: its gate gradients are zero,
-                # but 0 * NaN is not.
-                x_rows = torch.where(reference.valid_steps(lengths, num_steps).view(rows, 1), x_rows, 0)
-            grads[W_IH::WEIGHTS_PER_DIRECTION] = [part.t() @ x_rows for part in dgates_by_direction]
-        if b_ih[0] is not None and (any(needs_by_kind[B_IH]) or any(needs_by_kind[B_HH])):
-            grads[B_IH::WEIGHTS_PER_DIRECTION] = [_column_sums(part) for part in dgates_by_direction]
-            grads[B_HH::WEIGHTS_PER_DIRECTION] = [_column_sums(part)
-                                                  for part in _directions(dgates_h.view(rows, -1), gates)]
-        for direction in range(directions):
-            first = direction * WEIGHTS_PER_DIRECTION
-            if needs_by_kind[W_HH][direction]:
-                states = _states_before(h, h0, resets, h_masks, direction).reshape(rows, features)
-                grads[first + W_HH] = dgates_h[:, :, direction].reshape(rows, gates).t() @ states
-            if w_hr[direction] is not None and needs_by_kind[W_HR][direction]:
-                grads[first + W_HR] = (grad_h_proj[:, :, direction].reshape(rows, features).t()
-                                       @ h_raw[:, :, direction].reshape(rows, -1))
-        return (None, None, None, grad_x, dh0 if needs[FIRST_TENSOR + 1] else None,
-                dc0 if mode == "LSTM" and needs[FIRST_TENSOR + 2] else None, None, None, None, None, None, *grads)
+
+def _first_order_backward(mode, zoneout_p, needs, saved_tensors, grad_output, grad_c_n):
+    """``_FusedLayer.backward``'s gradients by the BPTT kernel, and the weights' as GEMMs after it;
+    ``needs`` is the layer's ``needs_input_grad``."""
+    x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, h, c, h_raw, saved, *weights = saved_tensors
+    w_ih, w_hh, b_ih, b_hh, w_hr = _by_kind(weights)
+    needs_by_kind = _by_kind(needs[FIRST_WEIGHT:])
+    num_steps, batch, directions, features = h.shape[0] - 2, h.shape[1], h.shape[2], h.shape[3]
+    rows = num_steps * batch
+    if mode == "LSTM" and grad_c_n is None:
+        grad_c_n = c.new_zeros(directions, batch, c.shape[3], dtype=x.dtype)
+    options = (lengths, resets, h_masks, zoneout_h, zoneout_c, zoneout_p)
+    dgates_x, dgates_h, grad_h_proj, dh0, dc0 = _recurrence_backward(
+        mode, grad_output, grad_c_n, _stack(w_hh), _stack(w_hr), options, h, c, saved)
+
+    grads = [None] * len(weights)
+    gates = dgates_x.shape[3]
+    dgates_rows = dgates_x.view(rows, -1)
+    dgates_by_direction = _directions(dgates_rows, gates)
+    grad_x = (dgates_rows @ _cat(w_ih)).view_as(x) if needs[FIRST_TENSOR] else None
+    if any(needs_by_kind[W_IH]):
+        x_rows = x.reshape(rows, -1)
+        if lengths is not None:
+            # The padding past a sequence's end may hold anything: its gate gradients are zero,
+            # but 0 * NaN is not.
+            x_rows = torch.where(reference.valid_steps(lengths, num_steps).view(rows, 1), x_rows, 0)
+        grads[W_IH::WEIGHTS_PER_DIRECTION] = [part.t() @ x_rows for part in dgates_by_direction]
+    if b_ih[0] is not None and (any(needs_by_kind[B_IH]) or any(needs_by_kind[B_HH])):
+        grads[B_IH::WEIGHTS_PER_DIRECTION] = [_column_sums(part) for part in dgates_by_direction]
+        grads[B_HH::WEIGHTS_PER_DIRECTION] = [_column_sums(part)
+                                              for part in _directions(dgates_h.view(rows, -1), gates)]
+    for direction in range(directions):
+        first = direction * WEIGHTS_PER_DIRECTION
+        if needs_by_kind[W_HH][direction]:
+            states = _states_before(h, h0, resets, h_masks, direction).reshape(rows, features)
+            grads[first + W_HH] = dgates_h[:, :, direction].reshape(rows, gates).t() @ states
+        if w_hr[direction] is not None and needs_by_kind[W_HR][direction]:
+            grads[first + W_HR] = (grad_h_proj[:, :, direction].reshape(rows, features).t()
+                                   @ h_raw[:, :, direction].reshape(rows, -1))
+    return (None, None, None, grad_x, dh0 if needs[FIRST_TENSOR + 1] else None,
+            dc0 if mode == "LSTM" and needs[FIRST_TENSOR + 2] else None, None, None, None, None, None, *grads)
 
 
 def _directions(rows, gates: int) -> list:
@@ -235,15 +247,16 @@ def _column_sums(rows):
     return rows.sum(0, dtype=accumulator_dtype(rows.dtype)).to(rows.dtype)
 
 
-def _second_order_backward(ctx, saved_tensors, grad_output, grad_c_n):
-    """The backward when a graph of it is asked for (``create_graph=True``, and every backward
-    under torch.func's transforms): the layer recomputed by ``reference.layer`` in plain PyTorch
-    and differentiated, so every derivative of any order is exact. torch.autograd's first-order
-    backward never comes here."""
+def _second_order_backward(mode, zoneout_p, needs, saved_tensors, grad_output, grad_c_n):
+    """The backward as a function that can be differentiated (a backward with
+    ``create_graph=True``; under torch.func, ``jacrev``'s and the derivative of
+    ``_LayerGradient``'s gradients): the layer recomputed by ``reference.layer`` in plain PyTorch
+    and differentiated, so every derivative of any order is exact. A first-order backward never
+    comes here."""
     x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, h, c, h_raw, saved, *weights = saved_tensors
     inputs = [x, h0, c0, None, None, None, None, None, *weights]
     wanted = [index for index, tensor in enumerate(inputs)
-              if tensor is not None and ctx.needs_input_grad[FIRST_TENSOR + index]]
+              if tensor is not None and needs[FIRST_TENSOR + index]]
 
     def recomputed(*differentiated):
         """``[output]``, and ``c_n`` for the LSTM, with ``differentiated`` for the wanted inputs."""
@@ -252,8 +265,8 @@ def _second_order_backward(ctx, saved_tensors, grad_output, grad_c_n):
             given[index] = tensor
         directions = [given[first:first + WEIGHTS_PER_DIRECTION]
                       for first in range(LAYER_TENSORS, len(given), WEIGHTS_PER_DIRECTION)]
-        output, _, c_n = reference.layer(ctx.mode, *given[:3], directions, lengths, resets, h_masks, zoneout_h,
-                                         zoneout_c, ctx.zoneout_p)
+        output, _, c_n = reference.layer(mode, *given[:3], directions, lengths, resets, h_masks, zoneout_h,
+                                         zoneout_c, zoneout_p)
         return [output] if c_n is None else [output, c_n]
 
     primals = [inputs[index] for index in wanted]
@@ -261,9 +274,7 @@ def _second_order_backward(ctx, saved_tensors, grad_output, grad_c_n):
     # them at the wrong level (a vjp's pullback run after its transform returned got zeros):
     # torch.func.vjp differentiates at its own. Elsewhere torch.autograd.grad, as torch.func
     # refuses saved-tensor hooks (save_on_cpu, a non-reentrant checkpoint).
-    under_transform = any(tensor is not None and torch._C._functorch.is_functorch_wrapped_tensor(tensor)
-                          for tensor in (*saved_tensors, grad_output, grad_c_n))
-    if under_transform:
+    if _wrapped_by_torch_func((*saved_tensors, grad_output, grad_c_n)):
         results, pullback = torch.func.vjp(recomputed, *primals)
     else:
         results = recomputed(*primals)
@@ -276,6 +287,64 @@ def _second_order_backward(ctx, saved_tensors, grad_output, grad_c_n):
     for index, grad in zip(wanted, found):
         grads[index] = grad
     return (None, None, None, *grads)
+
+
+def _wrapped_by_torch_func(tensors) -> bool:
+    return any(tensor is not None and torch._C._functorch.is_functorch_wrapped_tensor(tensor) for tensor in tensors)
+
+
+def _torch_func_backward(*tensors) -> bool:
+    """Whether a backward is torch.func's (``grad``, ``vjp``'s pullback: the layer ran under its
+    transforms, so its tensors are their wrappers) and no ``vmap`` is active (``jacrev``'s), under
+    which ``_LayerGradient`` has no rule."""
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    return _wrapped_by_torch_func(tensors) and all(interpreter.key() == TransformType.Grad for interpreter in stack)
+
+
+class _LayerGradient(torch.autograd.Function):
+    """``_FusedLayer``'s first-order gradients as a Function of the layer's tensors and the upstream
+    gradients, for torch.func, which asks every backward for a graph of it. The BPTT kernel
+    computes them (``_first_order_backward``). Only a derivative of them recomputes the layer in
+    plain PyTorch: ``backward`` differentiates ``_second_order_backward``, the same gradients as a
+    differentiable function. Few backwards get one (a nested ``grad``, a ``create_graph=True``
+    backward inside the transform, torch.autograd outside it), but nothing at the time of this
+    backward tells them from the rest."""
+
+    @staticmethod
+    def forward(mode, zoneout_p, needs, grad_output, grad_c_n, *saved_tensors):
+        return _first_order_backward(mode, zoneout_p, needs, saved_tensors, grad_output, grad_c_n)[FIRST_TENSOR:]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        mode, zoneout_p, needs, grad_output, grad_c_n, *saved_tensors = inputs
+        ctx.layer = (mode, zoneout_p, needs)
+        ctx.set_materialize_grads(False)
+        # Not the forward's buffers (h, c, h_raw, saved): the recomputation replaces them.
+        ctx.save_for_backward(grad_output, grad_c_n, *saved_tensors[:LAYER_TENSORS],
+                              *saved_tensors[LAYER_TENSORS + SAVED_BUFFERS:])
+
+    @staticmethod
+    def backward(ctx, *grad_grads):
+        grad_output, grad_c_n, *kept = ctx.saved_tensors
+        # The inputs from grad_output on (index i is input 3 + i), the buffers None.
+        tensors = [grad_output, grad_c_n, *kept[:LAYER_TENSORS], *[None] * SAVED_BUFFERS, *kept[LAYER_TENSORS:]]
+        # What carries a derivative: grad_output, grad_c_n, x, h0, c0 and the weights, not the options.
+        differentiable = [*range(5), *range(2 + LAYER_TENSORS + SAVED_BUFFERS, len(tensors))]
+        wanted = [index for index in differentiable if ctx.needs_input_grad[3 + index]]
+        used = [index for index, grad in enumerate(grad_grads) if grad is not None]
+
+        def gradients(*differentiated):
+            given = list(tensors)
+            for index, tensor in zip(wanted, differentiated):
+                given[index] = tensor
+            found = _second_order_backward(*ctx.layer, given[2:], given[0], given[1])[FIRST_TENSOR:]
+            return [found[index] for index in used]
+
+        _, pullback = torch.func.vjp(gradients, *[tensors[index] for index in wanted])
+        grads = [None] * (3 + len(tensors))
+        for index, grad in zip(wanted, pullback([grad_grads[index] for index in used])):
+            grads[3 + index] = grad
+        return tuple(grads)
 
 
 class _FusedLayerUnderTransforms(_FusedLayer):

@@ -21,7 +21,7 @@ import contextlib
 
 import pytest
 import torch
-from helpers import KERNEL_DEVICE, assert_close, float_inputs
+from helpers import KERNEL_DEVICE, KERNELS_RUN, assert_close, float_inputs
 from test_modules import CELLS, FUSED, TORCH
 from torch.autograd.gradcheck import GradcheckError
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -218,6 +218,68 @@ def test_wgan_gp_gradient_penalty_matches_torch(cell, bidirectional, saving):
     for name, actual, expected in zip(names, results["fused"], results["torch"], strict=True):
         assert_close(actual, expected, name=name)
     assert results["torch"][2].abs().max() > 0, "the penalty's weight gradient is zero: the test would prove nothing"
+
+
+@pytest.mark.skipif(not KERNELS_RUN, reason="plain CPU calls are torch.nn's")
+@pytest.mark.parametrize("cell", CELLS)
+def test_torch_func_grad_takes_the_kernels_and_its_derivatives_match_torch(cell, monkeypatch):
+    """torch.func's grad and vjp ask every backward for a graph: the first-order gradients come from
+    the kernels all the same (``functional._LayerGradient``), and what differentiates them (a
+    nested grad, a ``torch.autograd.grad(..., create_graph=True)`` inside the transform with an
+    upstream gradient that depends on the input, torch.autograd outside it), and jacrev, get
+    torch.nn's second derivatives."""
+    options = dict(num_layers=2, bidirectional=True, **(dict(proj_size=2) if cell == "LSTM" else {}))
+    oracle = TORCH[cell](INPUT_SIZE, HIDDEN_SIZE, dtype=torch.float64, **options)
+    fused = FUSED[cell](INPUT_SIZE, HIDDEN_SIZE, dtype=torch.float64, device=KERNEL_DEVICE, **options)
+    fused.load_state_dict(oracle.state_dict())
+    x = torch.randn(STEPS + 1, BATCH, INPUT_SIZE, dtype=torch.float64)
+    weights = torch.randn(STEPS + 1, BATCH, 2 * (oracle.proj_size or HIDDEN_SIZE), dtype=torch.float64)
+    layer_calls = []
+    real_layer = reference.layer
+    monkeypatch.setattr(reference, "layer", lambda *args, **kwargs: layer_calls.append(True) or real_layer(*args,
+                                                                                                         **kwargs))
+
+    def derivatives(module, device):
+        params = {name: param.detach().to(device) for name, param in module.named_parameters()}
+        input, upstream = x.to(device), weights.to(device)
+
+        def loss(params, input):
+            return (torch.func.functional_call(module, params, (input,))[0] * upstream).sum()
+
+        def penalty(input):  # a gradient penalty written with torch.autograd inside the transform
+            output = module(input)[0]
+            (grad,) = torch.autograd.grad(output, input, upstream * input.sum(), create_graph=True)
+            return grad.square().sum()
+
+        layer_calls.clear()
+        first = torch.func.grad(loss, argnums=(0, 1))(params, input)
+        _, pullback = torch.func.vjp(lambda input: module(input)[0], input)
+        (vjp,) = pullback(upstream)
+        first_order_calls = len(layer_calls)
+
+        def grad_norm(input):
+            return torch.func.grad(loss)(params, input)["weight_hh_l0"].square().sum()
+
+        nested = torch.func.grad(grad_norm)(input)
+        # The transform's gradients differentiated by torch.autograd outside it.
+        leaves = {name: param.clone().requires_grad_() for name, param in params.items()}
+        outer = torch.autograd.grad(torch.func.grad(loss)(leaves, input)["weight_ih_l0"].square().sum(),
+                                    list(leaves.values()))
+        jacobian = torch.func.jacrev(lambda input: module(input)[0][-1])(input)
+        return first_order_calls, [*first[0].values(), first[1], vjp, nested, torch.func.grad(penalty)(input),
+                                   jacobian, *outer]
+
+    expected = derivatives(oracle, "cpu")[1]
+    first_order_calls, found = derivatives(fused, KERNEL_DEVICE)
+    assert first_order_calls == 0, "torch.func's first-order backward left the kernels for the reference"
+    assert layer_calls, "the second derivatives did not recompute through reference.layer"
+    parameters = [name for name, _ in oracle.named_parameters()]
+    names = ([f"grad {name}" for name in parameters] + ["grad x", "vjp", "nested grad", "penalty grad", "jacrev"]
+             + [f"outer grad {name}" for name in parameters])
+    for name, actual, value in zip(names, found, expected, strict=True):
+        assert_close(actual, value, name=name)
+    nested, penalty, _, *outer = expected[len(parameters) + 2:]
+    assert nested.abs().max() > 0 and penalty.abs().max() > 0 and max(value.abs().max() for value in outer) > 0
 
 
 # name: (module options, training, module_function keywords)
