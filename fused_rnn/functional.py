@@ -16,6 +16,7 @@ import functools
 import numbers
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch._C._functorch import TransformType
 
@@ -371,9 +372,17 @@ def layer(mode, x, h0, c0, weights, lengths=None, resets=None, h_masks=None, zon
                            f"under TRITON_INTERPRET=1; got x on {x.device} (reference.layer runs anywhere)")
     flat = [tensor for direction in weights for tensor in direction]
     save = torch.is_grad_enabled() and any(tensor is not None and tensor.requires_grad for tensor in (x, h0, c0, *flat))
-    function = _FusedLayerUnderTransforms if torch._C._are_functorch_transforms_active() else _FusedLayer
-    states, c_n, *_ = function.apply(mode, save, float(zoneout_p), x, h0, c0, lengths, resets, h_masks, zoneout_h,
-                                     zoneout_c, *flat)
+    arguments = (mode, save, float(zoneout_p), x, h0, c0, lengths, resets, h_masks, zoneout_h, zoneout_c, *flat)
+    if torch._C._are_functorch_transforms_active():
+        states, c_n, *_ = _FusedLayerUnderTransforms.apply(*arguments)
+    elif save or torch.jit.is_tracing() or forward_ad._current_level >= 0:
+        # (A trace records the Function, whose backward then refuses clearly; so does forward-mode
+        # AD, where without it the dual inputs' tangents would be dropped without a word.)
+        states, c_n = _FusedLayer.apply(*arguments)
+    else:
+        # Nothing to differentiate: the Function's bookkeeping, a tenth of a one-layer call's
+        # host time or more (``python -m bench.host``), would buy nothing.
+        states, c_n, *_ = _FusedLayer._forward(*arguments)
     output = states[1:-1].view(x.shape[0], x.shape[1], -1)
     # From the states, not from output: as torch.nn's, h_n's gradient must not flow through output
     # (a hook on output saw it, and what the hook changed changed it).

@@ -412,3 +412,30 @@ def test_the_kernels_get_one_directions_w_hh_as_a_view_of_the_parameter(monkeypa
     for w_hh in received:
         assert w_hh.shape == (2 if bidirectional else 1, 4 * HIDDEN, HIDDEN)
         assert (w_hh.data_ptr() == module.weight_hh_l0.data_ptr()) != bidirectional
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_a_call_that_nothing_differentiates_skips_the_autograd_function(monkeypatch, cell):
+    """Such a call runs the layers without ``_FusedLayer``'s bookkeeping, to the same results;
+    forward-mode AD, whose dual inputs require no grad, still meets the Function's refusal rather
+    than losing its tangents without a word."""
+    applied = []
+    real_apply = functional._FusedLayer.apply
+    monkeypatch.setattr(functional._FusedLayer, "apply", lambda *args: applied.append(True) or real_apply(*args))
+    config = LSTM_CONFIGS["L2-bidirectional"] if cell == "lstm" else GRU_CONFIGS["L2-bidirectional"]
+    module = make_torch_module(cell, config)
+    x = torch.randn(T, B, INPUT, dtype=torch.float64, device=KERNEL_DEVICE)
+
+    def run(input, weights):
+        return getattr(functional, cell)(input, None, weights, num_layers=2, bidirectional=True)
+
+    with torch.no_grad():
+        skipped = run(x, list(module._flat_weights))
+    assert not applied
+    through = run(x, list(module._flat_weights))  # the weights require grad
+    assert len(applied) == 2
+    for value, expected in zip(torch.utils._pytree.tree_leaves(skipped), torch.utils._pytree.tree_leaves(through)):
+        assert torch.equal(value, expected)
+    frozen = [weight.detach() for weight in module._flat_weights]
+    with pytest.raises(NotImplementedError, match="jvp"), torch.autograd.forward_ad.dual_level():
+        run(torch.autograd.forward_ad.make_dual(x, torch.randn_like(x)), frozen)
