@@ -176,3 +176,21 @@ def test_a_step_issues_its_loads_before_the_product(tmp_path, kernel):
     result = compile_in_subprocess(["-c", script], tmp_path, 600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.strip().splitlines()[-1] == "True,0,0", result.stdout
+
+
+@pytest.mark.parametrize("cell, dtype", [("lstm", "float16"), ("gru", "bfloat16")])
+def test_a_16_bit_backward_summing_parts_compiles(tmp_path, cell, dtype):
+    # The backward that sums parts rounds its gate gradients to the weights' dtype before its
+    # product by them (recurrence.write_partial): tl.dot takes operands of one dtype. Under the
+    # interpreter both operands go to fp32 (DOT_UPCAST), and the subset that
+    # test_every_kernel_compiles_without_spilling compiles sums parts only in fp32, tf32 and fp64:
+    # only the compiler sees a 16-bit weight meet fp32 gate gradients. At H = 999 (UNALIGNED) rows
+    # of H are not in vectors, so the backward sums parts.
+    script = ("from bench.kernels import UNALIGNED, Variant, compile_variant; "
+              f"r = compile_variant(Variant('{cell}', 'backward', '{dtype}', 'all', *UNALIGNED), 90); "
+              "print(r.ok, r.plan, (r.error or '').splitlines()[:1], sep=',')")
+    result = compile_in_subprocess(["-c", script], tmp_path, 600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ok, plan, error = result.stdout.strip().splitlines()[-1].split(",", 2)
+    assert " parts " in f" {plan} ", result.stdout
+    assert ok == "True", result.stdout
