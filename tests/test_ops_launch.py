@@ -15,8 +15,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import triton
+from ops_cases import Case, make_inputs
 
-from fused_rnn.ops import cost, launch
+from fused_rnn import functional
+from fused_rnn.ops import cost, launch, recurrence
 
 H100_SMS = 132
 H100_BUDGET = 200 * 1024  # of the 227 KB a program may use (launch.shared_memory_budget)
@@ -865,3 +867,46 @@ def test_launches_on_the_device_of_its_tensors_not_the_current_one(monkeypatch):
     launch.launch(Kernel(), (on_gpu_1,), launch.Plan("stepwise", (1, 1, 1), {}, False), num_steps=2)
     gpu_1 = torch.device("cuda", 1)
     assert events == [("enter", gpu_1), ("launch", 0), ("launch", 0), ("exit", gpu_1)]
+
+
+class RecordingBarrier:
+    """Stands in for a Triton kernel, runs it, and records the grid and barrier counters
+    (``barrier_ptr``) of every launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        run = self.kernel[grid]
+
+        def recording(*args, **kwargs):
+            self.launches.append((tuple(grid), args[-3]))
+            return run(*args, **kwargs)
+
+        return recording
+
+
+@pytest.mark.parametrize("mode, proj", [("RNN_TANH", None), ("LSTM", 3)], ids=["rnn", "lstm-proj"])
+def test_each_batch_group_and_direction_counts_only_its_own_programs_arrivals(monkeypatch, no_forced_plan, mode,
+                                                                              proj):
+    # sync_programs: the n_u programs of (batch group, direction) meet at counter
+    # direction * n_b + group, one arrival each a barrier: one a step, two with a projection
+    # (the cell, then the projection). After a persistent launch every counter holds exactly its
+    # own programs' arrivals; under the interpreter the programs run one after another, so a
+    # counter shared between directions, or one that starts above zero, would never make a
+    # barrier wait and shows only here.
+    T = 3
+    case = Case(mode, T, 3, 5, proj, D=2)
+    forward, backward = RecordingBarrier(recurrence.forward_kernel), RecordingBarrier(recurrence.backward_kernel)
+    monkeypatch.setattr(recurrence, "forward_kernel", forward)
+    monkeypatch.setattr(recurrence, "backward_kernel", backward)
+    inputs = make_inputs(case)
+    outputs = inputs.run(functional.layer, mode)
+    torch.autograd.grad(outputs, [tensor for _, tensor in inputs.differentiable()],
+                        [torch.randn_like(y) for y in outputs])
+    barriers_a_step = 2 if proj else 1
+    for kernel in (forward, backward):
+        [(grid, barrier)] = kernel.launches
+        groups, programs, directions = grid
+        assert directions == 2
+        assert barrier.tolist() == [programs * barriers_a_step * T] * (directions * groups), grid
