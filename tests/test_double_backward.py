@@ -220,9 +220,23 @@ def test_wgan_gp_gradient_penalty_matches_torch(cell, bidirectional, saving):
     assert results["torch"][2].abs().max() > 0, "the penalty's weight gradient is zero: the test would prove nothing"
 
 
+@pytest.fixture
+def reference_layer_calls(monkeypatch):
+    """A list that grows by one at each call of ``reference.layer``, the recomputation."""
+    calls = []
+    real_layer = reference.layer
+
+    def counting_layer(*args, **kwargs):
+        calls.append(True)
+        return real_layer(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "layer", counting_layer)
+    return calls
+
+
 @pytest.mark.skipif(not KERNELS_RUN, reason="plain CPU calls are torch.nn's")
 @pytest.mark.parametrize("cell", CELLS)
-def test_torch_func_grad_takes_the_kernels_and_its_derivatives_match_torch(cell, monkeypatch):
+def test_torch_func_grad_takes_the_kernels_and_its_derivatives_match_torch(cell, reference_layer_calls):
     """torch.func's grad and vjp ask every backward for a graph: the first-order gradients come from
     the kernels all the same (``functional._LayerGradient``), and what differentiates them (a
     nested grad, a ``torch.autograd.grad(..., create_graph=True)`` inside the transform with an
@@ -234,10 +248,7 @@ def test_torch_func_grad_takes_the_kernels_and_its_derivatives_match_torch(cell,
     fused.load_state_dict(oracle.state_dict())
     x = torch.randn(STEPS + 1, BATCH, INPUT_SIZE, dtype=torch.float64)
     weights = torch.randn(STEPS + 1, BATCH, 2 * (oracle.proj_size or HIDDEN_SIZE), dtype=torch.float64)
-    layer_calls = []
-    real_layer = reference.layer
-    monkeypatch.setattr(reference, "layer", lambda *args, **kwargs: layer_calls.append(True) or real_layer(*args,
-                                                                                                         **kwargs))
+    layer_calls = reference_layer_calls
 
     def derivatives(module, device):
         params = {name: param.detach().to(device) for name, param in module.named_parameters()}
@@ -294,7 +305,8 @@ FIRST_ORDER_CASES = {
 
 @pytest.mark.parametrize("options, training, call", FIRST_ORDER_CASES.values(), ids=FIRST_ORDER_CASES.keys())
 @pytest.mark.parametrize("cell", CELLS)
-def test_first_order_grads_are_the_same_with_and_without_create_graph(cell, options, training, call, monkeypatch):
+def test_first_order_grads_are_the_same_with_and_without_create_graph(cell, options, training, call,
+                                                                      reference_layer_calls):
     """gradgradcheck differentiates the create_graph backward, but does not compare it with the
     forward: here it meets the kernels' backward, which test_modules compares with torch."""
     if cell == "LSTM":
@@ -305,14 +317,8 @@ def test_first_order_grads_are_the_same_with_and_without_create_graph(cell, opti
     outputs = fn(*inputs)
     upstream = [torch.randn_like(output) for output in outputs]
 
-    layer_calls = []
-    real_layer = reference.layer
-
-    def counting_layer(*args, **kwargs):
-        layer_calls.append(True)
-        return real_layer(*args, **kwargs)
-
-    monkeypatch.setattr(reference, "layer", counting_layer)
+    layer_calls = reference_layer_calls
+    layer_calls.clear()  # counted from the backward on
     plain = torch.autograd.grad(outputs, inputs, upstream, retain_graph=True)
     assert not layer_calls, "the first-order backward left the kernels for the reference"
     with_graph = torch.autograd.grad(outputs, inputs, upstream, create_graph=True)

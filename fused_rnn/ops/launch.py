@@ -518,9 +518,8 @@ def plan(shape: Shape, device: torch.device, backward: bool) -> Plan:
     choice, cuDNN TF32 switch (``_precision``) and interpreter mode, the values it depends on:
     ranking the candidates by the cost model takes 0.04 to 0.45 ms of Python (a plan of the
     benchmark grid, on the CI machine's CPU), about what a layer's whole launch at the headline
-    takes by the model. The sequence's
-    length only decides whether the barrier counters hold it (``_for_length``), after the lookup:
-    batches of every length share a plan."""
+    takes by the model. The sequence's length only decides whether the barrier counters hold it
+    (``_for_length``), after the lookup: batches of every length share a plan."""
     scheme = _forced("FUSED_RNN_SCHEME", SCHEMES) or "persistent"
     weights = _forced("FUSED_RNN_WEIGHTS", WEIGHTS)
     gather = _forced("FUSED_RNN_BACKWARD", BACKWARDS) != "partial"
