@@ -93,7 +93,7 @@ CELL = recurrence.Cell(num_gates=3, saved_gates=4, has_cell_state=False, forward
                        backward_inputs=gru_backward_inputs, backward=gru_backward_cell, separate_hidden_grad=True)
 
 
-@torch.library.custom_op("fused_rnn::gru_forward", mutates_args=())
+@recurrence.operator
 def gru_forward(
     gates_x: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, lengths: Optional[Tensor],
     resets: Optional[Tensor], h_mask: Optional[Tensor], zoneout_h: Optional[Tensor], zoneout_p: float,
@@ -110,13 +110,13 @@ def gru_forward(
     return h, saved
 
 
-@gru_forward.register_fake
+@torch.library.register_fake(gru_forward)
 def _(gates_x, w_hh, b_hh, h0, lengths, resets, h_mask, zoneout_h, zoneout_p, save_for_backward):
     h, _, _, saved = recurrence.forward_outputs(CELL, gates_x, w_hh, None, save_for_backward, zoneout_h, zoneout_p)
     return h, saved
 
 
-@torch.library.custom_op("fused_rnn::gru_backward", mutates_args=())
+@recurrence.operator
 def gru_backward(
     grad_h: Tensor, w_hh: Tensor, lengths: Optional[Tensor], resets: Optional[Tensor], h_mask: Optional[Tensor],
     zoneout_h: Optional[Tensor], zoneout_p: float, h: Tensor, saved: Tensor,
@@ -131,7 +131,7 @@ def gru_backward(
     return dgates_x, dgates_h, dh0
 
 
-@gru_backward.register_fake
+@torch.library.register_fake(gru_backward)
 def _(grad_h, w_hh, lengths, resets, h_mask, zoneout_h, zoneout_p, h, saved):
     dgates_x, dgates_h, _, dh0, _ = recurrence.backward_outputs(CELL, grad_h, w_hh, None)
     return dgates_x, dgates_h, dh0

@@ -116,7 +116,7 @@ CELL = recurrence.Cell(num_gates=4, saved_gates=4, has_cell_state=True, forward=
                        backward_inputs=lstm_backward_inputs, backward=lstm_backward_cell)
 
 
-@torch.library.custom_op("fused_rnn::lstm_forward", mutates_args=())
+@recurrence.operator
 def lstm_forward(
     gates_x: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: Tensor,
     lengths: Optional[Tensor], resets: Optional[Tensor], h_mask: Optional[Tensor],
@@ -135,12 +135,12 @@ def lstm_forward(
                               zoneout_h, zoneout_c, zoneout_p, save_for_backward)
 
 
-@lstm_forward.register_fake
+@torch.library.register_fake(lstm_forward)
 def _(gates_x, w_hh, w_hr, h0, c0, lengths, resets, h_mask, zoneout_h, zoneout_c, zoneout_p, save_for_backward):
     return recurrence.forward_outputs(CELL, gates_x, w_hh, w_hr, save_for_backward, zoneout_h, zoneout_p)
 
 
-@torch.library.custom_op("fused_rnn::lstm_backward", mutates_args=())
+@recurrence.operator
 def lstm_backward(
     grad_h: Tensor, grad_c_n: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], lengths: Optional[Tensor],
     resets: Optional[Tensor], h_mask: Optional[Tensor], zoneout_h: Optional[Tensor], zoneout_c: Optional[Tensor],
@@ -158,7 +158,7 @@ def lstm_backward(
     return dgates, grad_h_proj, dh0, dc0
 
 
-@lstm_backward.register_fake
+@torch.library.register_fake(lstm_backward)
 def _(grad_h, grad_c_n, w_hh, w_hr, lengths, resets, h_mask, zoneout_h, zoneout_c, zoneout_p, h, c, saved):
     dgates, _, grad_h_proj, dh0, dc0 = recurrence.backward_outputs(CELL, grad_h, w_hh, w_hr)
     return dgates, grad_h_proj, dh0, dc0

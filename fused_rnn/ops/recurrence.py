@@ -936,6 +936,26 @@ class Cell:
     separate_hidden_grad: bool = False  # GRU: d(h W_hh^T + b_hh) differs from d(gates_x)
 
 
+# The kernels' operators (``operator``); ``native.py``'s are another fragment of the namespace.
+_LIBRARY = torch.library.Library("fused_rnn", "FRAGMENT")
+
+
+def operator(launcher):
+    """``launcher`` as the operator ``fused_rnn::<its name>``, its schema read off its annotations:
+    the ``OpOverload`` that compiled graphs, exported programs and profiles show.
+
+    Registered with ``torch.library.define`` / ``impl`` rather than ``torch.library.custom_op``,
+    whose eager call wraps the op in an autograd Function of its own (where none is registered)
+    and checks the outputs for aliases: 20 to 30 µs a call more on the CPU of docs/performance.md's
+    "Short sequences", twice per training call. These ops need no autograd of their own:
+    ``functional``'s Functions differentiate them, and call them where nothing records a graph.
+    """
+    name = launcher.__name__
+    _LIBRARY.define(name + torch.library.infer_schema(launcher, mutates_args=()))
+    _LIBRARY.impl(name, launcher, "CompositeExplicitAutograd")
+    return getattr(torch.ops.fused_rnn, name).default
+
+
 def _shape(cell: Cell, T: int, B: int, D: int, H: int, P: int, dtype, has_proj: bool) -> launch.Shape:
     return launch.Shape(dtype=dtype, batch=B, hidden=H, features=P, directions=D,
                         num_gates=cell.num_gates, has_proj=has_proj, steps=T)

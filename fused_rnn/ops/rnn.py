@@ -122,7 +122,7 @@ CELLS = {
 }
 
 
-@torch.library.custom_op("fused_rnn::rnn_forward", mutates_args=())
+@recurrence.operator
 def rnn_forward(
     gates_x: Tensor, w_hh: Tensor, h0: Tensor, lengths: Optional[Tensor], resets: Optional[Tensor],
     h_mask: Optional[Tensor], zoneout_h: Optional[Tensor], zoneout_p: float, nonlinearity: str,
@@ -137,14 +137,14 @@ def rnn_forward(
     return h, saved
 
 
-@rnn_forward.register_fake
+@torch.library.register_fake(rnn_forward)
 def _(gates_x, w_hh, h0, lengths, resets, h_mask, zoneout_h, zoneout_p, nonlinearity, save_for_backward):
     h, _, _, saved = recurrence.forward_outputs(CELLS[nonlinearity], gates_x, w_hh, None, save_for_backward,
                                                 zoneout_h, zoneout_p)
     return h, saved
 
 
-@torch.library.custom_op("fused_rnn::rnn_backward", mutates_args=())
+@recurrence.operator
 def rnn_backward(
     grad_h: Tensor, w_hh: Tensor, lengths: Optional[Tensor], resets: Optional[Tensor], h_mask: Optional[Tensor],
     zoneout_h: Optional[Tensor], zoneout_p: float, h: Tensor, saved: Tensor, nonlinearity: str,
@@ -156,7 +156,7 @@ def rnn_backward(
     return dgates, dh0
 
 
-@rnn_backward.register_fake
+@torch.library.register_fake(rnn_backward)
 def _(grad_h, w_hh, lengths, resets, h_mask, zoneout_h, zoneout_p, h, saved, nonlinearity):
     dgates, _, _, dh0, _ = recurrence.backward_outputs(CELLS[nonlinearity], grad_h, w_hh, None)
     return dgates, dh0
