@@ -9,7 +9,8 @@ then dx, dW_ih, the biases, dW_hh and dW_hr are single GEMMs / reductions over a
 Where the layers run: ONNX operators during ``torch.onnx.export`` (``fused_rnn.onnx``); PyTorch's
 own RNN operator on plain CPU tensors (``fused_rnn.native``); the Triton kernels on CUDA tensors,
 and on CPU tensors under ``TRITON_INTERPRET=1``; ``fused_rnn.reference`` for empty batches, for
-the options PyTorch's operator lacks on plain CPU tensors, and on other devices (MPS, XPU).
+the options PyTorch's operator lacks on plain CPU tensors, under ``vmap`` and forward-mode AD
+(which have no rule for the kernels' Functions), and on other devices (MPS, XPU).
 """
 
 import functools
@@ -294,12 +295,29 @@ def _wrapped_by_torch_func(tensors) -> bool:
     return any(tensor is not None and torch._C._functorch.is_functorch_wrapped_tensor(tensor) for tensor in tensors)
 
 
+def _only_grad_transforms() -> bool:
+    """Whether every torch.func transform active now (none, often) is ``grad`` / ``vjp``'s: the
+    kernels' Functions have no batching rule (``vmap``) and no jvp (``jvp``, ``jacfwd``)."""
+    return not torch._C._are_functorch_transforms_active() or all(
+        interpreter.key() == TransformType.Grad for interpreter in torch._C._functorch.get_interpreter_stack())
+
+
 def _torch_func_backward(*tensors) -> bool:
     """Whether a backward is torch.func's (``grad``, ``vjp``'s pullback: the layer ran under its
     transforms, so its tensors are their wrappers) and no ``vmap`` is active (``jacrev``'s), under
     which ``_LayerGradient`` has no rule."""
-    stack = torch._C._functorch.get_interpreter_stack() or ()
-    return _wrapped_by_torch_func(tensors) and all(interpreter.key() == TransformType.Grad for interpreter in stack)
+    return _wrapped_by_torch_func(tensors) and _only_grad_transforms()
+
+
+def _kernels_take(tensors) -> bool:
+    """Whether the kernels can run a call on these tensors (the input, states and weights) under
+    the transforms active now: torch.func's ``grad`` and ``vjp`` at most, and no tangent of
+    forward-mode AD (``torch.autograd.forward_ad``). Else the layers run in plain PyTorch
+    (``reference.layer``), which vmap and forward-mode AD differentiate as any PyTorch code."""
+    if not _only_grad_transforms():
+        return False
+    return forward_ad._current_level < 0 or all(
+        tensor is None or forward_ad.unpack_dual(tensor).tangent is None for tensor in tensors)
 
 
 class _LayerGradient(torch.autograd.Function):
@@ -599,8 +617,8 @@ def _layers(mode, x, hx, params, has_biases, num_layers, dropout, train, bidirec
             resets=None, recurrent_dropout=0.0, zoneout=0.0):
     """The layers over time-major ``x (T, B, I)``: ``output (T, B, D * P)`` and the tuple of final
     states ``(L * D, B, .)``. Each layer runs the Triton kernels (``layer``) where they take the
-    tensors, else ``reference.layer``."""
-    run = layer if runs_triton(x) and x.shape[1] > 0 else reference.layer
+    tensors and transforms (``_kernels_take``), else ``reference.layer``."""
+    run = layer if runs_triton(x) and x.shape[1] > 0 and _kernels_take((x, *hx, *params)) else reference.layer
 
     def run_layer(x, weights, states):
         h0, c0 = states if mode == "LSTM" else (states[0], None)

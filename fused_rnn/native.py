@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from torch import _VF
 from torch._C import DispatchKey
+from torch._C._functorch import TransformType
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .ops import launch
@@ -36,8 +37,16 @@ _RNG_STATE_BYTES = torch.get_rng_state().numel()
 
 
 def handles(x: torch.Tensor) -> bool:
-    """Whether ``layers`` runs this input: a CPU tensor while Triton is not interpreting."""
-    return x.is_cpu and not launch.interpreting()
+    """Whether ``layers`` runs this input: a CPU tensor while Triton is not interpreting, outside
+    ``vmap``, for which PyTorch's operator has no batching rule (``nn.LSTM`` raises there; the
+    layers run in plain PyTorch instead, ``reference.layer``)."""
+    return x.is_cpu and not launch.interpreting() and not _vmapped()
+
+
+def _vmapped() -> bool:
+    """Whether torch.func's ``vmap`` is active (``jacrev``'s, ``jacfwd``'s and ``hessian``'s too)."""
+    return torch._C._are_functorch_transforms_active() and any(
+        interpreter.key() == TransformType.Vmap for interpreter in torch._C._functorch.get_interpreter_stack())
 
 
 def layers(cell, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, lengths):

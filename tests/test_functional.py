@@ -417,8 +417,9 @@ def test_the_kernels_get_one_directions_w_hh_as_a_view_of_the_parameter(monkeypa
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_a_call_that_nothing_differentiates_skips_the_autograd_function(monkeypatch, cell):
     """Such a call runs the layers without ``_FusedLayer``'s bookkeeping, to the same results;
-    forward-mode AD, whose dual inputs require no grad, still meets the Function's refusal rather
-    than losing its tangents without a word."""
+    forward-mode AD, whose dual inputs require no grad, still meets the Function's refusal in
+    ``layer`` rather than losing its tangents without a word (the functional API sends it to
+    ``reference.layer``: test_modules)."""
     applied = []
     real_apply = functional._FusedLayer.apply
     monkeypatch.setattr(functional._FusedLayer, "apply", lambda *args: applied.append(True) or real_apply(*args))
@@ -436,6 +437,11 @@ def test_a_call_that_nothing_differentiates_skips_the_autograd_function(monkeypa
     assert len(applied) == 2
     for value, expected in zip(torch.utils._pytree.tree_leaves(skipped), torch.utils._pytree.tree_leaves(through)):
         assert torch.equal(value, expected)
-    frozen = [weight.detach() for weight in module._flat_weights]
+    # Layer 0's (W_ih, W_hh, b_ih, b_hh, W_hr) in each direction.
+    weights = [tuple(None if name is None else getattr(module, f"{name}_l0{suffix}").detach()
+                     for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", None))
+               for suffix in ("", "_reverse")]
+    h0 = torch.randn(2, B, HIDDEN, dtype=torch.float64, device=KERNEL_DEVICE)
     with pytest.raises(NotImplementedError, match="jvp"), torch.autograd.forward_ad.dual_level():
-        run(torch.autograd.forward_ad.make_dual(x, torch.randn_like(x)), frozen)
+        functional.layer(cell.upper(), torch.autograd.forward_ad.make_dual(x, torch.randn_like(x)), h0,
+                         torch.randn_like(h0) if cell == "lstm" else None, weights)

@@ -425,13 +425,12 @@ def test_init_is_uniform_within_one_over_sqrt_hidden(cell):
 
 @pytest.mark.skipif(not KERNELS_RUN, reason="plain CPU calls are torch.nn's")
 @pytest.mark.parametrize("cell", CELLS)
-def test_torch_func_grad_and_vjp_match_torch_and_vmap_and_forward_mode_refuse(cell):
+def test_torch_func_grad_and_vjp_match_torch(cell):
     """What docs/migration.md says of torch.func on the kernel path: ``grad`` of a
-    ``functional_call`` and ``vjp`` give torch.nn's derivatives; vmap and forward-mode AD are
-    errors, never a wrong answer."""
+    ``functional_call`` and ``vjp`` give torch.nn's derivatives."""
     oracle, fused = make_pair(cell, num_layers=2, bidirectional=True)
     oracle, fused = oracle.to(KERNEL_DEVICE), fused.to(KERNEL_DEVICE)
-    x, tangent = (draw(STEPS, BATCH, INPUT_SIZE, dtype=torch.float64).to(KERNEL_DEVICE) for _ in range(2))
+    x = draw(STEPS, BATCH, INPUT_SIZE, dtype=torch.float64).to(KERNEL_DEVICE)
     weights = draw(STEPS, BATCH, 2 * HIDDEN_SIZE, dtype=torch.float64).to(KERNEL_DEVICE)
 
     def loss(module, params, input):
@@ -451,10 +450,53 @@ def test_torch_func_grad_and_vjp_match_torch_and_vmap_and_forward_mode_refuse(ce
     grad_x = pullback(fused)
     torch.manual_seed(0)
     assert_close(grad_x, pullback(oracle), dtype=torch.float64, name="vjp")
-    with pytest.raises(RuntimeError, match="vmap"):
-        torch.func.vmap(fused)(x.unsqueeze(0))
-    with pytest.raises(NotImplementedError, match="jvp"), forward_ad.dual_level():
-        fused(forward_ad.make_dual(x, tangent))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_vmap_and_forward_mode_ad_run_the_layers_in_plain_pytorch(cell):
+    """Neither has a rule for the kernels' Functions (nor vmap for PyTorch's RNN operator, where
+    ``nn.LSTM`` raises): the layers run in ``reference.layer``, which they differentiate as any
+    PyTorch code. Per-example gradients (``vmap`` of ``grad``, DP-SGD's), ``vmap``, ``jvp``,
+    ``torch.autograd.forward_ad`` and ``jacfwd`` give torch.nn's values, checked in float64
+    against it run one example at a time, and its tangents on the CPU (cuDNN has no jvp)."""
+    oracle, fused = make_pair(cell, num_layers=2, bidirectional=True)
+    fused = fused.to(KERNEL_DEVICE)
+    examples = draw(2, STEPS, BATCH, INPUT_SIZE, dtype=torch.float64)
+
+    leaves = torch.utils._pytree.tree_leaves
+    mapped = leaves(torch.func.vmap(fused)(examples.to(KERNEL_DEVICE)))
+    for index, example in enumerate(examples):
+        for name, value, expected in zip(("output", "h_n", "c_n"), mapped, leaves(oracle(example))):
+            assert_close(value[index], expected, dtype=torch.float64, name=f"vmap's {name}, example {index}")
+
+    x, tangent = examples
+    params = {name: param.detach() for name, param in fused.named_parameters()}
+
+    def loss(module, params, input):
+        # One sequence: vmap takes the batch axis (1) away from it.
+        output = torch.func.functional_call(module, params, (input.unsqueeze(1),))[0]
+        return (output * torch.linspace(-1, 1, output.numel(), dtype=output.dtype, device=output.device)
+                .view_as(output)).sum()
+
+    per_example = torch.func.vmap(torch.func.grad(partial(loss, fused)), in_dims=(None, 1))(params, x.to(KERNEL_DEVICE))
+    for column in range(BATCH):
+        expected = torch.autograd.grad(loss(oracle, dict(oracle.named_parameters()), x[:, column]), oracle.parameters())
+        for (name, grads), value in zip(per_example.items(), expected):
+            assert_close(grads[column], value, dtype=torch.float64, name=f"per-example grad of {name}, {column}")
+
+    expected_output, expected_tangent = torch.func.jvp(lambda input: oracle(input)[0], (x,), (tangent,))
+    output, output_tangent = torch.func.jvp(lambda input: fused(input)[0], (x.to(KERNEL_DEVICE),),
+                                            (tangent.to(KERNEL_DEVICE),))
+    assert_close(output, expected_output, dtype=torch.float64, name="jvp output")
+    assert_close(output_tangent, expected_tangent, dtype=torch.float64, name="jvp tangent")
+    with forward_ad.dual_level():
+        dual = fused(forward_ad.make_dual(x.to(KERNEL_DEVICE), tangent.to(KERNEL_DEVICE)))[0]
+        assert_close(forward_ad.unpack_dual(dual).tangent, expected_tangent, dtype=torch.float64,
+                     name="forward_ad tangent")
+    short = x[:2, :1]
+    jacobian = torch.func.jacfwd(lambda input: fused(input)[0])(short.to(KERNEL_DEVICE))
+    assert_close(jacobian, torch.func.jacrev(lambda input: oracle(input)[0])(short), dtype=torch.float64,
+                 name="jacfwd")
 
 
 @pytest.mark.parametrize("cell", CELLS)

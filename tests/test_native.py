@@ -422,6 +422,29 @@ def test_handles_plain_cpu_tensors_only_when_not_interpreting(monkeypatch):
     assert not native.handles(torch.zeros(1))
 
 
+@pytest.mark.parametrize("cell", FUSED)
+def test_vmap_runs_the_layers_in_plain_pytorch(cell, native_calls):
+    """PyTorch's RNN operator has no batching rule (``nn.LSTM`` under vmap raises): under vmap
+    the layers run in ``reference.layer``, here in float32 to torch.nn's values one example at a
+    time; and ``jacfwd`` (vmap over jvp) of the float32 LSTM, whose oneDNN operator torch.nn's
+    jvp refuses, matches ``jacrev``."""
+    oracle, fused = make_pair(cell, torch.float32, num_layers=2, bidirectional=True)
+    examples = torch.randn(2, STEPS, BATCH, INPUT_SIZE)
+    with pytest.raises(RuntimeError, match="Batching rule not implemented"):
+        torch.func.vmap(oracle)(examples)
+    native_calls.clear()  # (nn.LSTM's own call)
+    leaves = torch.utils._pytree.tree_leaves
+    mapped = leaves(torch.func.vmap(fused)(examples))
+    assert not native_calls
+    for index, example in enumerate(examples):
+        for name, value, expected in zip(("output", "h_n", "c_n"), mapped, leaves(oracle(example))):
+            assert_close(value[index], expected, tolerance=TOLERANCES[torch.float32], name=f"{name}, {index}")
+    short = examples[0, :2, :1]
+    assert_close(torch.func.jacfwd(lambda input: fused(input)[0])(short),
+                 torch.func.jacrev(lambda input: oracle(input)[0])(short), tolerance=TOLERANCES[torch.float32],
+                 name="jacfwd")
+
+
 # --------------------------------------------------------------------------------------------
 # The custom op that tracers see (torch.export, torch.compile)
 
