@@ -201,6 +201,29 @@ def test_lstm_grad_of_one_initial_state_alone_matches_torch(wanted):
     assert_close(grad_of(run_ours, params), grad_of(run_torch), torch.float64, name=f"grad {wanted}")
 
 
+@pytest.mark.parametrize("wanted", ["bias_ih", "bias_hh"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_grad_of_one_kind_of_bias_alone_matches_torch(cell, wanted):
+    """Only b_ih or only b_hh requires grad (the other frozen, as fine-tuning may leave it): the
+    backward computes the biases' gradients when either kind wants them, and the GRU's b_hh
+    gets its own (b_hn sits inside r * (.)), not b_ih's."""
+    config = LSTM_CONFIGS["L2-bidirectional"] if cell == "lstm" else GRU_CONFIGS["L2-bidirectional"]
+    module = make_torch_module(cell, config)
+    x, state = make_inputs(cell, module, torch.float64)
+    upstream = torch.randn(T, B, 2 * HIDDEN, dtype=torch.float64, device=KERNEL_DEVICE)
+    chosen = [name.startswith(wanted) for name in module._flat_weights_names]
+
+    def grads_of(run, weights, *params):
+        output, _ = run(cell, module, x, state, *params)
+        return torch.autograd.grad((output * upstream).sum(), [w for w, c in zip(weights, chosen) if c])
+
+    params = [weight.detach().clone().requires_grad_(c) for weight, c in zip(module._flat_weights, chosen)]
+    expected = grads_of(run_torch, list(module._flat_weights))
+    names = [name for name, c in zip(module._flat_weights_names, chosen) if c]
+    for name, value, wanted_grad in zip(names, grads_of(run_ours, params, params), expected, strict=True):
+        assert_close(value, wanted_grad, torch.float64, name=f"grad {name} (the other biases frozen)")
+
+
 @pytest.mark.parametrize(
     "config", [LSTM_CONFIGS[k] for k in ("L1", "L2-bidirectional-proj", "L1-batch_first-no-bias")],
     ids=["L1", "L2-bidirectional-proj", "L1-batch_first-no-bias"],
