@@ -366,6 +366,11 @@ def test_layer_off_the_kernel_path_says_where_it_runs():
         functional.layer("GRU", x, torch.randn(1, B, HIDDEN, device="meta"), None, weights)
 
 
+def state_like(params, *shape):
+    """A random state of ``shape`` in the weights' dtype, on their device."""
+    return torch.randn(*shape, dtype=params[0].dtype, device=params[0].device)
+
+
 # name: (the arguments that differ from a good call's, given its weights; the error; its message)
 BAD_ARGUMENTS = {
     "num_layers_zero": (lambda params: dict(num_layers=0), ValueError, r"num_layers must be a positive int, got 0"),
@@ -386,6 +391,13 @@ BAD_ARGUMENTS = {
                    r"params\[0\] must be a tensor, got NoneType"),
     "hx_none": (lambda params: dict(hx=(None, None)), TypeError,
                 r"hx\[0\] must be a tensor, got NoneType"),
+    # A state of the wrong size: h_0 is checked against (L * D, B, P), c_0 against (L * D, B, H).
+    "h0_of_another_batch": (lambda params: dict(hx=(state_like(params, 1, B + 1, HIDDEN),
+                                                    state_like(params, 1, B, HIDDEN))),
+                            RuntimeError, r"Expected hidden size \(1, 4, 7\), got \[1, 5, 7\]"),
+    "c0_of_another_size": (lambda params: dict(hx=(state_like(params, 1, B, HIDDEN),
+                                                   state_like(params, 1, B, HIDDEN - 1))),
+                           RuntimeError, r"Expected hidden size \(1, 4, 7\), got \[1, 4, 6\]"),
     "lengths_int": (lambda params: dict(lengths=3), ValueError, r"lengths must be a 1-D tensor of 4 entries, got shape \[\]"),
     "hidden_size_zero": (lambda params: dict(params=[params[0][:0], params[1][:0, :0], params[2][:0], params[3][:0]]),
                          RuntimeError, r"W_hh\) has shape \[0, 0\]: hidden_size must be positive"),
