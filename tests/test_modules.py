@@ -768,6 +768,21 @@ def test_convert_keeps_hooks_buffers_and_attributes():
     assert calls == [fused_rnn.LSTM], "the hook's handle no longer removes it"
 
 
+def test_converted_module_and_its_original_keep_containers_of_their_own():
+    """The twin shares the original's Parameter objects, not its dicts: what is registered on one
+    after convert (a buffer, a parameter) does not appear on the other; the hooks' dicts aside,
+    which stay shared so that a handle removes a hook from both (the test above)."""
+    original = nn.LSTM(INPUT_SIZE, HIDDEN_SIZE)
+    names = list(original.state_dict())
+    converted = fused_rnn.convert(original)
+    converted.register_buffer("steps_seen", torch.tensor(0))
+    original.register_parameter("scale", nn.Parameter(torch.ones(1)))
+    assert list(original.state_dict()) == [*names, "scale"], "a buffer registered on the converted module " \
+        "appeared on the original"
+    assert list(converted.state_dict()) == [*names, "steps_seen"], "a parameter registered on the original " \
+        "appeared on the converted module"
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_output_changed_in_place_is_refused_by_the_backward_that_needs_it(cell):
     # As with cuDNN, whose backward reads the output: the change itself is allowed (before, the
