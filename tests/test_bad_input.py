@@ -89,6 +89,9 @@ REJECTED_BY_TORCH = [
           r"Expected hidden(\[0\])? size \(1, 2, 7\), got \[1, 3, 7\]", "packed_hx_batch_mismatch"),
     *case(lambda m: m(packed(STEPS, BATCH, INPUT_SIZE), states(m, 1, BATCH, HIDDEN_SIZE, dtype=torch.float64)),
           RuntimeError, r"\(torch.float64\) does not match input dtype \(torch.float32\)", "packed_hx_float64"),
+    # A PackedSequence without hx: torch.nn's check of its data still comes first (not the weights' shapes').
+    *case(lambda m: m(packed(STEPS, BATCH, 4)), RuntimeError,
+          r"input.size\(-1\) must be equal to input_size. Expected 5, got 4", "packed_wrong_input_features"),
 ]
 
 # Rejected by us; torch has no ``lengths`` or does not reliably raise the same there.
