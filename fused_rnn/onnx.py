@@ -35,7 +35,16 @@ def exporting() -> bool:
     TorchScript one)."""
     # Both exporters trace; the cheap tracing queries spare eager calls the exporter's own query.
     tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
-    return tracing and torch.onnx.is_in_onnx_export()
+    return tracing and _in_onnx_export()
+
+
+@torch.compiler.assume_constant_result
+def _in_onnx_export() -> bool:
+    """``torch.onnx.is_in_onnx_export()``, asked for real under dynamo too: dynamo answers that
+    query False by itself, and the exporter's second try, ``torch.export(strict=True)``, traces
+    with dynamo (a model that the first, non-strict, try refused would then be traced down to
+    the kernels' operators, which have no ONNX translation)."""
+    return torch.onnx.is_in_onnx_export()
 
 
 def _onnx_gate_order(cell: str, tensor: torch.Tensor) -> torch.Tensor:

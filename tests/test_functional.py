@@ -417,23 +417,6 @@ def test_bad_arguments_raise_and_say_what_is_wrong(name):
         functional.lstm(**(dict(input=x, hx=None, params=params) | changes(params)))
 
 
-@pytest.mark.parametrize("option", ["reset", "recurrent_dropout", "zoneout"])
-def test_options_without_an_onnx_operator_are_refused_while_exporting(monkeypatch, option):
-    """ONNX's LSTM / GRU / RNN have no state resets, recurrent dropout or zoneout (which acts in
-    eval too): while exporting, ``_run`` refuses them by name (docs/api.md) rather than hand them
-    to ``onnx.layers``, which does not take them. ``exporting()`` is patched: under a real
-    ``torch.onnx.export`` (torch 2.13) the refusal makes the exporter retry with a capture in
-    which it is False."""
-    monkeypatch.setattr(functional.onnx, "exporting", lambda: True)
-    module = make_torch_module("gru", GRU_CONFIGS["L1"])
-    x, _ = make_inputs("gru", module, torch.float64)
-    reset = torch.rand(T, B, device=KERNEL_DEVICE) < 0.5
-    options = {"reset": dict(reset=reset), "recurrent_dropout": dict(recurrent_dropout=0.3, train=True),
-               "zoneout": dict(zoneout=0.3)}[option]
-    with pytest.raises(RuntimeError, match=r"GRU: reset=, recurrent_dropout and zoneout have no ONNX operator"):
-        functional.gru(x, None, [weight.detach() for weight in module._flat_weights], **options)
-
-
 def test_empty_batch_takes_an_empty_list_of_lengths():
     # torch.as_tensor([]) is float, which lengths must not be.
     module = make_torch_module("lstm", LSTM_CONFIGS["L1"])

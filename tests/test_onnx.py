@@ -221,6 +221,22 @@ def test_rnn_layers_export_onnx_rnn_with_dynamic_time_and_batch(nonlinearity, na
     check_against_torch(proto, packed_rnn(rnn), case, [HIDDEN_SIZE])
 
 
+@pytest.mark.parametrize("option", ["reset", "recurrent_dropout", "zoneout"])
+def test_options_without_an_onnx_operator_are_refused_by_name(option):
+    """ONNX's recurrent operators have no state resets, recurrent dropout or zoneout (which acts
+    in eval too): the export fails with the package's refusal (docs/api.md), not with a failed
+    translation of the kernels' operators. torch 2.13's exporter tries ``torch.export`` twice,
+    the second time strict, under dynamo, which answers ``torch.onnx.is_in_onnx_export()`` False
+    by itself: that try must see the export and refuse too."""
+    module = fused_rnn.GRU(INPUT_SIZE, HIDDEN_SIZE, recurrent_dropout=0.3 if option == "recurrent_dropout" else 0.0,
+                           zoneout=0.3 if option == "zoneout" else 0.0).train(option == "recurrent_dropout")
+    x = torch.randn(EXAMPLE_STEPS, EXAMPLE_BATCH, INPUT_SIZE)
+    kwargs = {"reset": torch.rand(EXAMPLE_STEPS, EXAMPLE_BATCH) < 0.5} if option == "reset" else {}
+    with pytest.raises(torch.onnx.OnnxExporterError,
+                       match=r"GRU: reset=, recurrent_dropout and zoneout have no ONNX operator"):
+        torch.onnx.export(module, (x,), kwargs=kwargs, dynamo=True)
+
+
 def test_torchscript_exporter_is_refused_with_a_clear_error(tmp_path):
     module = fused_rnn.GRU(INPUT_SIZE, HIDDEN_SIZE).eval()
     x = torch.randn(EXAMPLE_STEPS, EXAMPLE_BATCH, INPUT_SIZE)
