@@ -221,6 +221,8 @@ def test_rnn_layers_export_onnx_rnn_with_dynamic_time_and_batch(nonlinearity, na
     check_against_torch(proto, packed_rnn(rnn), case, [HIDDEN_SIZE])
 
 
+# Recurrent dropout acts in training only: that case exports a module in training mode.
+@pytest.mark.filterwarnings("ignore:Exporting a model while it is in training mode")
 @pytest.mark.parametrize("option", ["reset", "recurrent_dropout", "zoneout"])
 def test_options_without_an_onnx_operator_are_refused_by_name(option):
     """ONNX's recurrent operators have no state resets, recurrent dropout or zoneout (which acts
